@@ -1,0 +1,301 @@
+"""The documented transformers classes, built on the lean core.
+
+Each class is a core module plus the reference's calling convention: `output_attentions`,
+`output_hidden_states`, `return_dict`, output objects, and `from_pretrained` /
+`save_pretrained` in the transformers checkpoint format.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt
+from .config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, BaseConfig
+from .hub import resolve_file
+from .keymap import KeyTable, blip2_table, qformer_rules, vision_rules
+from .modeling.blip2 import Blip2
+from .modeling.qformer import QFormer
+from .modeling.vision import VisionEncoder
+from .outputs import (
+    BaseModelOutputWithPooling,
+    BaseModelOutputWithPoolingAndCrossAttentions,
+    Blip2ForConditionalGenerationModelOutput,
+    CausalLMOutputWithPast,
+)
+
+HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token")
+
+
+def _dtype(value) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        name = value.removeprefix("torch.")
+        if isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+    raise ValueError(f"torch_dtype must be a torch.dtype, 'auto' or a dtype name, got {value!r}")
+
+
+def checkpoint_dir(name_or_path, **hub) -> Path:
+    """The local folder holding config.json and the weights (downloading them if needed)."""
+    config_file = resolve_file(name_or_path, "config.json", **hub)
+    folder = config_file.parent
+    if Path(name_or_path).is_dir():
+        return folder
+    # From the hub: fetch the index first, then whatever weight files it names.
+    for index in (ckpt.SAFE_INDEX, ckpt.BIN_INDEX):
+        found = resolve_file(name_or_path, index, required=False, **hub)
+        if found is not None:
+            import json
+
+            for shard in sorted(set(json.loads(found.read_text())["weight_map"].values())):
+                resolve_file(name_or_path, shard, **hub)
+            return folder
+    for name in (ckpt.SAFE_WEIGHTS, ckpt.BIN_WEIGHTS):
+        if resolve_file(name_or_path, name, required=False, **hub) is not None:
+            return folder
+    return folder
+
+
+class PreTrainedModel(nn.Module):
+    """from_pretrained / save_pretrained through the key table, plus dtype and device."""
+
+    config_class: type[BaseConfig] = BaseConfig
+    main_input_name = "pixel_values"
+    keep_in_fp32: tuple[str, ...] = ()  # module names kept in float32 when loading float16
+
+    def key_table(self) -> KeyTable:
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, config=None, torch_dtype=None,
+                        device: str | torch.device | None = None, **kwargs):
+        """Loads a transformers-format checkpoint: a local directory or a hub id.
+
+        Args:
+            torch_dtype: a torch dtype, its name, or "auto" (the dtype recorded in config.json).
+            device: where to put the model (default CPU).
+        """
+        hub = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
+        if kwargs:
+            raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments: {sorted(kwargs)}")
+        folder = checkpoint_dir(name_or_path, **hub)
+        if config is None:
+            config = cls.config_class.from_json_file(folder / "config.json")
+        if torch_dtype == "auto":
+            torch_dtype = config.extra.get("torch_dtype")
+        dtype = _dtype(torch_dtype)
+        with torch.device("meta"):
+            skeleton = cls(config)
+        model = ckpt.load_into(lambda: cls(config), folder, skeleton.key_table(), dtype, skeleton.keep_in_fp32)
+        model.eval()
+        if device is not None:
+            model.to(device)
+        model.name_or_path = str(name_or_path)
+        return model
+
+    def save_pretrained(self, directory: str | os.PathLike, safe_serialization: bool = True,
+                        max_shard_size: int | str | None = "5GB") -> None:
+        """Writes config.json and the weights under the reference's names, atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        hf = ckpt.ours_to_hf(self.state_dict(), self.key_table())
+        ckpt.save_state(hf, directory, safe_serialization, ckpt.parse_size(max_shard_size))
+        self.config.extra["torch_dtype"] = str(self.dtype).removeprefix("torch.")
+        self.config.extra.setdefault("architectures", [type(self).__name__])
+        self.config.save_pretrained(directory)
+
+    def _flags(self, output_attentions, output_hidden_states, return_dict) -> tuple[bool, bool, bool]:
+        cfg = self.config
+        return (
+            cfg.output_attentions if output_attentions is None else output_attentions,
+            cfg.output_hidden_states if output_hidden_states is None else output_hidden_states,
+            cfg.return_dict if return_dict is None else return_dict,
+        )
+
+
+# ---------------------------------------------------------------- vision
+class Blip2VisionModel(PreTrainedModel, VisionEncoder):
+    config_class = Blip2VisionConfig
+
+    def __init__(self, config: Blip2VisionConfig) -> None:
+        VisionEncoder.__init__(self, config)
+
+    def key_table(self) -> KeyTable:
+        return KeyTable(vision_rules(self.config, prefix=""), {})
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings
+
+    def forward(self, pixel_values=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, interpolate_pos_encoding: bool = False):
+        attn, hidden, as_dict = self._flags(output_attentions, output_hidden_states, return_dict)
+        if pixel_values is None:
+            raise ValueError("pixel_values must be given")
+        Blip2.check_pixel_values(self, pixel_values, interpolate_pos_encoding)
+        out = VisionEncoder.forward(self, pixel_values, interpolate_pos_encoding, hidden, attn)
+        return vision_output(out, as_dict)
+
+
+def vision_output(out, as_dict: bool):
+    result = BaseModelOutputWithPooling(out.last_hidden_state, out.pooled, out.hidden_states, out.attentions)
+    return result if as_dict else result.to_tuple()
+
+
+# ---------------------------------------------------------------- Q-Former
+class Blip2QFormerModel(PreTrainedModel, QFormer):
+    config_class = Blip2QFormerConfig
+    main_input_name = "query_embeds"
+
+    def __init__(self, config: Blip2QFormerConfig) -> None:
+        QFormer.__init__(self, config)
+
+    def key_table(self) -> KeyTable:
+        return KeyTable(qformer_rules(self.config, prefix=""), {})
+
+    def forward(self, query_embeds, attention_mask=None, head_mask=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, past_key_values=None, use_cache=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None):
+        attn, hidden, as_dict = self._flags(output_attentions, output_hidden_states, return_dict)
+        if not isinstance(query_embeds, Tensor) or query_embeds.dim() != 3:
+            raise ValueError("query_embeds must be a tensor of shape (batch, num_queries, hidden_size)")
+        if encoder_hidden_states is not None and encoder_hidden_states.shape[0] != query_embeds.shape[0]:
+            raise ValueError(
+                f"batch sizes differ: query_embeds {query_embeds.shape[0]}, "
+                f"encoder_hidden_states {encoder_hidden_states.shape[0]}"
+            )
+        out = QFormer.forward(
+            self, query_embeds, encoder_hidden_states, attention_mask, encoder_attention_mask, head_mask,
+            past_key_values, bool(use_cache), hidden, attn,
+        )
+        return qformer_output(out, as_dict)
+
+
+def qformer_output(out, as_dict: bool):
+    last = out.last_hidden_state
+    result = BaseModelOutputWithPoolingAndCrossAttentions(
+        last, last[:, 0, :], out.hidden_states, out.present, out.attentions, out.cross_attentions
+    )
+    return result if as_dict else result.to_tuple()
+
+
+# ---------------------------------------------------------------- language model calls
+def decoder_lm_outputs(lm, inputs_embeds, attention_mask, hidden: bool, attn: bool) -> CausalLMOutputWithPast:
+    out = lm(inputs_embeds, attention_mask, need_hidden=hidden, need_weights=attn)
+    return CausalLMOutputWithPast(logits=out.logits, hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The reference's alignment: the last len(labels) logits, each predicting the next label."""
+    labels = labels.to(logits.device)
+    logits = logits[:, -labels.shape[1]:, :]
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    return loss, logits
+
+
+# ---------------------------------------------------------------- BLIP-2
+class _Blip2Base(PreTrainedModel, Blip2):
+    config_class = Blip2Config
+
+    def __init__(self, config: Blip2Config) -> None:
+        Blip2.__init__(self, config)
+
+    def key_table(self) -> KeyTable:
+        return blip2_table(self.config)
+
+    @property
+    def keep_in_fp32(self):  # instance view of the language model's needs
+        return getattr(self.language_model, "keep_in_fp32", ())
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.embed_tokens if hasattr(self.language_model, "embed_tokens") else self.language_model.shared
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.lm_head
+
+    def forward(self, pixel_values, input_ids, attention_mask=None, decoder_input_ids=None,
+                decoder_attention_mask=None, output_attentions=None, output_hidden_states=None,
+                labels=None, return_dict=None, interpolate_pos_encoding: bool = False):
+        attn, hidden, as_dict = self._flags(output_attentions, output_hidden_states, return_dict)
+        self.check_input_ids(input_ids, pixel_values.shape[0] if isinstance(pixel_values, Tensor) else None)
+        vis = self.image_features(pixel_values, interpolate_pos_encoding, hidden, attn)
+        qf = self.query_features(vis.last_hidden_state, hidden, attn)
+        lm_inputs = self.language_projection(qf.last_hidden_state)
+        embeds, mask = self.merge(lm_inputs, input_ids, attention_mask)
+        loss, logits, lm_out = self._language_forward(
+            embeds, mask, decoder_input_ids, decoder_attention_mask, labels, hidden, attn
+        )
+        result = Blip2ForConditionalGenerationModelOutput(
+            loss, logits, vision_output(vis, True), qformer_output(qf, True), lm_out
+        )
+        return result if as_dict else result.to_tuple()
+
+    def _language_forward(self, embeds, mask, decoder_input_ids, decoder_attention_mask, labels, hidden, attn):
+        forward = LANGUAGE_FORWARD[self.config.text_config.model_type]
+        return forward(self.language_model, embeds, mask, decoder_input_ids, decoder_attention_mask, labels, hidden, attn)
+
+
+def _opt_forward(lm, embeds, mask, decoder_input_ids, decoder_attention_mask, labels, hidden, attn):
+    lm_out = decoder_lm_outputs(lm, embeds, mask, hidden, attn)
+    loss, logits = None, lm_out.logits
+    if labels is not None:
+        loss, logits = causal_lm_loss(lm_out.logits, labels)
+    return loss, logits, lm_out
+
+
+# model_type -> (lm, inputs_embeds, mask, decoder ids, decoder mask, labels, hidden?, attn?) -> (loss, logits, outputs)
+LANGUAGE_FORWARD = {"opt": _opt_forward}
+
+
+class Blip2Model(_Blip2Base):
+    """BLIP-2 with feature accessors for each stage."""
+
+    def get_text_features(self, input_ids=None, attention_mask=None, decoder_input_ids=None,
+                          decoder_attention_mask=None, labels=None, output_attentions=None,
+                          output_hidden_states=None, return_dict=None):
+        """The language model's outputs for text alone."""
+        attn, hidden, as_dict = self._flags(output_attentions, output_hidden_states, return_dict)
+        self.check_input_ids(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.language_model.embed(input_ids)
+        _, _, out = self._language_forward(
+            embeds, attention_mask, decoder_input_ids, decoder_attention_mask,
+            labels if not self.config.use_decoder_only_language_model else None, hidden, attn,
+        )
+        return out if as_dict else out.to_tuple()
+
+    def get_image_features(self, pixel_values=None, output_attentions=None, output_hidden_states=None,
+                           return_dict=None, interpolate_pos_encoding: bool = False):
+        """The image encoder's outputs."""
+        attn, hidden, as_dict = self._flags(output_attentions, output_hidden_states, return_dict)
+        return vision_output(self.image_features(pixel_values, interpolate_pos_encoding, hidden, attn), as_dict)
+
+    def get_qformer_features(self, pixel_values=None, output_attentions=None, output_hidden_states=None,
+                             return_dict=None, interpolate_pos_encoding: bool = False):
+        """The Q-Former's outputs for each image."""
+        attn, hidden, as_dict = self._flags(output_attentions, output_hidden_states, return_dict)
+        vis = self.image_features(pixel_values, interpolate_pos_encoding, hidden, attn)
+        return qformer_output(self.query_features(vis.last_hidden_state, hidden, attn), as_dict)
+
+
+class Blip2ForConditionalGeneration(_Blip2Base):
+    """BLIP-2 for captioning and visual question answering."""

@@ -1,0 +1,107 @@
+"""The one attention used by every part of the model, and a preallocated KV cache.
+
+Tensors are (B, H, T, D). Masks are additive floats broadcastable to (B, H, Tq, Tk):
+0 where a key may be seen, the dtype's most negative value where it may not. Additive
+masks (rather than booleans) keep rows with no visible key finite, as the reference does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    head_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Scaled dot-product attention: (B, H, Tq, D) x (B, H, Tk, D) -> (B, H, Tq, D).
+
+    Uses PyTorch's fused kernel unless the caller wants the weights or a head mask.
+    `scale=None` means 1/sqrt(D); T5 passes 1.0.
+    """
+    if not need_weights and head_mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+        return out, None
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
+    if mask is not None:
+        scores = scores + mask
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
+    if head_mask is not None:
+        probs = probs * head_mask
+    return torch.matmul(probs, v), weights
+
+
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """(B, T, H*D) -> (B, H, T, D)"""
+    B, T, C = x.shape
+    return x.view(B, T, num_heads, C // num_heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, H, T, D) -> (B, T, H*D)"""
+    B, H, T, D = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * D)
+
+
+def padding_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, Tk) of 1/0 -> additive (B, 1, 1, Tk)."""
+    mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+    mask.masked_fill_(keep == 0, torch.finfo(dtype).min)
+    return mask[:, None, None, :]
+
+
+def causal_padding_mask(keep: Tensor, q_len: int, dtype: torch.dtype) -> Tensor:
+    """Causal mask for the last `q_len` of `Tk` positions, combined with padding.
+
+    keep: (B, Tk) of 1/0 -> additive (B, 1, q_len, Tk); query i sits at key position Tk - q_len + i.
+    """
+    B, Tk = keep.shape
+    q_pos = torch.arange(Tk - q_len, Tk, device=keep.device)[:, None]  # (q_len, 1)
+    k_pos = torch.arange(Tk, device=keep.device)[None, :]  # (1, Tk)
+    hidden = (k_pos > q_pos)[None, :, :] | (keep == 0)[:, None, :]  # (B, q_len, Tk)
+    mask = torch.zeros(hidden.shape, dtype=dtype, device=keep.device)
+    mask.masked_fill_(hidden, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+class KVCache:
+    """Keys and values for every layer, preallocated to `max_len` and written in place.
+
+    k[layer], v[layer]: (B, H, max_len, D). `length` is how many positions are filled.
+    """
+
+    def __init__(self, num_layers: int, batch: int, heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        shape = (batch, heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Stores (B, H, T, D) at positions [length, length + T); returns all filled keys and values."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Marks `n` more positions filled; called once per forward, after every layer wrote."""
+        self.length += n
+
+    def reorder(self, index: Tensor) -> None:
+        """Keeps batch rows `index` (beam search); the batch size may change (expansion for beams)."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]

@@ -1,0 +1,159 @@
+"""BLIP-2: image encoder -> Q-Former -> projection -> language model."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .opt import OPTLanguageModel
+from .qformer import QFormer, QFormerOutput
+from .vision import VisionEncoder, VisionOutput
+
+LANGUAGE_MODELS: dict[str, type[nn.Module]] = {"opt": OPTLanguageModel}
+
+
+def register_language_model(model_type: str, cls: type[nn.Module]) -> None:
+    LANGUAGE_MODELS[model_type] = cls
+
+
+def language_model_for(text_config) -> nn.Module:
+    if text_config.model_type == "t5" and "t5" not in LANGUAGE_MODELS:
+        from .t5 import T5LanguageModel  # imported lazily: OPT users never pay for it
+
+        register_language_model("t5", T5LanguageModel)
+    try:
+        cls = LANGUAGE_MODELS[text_config.model_type]
+    except KeyError:
+        raise ValueError(f"no language model for model_type {text_config.model_type!r}") from None
+    return cls(text_config)
+
+
+class Blip2(nn.Module):
+    """The composed model. Attribute names are those of the reference so user code that
+    freezes or inspects parts (`model.vision_model.requires_grad_(False)`) keeps working."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        text = config.text_config
+        if text.model_type == "opt" and text.word_embed_proj_dim != text.hidden_size:
+            raise ValueError(
+                "BLIP-2 needs text_config.word_embed_proj_dim == hidden_size "
+                f"(got {text.word_embed_proj_dim} and {text.hidden_size}): the projected queries "
+                "are concatenated with the token embeddings"
+            )
+        qf = config.qformer_config
+        self.vision_model = VisionEncoder(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qf.hidden_size))
+        self.qformer = QFormer(qf)
+        self.language_projection = nn.Linear(qf.hidden_size, text.hidden_size)
+        self.language_model = language_model_for(text)
+
+    # ---- the image side ----
+    def check_pixel_values(self, pixel_values, interpolate_pos_encoding: bool = False) -> None:
+        vc = self.config.vision_config
+        if not isinstance(pixel_values, Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                f"pixel_values must have shape (batch, 3, height, width), got {tuple(pixel_values.shape)}"
+            )
+        if pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must have 3 channels (RGB), got {pixel_values.shape[1]}")
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values must be a floating tensor, got {pixel_values.dtype}")
+        h, w = pixel_values.shape[2:]
+        if interpolate_pos_encoding:
+            if h < vc.patch_size or w < vc.patch_size:
+                raise ValueError(f"images of {h}x{w} are smaller than one {vc.patch_size}-pixel patch")
+        elif (h, w) != (vc.image_size, vc.image_size):
+            raise ValueError(
+                f"pixel_values are {h}x{w} but the model expects {vc.image_size}x{vc.image_size}; "
+                "resize them (the processor does) or pass interpolate_pos_encoding=True"
+            )
+
+    def image_features(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False,
+                       need_hidden: bool = False, need_weights: bool = False) -> VisionOutput:
+        self.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        return self.vision_model(pixel_values, interpolate_pos_encoding, need_hidden, need_weights)
+
+    def query_features(self, image_embeds: Tensor, need_hidden: bool = False,
+                       need_weights: bool = False) -> QFormerOutput:
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)  # (B, Q, Dq)
+        return self.qformer(queries, image_embeds, need_hidden=need_hidden, need_weights=need_weights)
+
+    def language_inputs(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Tensor:
+        """(B, 3, H, W) -> (B, Q, D_lm): what the language model sees of each image."""
+        image = self.image_features(pixel_values, interpolate_pos_encoding).last_hidden_state
+        return self.language_projection(self.query_features(image).last_hidden_state)
+
+    # ---- joining image and text ----
+    def check_input_ids(self, input_ids: Tensor, batch: int | None = None) -> None:
+        vocab = self.config.text_config.vocab_size
+        if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.long, torch.int, torch.int16):
+            raise TypeError(f"input_ids must be an integer torch.Tensor, got {getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
+            bad = input_ids[(input_ids < 0) | (input_ids >= vocab)][0].item()
+            raise ValueError(f"input_ids contain token id {bad}, outside the vocabulary [0, {vocab})")
+        if batch is not None and input_ids.shape[0] != batch:
+            raise ValueError(f"batch sizes differ: {batch} images but {input_ids.shape[0]} rows of input_ids")
+
+    def merge(self, lm_inputs: Tensor, input_ids: Tensor, attention_mask: Tensor | None):
+        """Places the image's query embeddings among the text embeddings.
+
+        With `image_token_index` set and present in `input_ids`, the queries fill those
+        positions (newer checkpoints); otherwise they go in front of the text (older ones).
+        Returns inputs_embeds (B, T', D) and attention_mask (B, T').
+        """
+        B, Q, _ = lm_inputs.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids {tuple(input_ids.shape)}"
+            )
+        embeds = self.language_model.embed(input_ids)  # (B, T, D)
+        image_token = self.config.image_token_index
+        slots = input_ids == image_token if image_token is not None else None
+        if slots is not None and slots.any():
+            per_row = slots.sum(dim=1)
+            if (per_row != Q).any():
+                raise ValueError(
+                    f"each prompt must hold {Q} image tokens (id {image_token}), found {per_row.tolist()}"
+                )
+            embeds = embeds.masked_scatter(slots[..., None], lm_inputs.to(embeds.dtype))
+            return embeds, attention_mask
+        embeds = torch.cat([lm_inputs.to(embeds.dtype), embeds], dim=1)  # (B, Q + T, D)
+        mask = torch.cat([attention_mask.new_ones(B, Q), attention_mask], dim=1)
+        return embeds, mask
+
+
+class DecoderStepper:
+    """The step interface generation runs over, for a decoder-only language model.
+
+    The prompt (queries + text) is prefilled once per image; beams then share it by
+    repeating cache rows, and each step feeds one token into a preallocated cache.
+    """
+
+    def __init__(self, lm, inputs_embeds: Tensor, attention_mask: Tensor, max_new_tokens: int) -> None:
+        self.lm = lm
+        self.embeds = inputs_embeds
+        self.mask = attention_mask
+        B, T, _ = inputs_embeds.shape
+        self.cache = lm.new_cache(B, T + max_new_tokens, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+
+    def prefill(self) -> Tensor:
+        logits = self.lm(self.embeds, self.mask, self.cache).logits
+        self.embeds = None
+        return logits[:, -1]  # (B, V)
+
+    def step(self, tokens: Tensor) -> Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        embeds = self.lm.embed(tokens[:, None])  # (B, 1, E)
+        return self.lm(embeds, self.mask, self.cache).logits[:, -1]
+
+    def select(self, index: Tensor) -> None:
+        self.cache.reorder(index)
+        self.mask = self.mask.index_select(0, index)

@@ -1,0 +1,150 @@
+"""OPT: a decoder-only language model with learned positions counted from the attention mask."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .activations import activation
+from .attention import KVCache, attend, causal_padding_mask, merge_heads, split_heads
+
+# OPT's learned position table starts with two unused rows (a fairseq legacy).
+POSITION_OFFSET = 2
+
+
+class LMOutput(NamedTuple):
+    logits: Tensor  # (B, T, V)
+    hidden_states: tuple[Tensor, ...] | None  # the input of each layer, then the final output
+    attentions: tuple[Tensor, ...] | None  # (B, H, T, S) per layer
+
+
+def _norm(cfg, dim: int) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, elementwise_affine=cfg.layer_norm_elementwise_affine)
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.dropout = cfg.attention_dropout
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.enable_bias)
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.enable_bias)
+
+    def forward(self, x, mask, layer: int, cache: KVCache | None, need_weights: bool):
+        q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, T, d)
+        if cache is not None:
+            k, v = cache.write(layer, k, v)  # (B, H, filled + T, d)
+        dropout = self.dropout if self.training else 0.0
+        out, weights = attend(q, k, v, mask, dropout_p=dropout, need_weights=need_weights)
+        return self.out(merge_heads(out)), weights
+
+
+class OPTLayer(nn.Module):
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.pre_norm = cfg.do_layer_norm_before  # OPT-350m alone normalises after each block
+        self.p = cfg.dropout
+        self.attn_norm = _norm(cfg, cfg.hidden_size)
+        self.attn = OPTAttention(cfg)
+        self.mlp_norm = _norm(cfg, cfg.hidden_size)
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_dim, bias=cfg.enable_bias)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.hidden_size, bias=cfg.enable_bias)
+        self.act = activation(cfg.activation_function)
+
+    def forward(self, x, mask, layer: int, cache: KVCache | None, need_weights: bool):
+        h = self.attn_norm(x) if self.pre_norm else x
+        h, weights = self.attn(h, mask, layer, cache, need_weights)
+        x = x + F.dropout(h, self.p, self.training)
+        if not self.pre_norm:
+            x = self.attn_norm(x)
+        h = self.mlp_norm(x) if self.pre_norm else x
+        h = self.fc2(self.act(self.fc1(h)))
+        x = x + F.dropout(h, self.p, self.training)
+        if not self.pre_norm:
+            x = self.mlp_norm(x)
+        return x, weights
+
+
+class OPTLanguageModel(nn.Module):
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.word_embed_proj_dim, padding_idx=cfg.pad_token_id)
+        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size)
+        if cfg.word_embed_proj_dim != cfg.hidden_size:
+            self.project_in = nn.Linear(cfg.word_embed_proj_dim, cfg.hidden_size, bias=False)
+            self.project_out = nn.Linear(cfg.hidden_size, cfg.word_embed_proj_dim, bias=False)
+        else:
+            self.project_in = self.project_out = None
+        self.layers = nn.ModuleList(OPTLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        has_final = cfg.do_layer_norm_before and not cfg._remove_final_layer_norm
+        self.final_norm = _norm(cfg, cfg.hidden_size) if has_final else None
+        self.lm_head = nn.Linear(cfg.word_embed_proj_dim, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """(B, T) token ids -> (B, T, word_embed_proj_dim)"""
+        return self.embed_tokens(input_ids)
+
+    def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
+        cfg = self.config
+        weight = self.embed_tokens.weight
+        return KVCache(
+            cfg.num_hidden_layers, batch, cfg.num_attention_heads, max_len,
+            cfg.hidden_size // cfg.num_attention_heads, dtype or weight.dtype, device or weight.device,
+        )
+
+    def positions(self, attention_mask: Tensor, start: int, length: int) -> Tensor:
+        """Position ids count only unmasked tokens, so left padding does not shift the text."""
+        pos = torch.cumsum(attention_mask, dim=1) * attention_mask - 1  # (B, S); padding -> -1
+        return pos[:, start : start + length].long() + POSITION_OFFSET
+
+    def forward(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        need_hidden: bool = False,
+        need_weights: bool = False,
+    ) -> LMOutput:
+        """inputs_embeds (B, T, E); attention_mask (B, filled + T) of 1/0 over cache and new tokens."""
+        B, T, _ = inputs_embeds.shape
+        start = cache.length if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(B, start + T, dtype=torch.long, device=inputs_embeds.device)
+        if attention_mask.shape != (B, start + T):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({B}, {start + T})"
+            )
+        x = self.project_in(inputs_embeds) if self.project_in is not None else inputs_embeds
+        x = x + self.embed_positions(self.positions(attention_mask, start, T))
+        x = F.dropout(x, self.config.dropout, self.training)
+        mask = causal_padding_mask(attention_mask, T, x.dtype)  # (B, 1, T, start + T)
+
+        hidden = [] if need_hidden else None
+        weights = [] if need_weights else None
+        for n, layer in enumerate(self.layers):
+            if need_hidden:
+                hidden.append(x)
+            if self.training and self.config.layerdrop > 0 and torch.rand(()) < self.config.layerdrop:
+                continue
+            x, w = layer(x, mask, n, cache, need_weights)
+            if need_weights:
+                weights.append(w)
+        if cache is not None:
+            cache.advance(T)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        if need_hidden:
+            hidden.append(x)
+        logits = self.lm_head(x)
+        return LMOutput(logits, tuple(hidden) if need_hidden else None, tuple(weights) if need_weights else None)

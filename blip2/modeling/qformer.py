@@ -1,0 +1,175 @@
+"""The Q-Former: learned queries through BERT-style post-LN layers that cross-attend to the image
+every `cross_attention_frequency` layers."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .activations import activation
+from .attention import attend, merge_heads, split_heads
+
+
+class QFormerOutput(NamedTuple):
+    last_hidden_state: Tensor  # (B, Q, D)
+    hidden_states: tuple[Tensor, ...] | None  # layer-normed queries, then each layer's output
+    attentions: tuple[Tensor, ...] | None  # self-attention weights per layer
+    cross_attentions: tuple[Tensor, ...] | None  # per layer that has cross-attention
+    present: tuple[tuple[Tensor, Tensor], ...] | None  # self-attention keys / values when asked
+
+
+def self_attention_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, T) or (B, T, T) of 1/0 -> additive mask; the reference uses -10000 here, not -inf."""
+    keep = keep[:, None, None, :] if keep.dim() == 2 else keep[:, None, :, :]
+    return (1.0 - keep.to(dtype)) * -10000.0
+
+
+def image_attention_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, N) of 1/0 -> additive (B, 1, 1, N) with the dtype's most negative value."""
+    keep = keep[:, None, None, :] if keep.dim() == 2 else keep[:, None, :, :]
+    return (1.0 - keep.to(dtype)) * torch.finfo(dtype).min
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.dropout = cfg.attention_probs_dropout_prob
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x, mask, head_mask=None, need_weights=False, past=None):
+        q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, T, d)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        dropout = self.dropout if self.training else 0.0
+        ctx, weights = attend(q, k, v, mask, dropout_p=dropout, need_weights=need_weights, head_mask=head_mask)
+        return self.out(merge_heads(ctx)), weights, (k, v)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.dropout = cfg.attention_probs_dropout_prob
+        self.q = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.kv = nn.Linear(cfg.encoder_hidden_size, 2 * cfg.hidden_size)
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x, image, mask, head_mask=None, need_weights=False):
+        q = split_heads(self.q(x), self.num_heads)  # (B, H, Q, d)
+        k, v = (split_heads(t, self.num_heads) for t in self.kv(image).chunk(2, dim=-1))  # (B, H, N, d)
+        dropout = self.dropout if self.training else 0.0
+        ctx, weights = attend(q, k, v, mask, dropout_p=dropout, need_weights=need_weights, head_mask=head_mask)
+        return self.out(merge_heads(ctx)), weights
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class QFormerLayer(nn.Module):
+    def __init__(self, cfg, has_cross_attention: bool) -> None:
+        super().__init__()
+        eps, self.p = cfg.layer_norm_eps, cfg.hidden_dropout_prob
+        self.self_attn = SelfAttention(cfg)
+        self.self_norm = nn.LayerNorm(cfg.hidden_size, eps=eps)
+        self.has_cross_attention = has_cross_attention
+        if has_cross_attention:
+            self.cross_attn = CrossAttention(cfg)
+            self.cross_norm = nn.LayerNorm(cfg.hidden_size, eps=eps)
+        self.mlp = FeedForward(cfg)
+        self.mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=eps)
+
+    def residual(self, norm: nn.LayerNorm, h: Tensor, x: Tensor) -> Tensor:
+        """BERT's post-LN residual: LN(dropout(h) + x)."""
+        return norm(F.dropout(h, self.p, self.training) + x)
+
+    def forward(self, x, self_mask, image, image_mask, head_mask=None, need_weights=False, past=None):
+        h, self_w, present = self.self_attn(x, self_mask, head_mask, need_weights, past)
+        x = self.residual(self.self_norm, h, x)
+        cross_w = None
+        if self.has_cross_attention:
+            if image is None:
+                raise ValueError("this Q-Former layer cross-attends: encoder_hidden_states must be given")
+            h, cross_w = self.cross_attn(x, image, image_mask, head_mask, need_weights)
+            x = self.residual(self.cross_norm, h, x)
+        x = self.residual(self.mlp_norm, self.mlp(x), x)
+        return x, self_w, cross_w, present
+
+
+class QFormer(nn.Module):
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.config = cfg
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layers = nn.ModuleList(
+            QFormerLayer(cfg, n % cfg.cross_attention_frequency == 0) for n in range(cfg.num_hidden_layers)
+        )
+
+    def forward(
+        self,
+        queries: Tensor,
+        image: Tensor | None,
+        attention_mask: Tensor | None = None,
+        image_mask: Tensor | None = None,
+        head_mask: Tensor | None = None,
+        past: tuple | None = None,
+        use_cache: bool = False,
+        need_hidden: bool = False,
+        need_weights: bool = False,
+    ) -> QFormerOutput:
+        """queries (B, Q, D), image (B, N, Dv) -> QFormerOutput; masks are 1/0 keep-masks."""
+        x = F.dropout(self.layernorm(queries), self.config.hidden_dropout_prob, self.training)
+        B, T, _ = x.shape
+        dtype = x.dtype
+        past_len = past[0][0].shape[2] if past is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past_len + T, device=x.device)
+        self_mask = self_attention_mask(attention_mask, dtype)
+        cross_mask = None
+        if image is not None:
+            if image_mask is None:
+                image_mask = torch.ones(image.shape[:2], device=x.device)
+            cross_mask = image_attention_mask(image_mask, dtype)
+        head_masks = per_layer_head_mask(head_mask, len(self.layers), dtype)
+
+        hidden = [x] if need_hidden else None
+        self_ws, cross_ws, presents = [], [], []
+        for n, layer in enumerate(self.layers):
+            layer_past = past[n] if past is not None else None
+            x, sw, cw, present = layer(x, self_mask, image, cross_mask, head_masks[n], need_weights, layer_past)
+            if need_hidden:
+                hidden.append(x)
+            self_ws.append(sw)
+            if layer.has_cross_attention:
+                cross_ws.append(cw)
+            presents.append(present)
+        return QFormerOutput(
+            x,
+            tuple(hidden) if need_hidden else None,
+            tuple(self_ws) if need_weights else None,
+            tuple(cross_ws) if need_weights else None,
+            tuple(presents) if use_cache else None,
+        )
+
+
+def per_layer_head_mask(head_mask: Tensor | None, num_layers: int, dtype) -> list[Tensor | None]:
+    """(H,) or (L, H) of 1/0 -> per layer (1, H, 1, 1), as transformers' head masks broadcast."""
+    if head_mask is None:
+        return [None] * num_layers
+    if head_mask.dim() == 1:
+        head_mask = head_mask[None].expand(num_layers, -1)
+    if head_mask.dim() != 2 or head_mask.shape[0] != num_layers:
+        raise ValueError(f"head_mask must have shape (heads,) or ({num_layers}, heads), got {tuple(head_mask.shape)}")
+    return [m.to(dtype)[None, :, None, None] for m in head_mask]
