@@ -1,7 +1,7 @@
 """Reading and writing checkpoints in the transformers format, strictly, through the key table.
 
 Formats: model.safetensors, model.safetensors.index.json (sharded), pytorch_model.bin and
-its index. Tensors are read lazily (safetensors mmap, torch.load(mmap=True)) and placed
+its index. Tensors are read lazily (safetensors by plain reads, torch.load(mmap=True)) and placed
 into a model built on the meta device, so no memory is spent on weights that would be
 overwritten, and the model costs little more than its own size.
 """
@@ -9,6 +9,8 @@ overwritten, and the model costs little more than its own size.
 from __future__ import annotations
 
 import json
+import mmap
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -30,20 +32,28 @@ class CheckpointError(ValueError):
 
 # ---------------------------------------------------------------- reading files
 class LazyStateDict(Mapping):
-    """Key -> tensor over one or more files; a tensor is read when asked for."""
+    """Key -> tensor over one or more files; a tensor is read when asked for.
+
+    `shape(key)`, `dtype(key)` and `read_into(key, out)` let a loader check shapes before
+    reading and fill its own (already converted) tensors without a second copy of the weights.
+    """
 
     def __init__(self, files: dict[str, Path]) -> None:
         self.files = files  # key -> file holding it
         self._handles: dict[Path, object] = {}
 
     def __getitem__(self, key: str) -> Tensor:
-        path = self.files[key]
-        try:
-            return self._handle(path)(key)
-        except CheckpointError:
-            raise
-        except Exception as err:
-            raise CheckpointError(f"could not read tensor {key!r} from {path}: {err}") from None
+        return self._read(key, lambda reader: reader[key])
+
+    def shape(self, key: str) -> torch.Size:
+        return self._read(key, lambda reader: reader.shape(key))
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._read(key, lambda reader: reader.dtype(key))
+
+    def read_into(self, key: str, out: Tensor) -> None:
+        """Copies tensor `key` into `out` (same number of elements, any dtype, contiguous)."""
+        self._read(key, lambda reader: reader.read_into(key, out))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.files)
@@ -54,6 +64,15 @@ class LazyStateDict(Mapping):
     def source(self, key: str) -> Path:
         return self.files[key]
 
+    def _read(self, key: str, what):
+        path = self.files[key]
+        try:
+            return what(self._handle(path))
+        except CheckpointError:
+            raise
+        except Exception as err:
+            raise CheckpointError(f"could not read tensor {key!r} from {path}: {err}") from None
+
     def _handle(self, path: Path):
         if path not in self._handles:
             self._handles[path] = _open(path)
@@ -61,20 +80,101 @@ class LazyStateDict(Mapping):
 
 
 def _open(path: Path):
-    """Returns a `key -> tensor` reader for one file."""
+    """A reader for one file: `reader[key]`, `reader.shape(key)`, `reader.read_into(key, out)`."""
     if path.suffix == ".safetensors":
-        return _safe_open(path).get_tensor
-    state = _torch_load(path)
-    return state.__getitem__
+        return SafetensorsReader(path)
+    return _TensorDictReader(_torch_load(path))
 
 
-def _safe_open(path: Path):
-    from safetensors import safe_open
+class _TensorDictReader:
+    """The reader interface over an already loaded (memory-mapped) dict of tensors."""
 
-    try:
-        return safe_open(str(path), framework="pt")
-    except Exception as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.state[key]
+
+    def shape(self, key: str) -> torch.Size:
+        return self.state[key].shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.state[key].dtype
+
+    def read_into(self, key: str, out: Tensor) -> None:
+        out.copy_(self.state[key].view(out.shape))
+
+
+_SAFE_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_CHUNK_BYTES = 64 << 20  # the most of a file mapped at once
+
+
+class SafetensorsReader:
+    """Reads safetensors tensors into tensors the caller owns, converting the dtype on the way.
+
+    Pages of a mapped file count in the process's resident memory for as long as the map is
+    open, so keeping a 7.5 GB checkpoint mapped while filling a 7.5 GB model doubles the peak.
+    Here each piece of at most 64 MB is mapped, copied (and converted) into its destination,
+    and unmapped again: one pass over the bytes, and no second copy of the model.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else -1
+            header = f.read(size) if 0 < size <= 100 << 20 else b""
+        try:
+            entries = json.loads(header)
+        except ValueError:
+            entries = None
+        if not isinstance(entries, dict):
+            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?)")
+        entries.pop("__metadata__", None)
+        self.start = 8 + size
+        self.entries = entries  # key -> {"dtype", "shape", "data_offsets": [begin, end]}
+        self.file_size = path.stat().st_size
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, key: str) -> torch.Size:
+        return torch.Size(self.entries[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        name = self.entries[key]["dtype"]
+        if name not in _SAFE_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {key!r} has dtype {name}, which is not supported")
+        return _SAFE_DTYPES[name]
+
+    def __getitem__(self, key: str) -> Tensor:
+        out = torch.empty(self.shape(key), dtype=self.dtype(key))
+        self.read_into(key, out)
+        return out
+
+    def read_into(self, key: str, out: Tensor) -> None:
+        dtype, (begin, end) = self.dtype(key), self.entries[key]["data_offsets"]
+        numel = self.shape(key).numel()
+        if out.numel() != numel or not out.is_contiguous():
+            raise ValueError(f"cannot read {numel} elements into a tensor of shape {tuple(out.shape)}")
+        if end - begin != numel * dtype.itemsize or self.start + end > self.file_size:
+            raise CheckpointError(f"{self.path}: tensor {key!r} is truncated or its offsets are corrupt")
+        flat, size = out.view(-1), dtype.itemsize
+        step = max(1, _CHUNK_BYTES // size)
+        with open(self.path, "rb") as f:
+            for i in range(0, numel, step):
+                n = min(step, numel - i)
+                offset = self.start + begin + i * size
+                aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+                mapped = mmap.mmap(f.fileno(), offset - aligned + n * size, offset=aligned, access=mmap.ACCESS_COPY)
+                try:
+                    flat[i : i + n].copy_(torch.frombuffer(mapped, dtype=dtype, count=n, offset=offset - aligned))
+                finally:
+                    mapped.close()
 
 
 def _torch_load(path: Path) -> dict:
@@ -86,27 +186,28 @@ def _torch_load(path: Path) -> dict:
 
 def _keys_of(path: Path) -> list[str]:
     if path.suffix == ".safetensors":
-        return list(_safe_open(path).keys())
+        return SafetensorsReader(path).keys()
     return list(_torch_load(path).keys())
 
 
 def find_weights(directory: Path) -> list[Path]:
-    """The weight files of a checkpoint directory, preferring safetensors."""
-    for index_name in (SAFE_INDEX, BIN_INDEX):
-        index = directory / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise CheckpointError(f"{index} is not a valid shard index: {err}") from None
-            shards = sorted(set(weight_map.values()))
-            missing = [s for s in shards if not (directory / s).is_file()]
-            if missing:
-                raise CheckpointError(f"{index} names shard(s) that are missing: {', '.join(missing)}")
-            return [directory / s for s in shards]
-    for name in (SAFE_WEIGHTS, BIN_WEIGHTS):
-        if (directory / name).is_file():
-            return [directory / name]
+    """The weight files of a checkpoint directory, in the reference's order of preference:
+    model.safetensors, its shard index, pytorch_model.bin, its shard index."""
+    for name in (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX):
+        path = directory / name
+        if not path.is_file():
+            continue
+        if name in (SAFE_WEIGHTS, BIN_WEIGHTS):
+            return [path]
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path} is not a valid shard index: {err!r}") from None
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (directory / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{path} names shard(s) that are missing: {', '.join(missing)}")
+        return [directory / s for s in shards]
     raise CheckpointError(
         f"no weights in {directory}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}"
     )
@@ -137,23 +238,60 @@ def hf_to_ours(hf: Mapping[str, Tensor], table: KeyTable, expected: Mapping[str,
         problems.append(f"unexpected keys: {_short(unexpected)}")
     if problems:
         raise CheckpointError(f"{where} does not match the model config: " + "; ".join(problems))
+    lazy = isinstance(hf, LazyStateDict)
     out: dict[str, Tensor] = {}
     for rule in table.rules:
-        parts = [hf[k] for k in rule.hf]
-        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         shape = expected.get(rule.ours)
         if shape is None:
             raise CheckpointError(f"key table names {rule.ours!r}, which the model does not have")
-        if tensor.shape != shape:
-            sizes = ", ".join(f"{k} {tuple(hf[k].shape)}" for k in rule.hf)
-            raise CheckpointError(
-                f"{where}: shape mismatch for {sizes}; the model expects {tuple(shape)} "
-                f"(as {rule.ours}) from its config"
-            )
+        if lazy:
+            out[rule.ours] = _read_fused(hf, rule, shape, where, dtype_for)
+            continue
+        parts = [hf[k] for k in rule.hf]
+        _check_shape([p.shape for p in parts], rule, shape, where)
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if dtype_for is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype_for(rule.ours))
         out[rule.ours] = tensor
     return out
+
+
+def _check_shape(shapes: list[torch.Size], rule, shape: torch.Size, where: str) -> None:
+    """The parts of a rule, concatenated along dim 0, must make `shape`."""
+    if len(shapes) == 1:
+        fused = shapes[0]
+    elif all(len(s) > 0 and s[1:] == shapes[0][1:] for s in shapes):
+        fused = torch.Size([sum(s[0] for s in shapes), *shapes[0][1:]])
+    else:
+        fused = None  # parts that cannot be concatenated
+    if fused != shape:
+        sizes = ", ".join(f"{k} {tuple(s)}" for k, s in zip(rule.hf, shapes))
+        raise CheckpointError(
+            f"{where}: shape mismatch for {sizes}; the model expects {tuple(shape)} "
+            f"(as {rule.ours}) from its config"
+        )
+
+
+def _read_fused(hf: LazyStateDict, rule, shape: torch.Size, where: str, dtype_for) -> Tensor:
+    """Reads a rule's parts from the files straight into one tensor of the wanted dtype.
+
+    Each source tensor passes through the reader once, so converting float16 -> bfloat16 or
+    float32 costs no second copy of the model; fused parts go to their rows, with no torch.cat.
+    """
+    _check_shape([hf.shape(k) for k in rule.hf], rule, shape, where)
+    dtype = hf.dtype(rule.hf[0])
+    if dtype_for is not None and dtype.is_floating_point:
+        dtype = dtype_for(rule.ours) or dtype
+    tensor = torch.empty(shape, dtype=dtype)
+    if len(rule.hf) == 1:
+        hf.read_into(rule.hf[0], tensor)
+        return tensor
+    row = 0
+    for key in rule.hf:
+        rows = hf.shape(key)[0]
+        hf.read_into(key, tensor[row : row + rows])
+        row += rows
+    return tensor
 
 
 def ours_to_hf(state: Mapping[str, Tensor], table: KeyTable) -> dict[str, Tensor]:
@@ -226,23 +364,42 @@ def _cast_rest(model: nn.Module, dtype: torch.dtype) -> None:
 
 def save_state(state: dict[str, Tensor], directory: Path, safe_serialization: bool = True,
                max_shard_bytes: int | None = None) -> None:
-    """Writes `state` (checkpoint names) as one file or shards plus an index, atomically."""
+    """Writes `state` (checkpoint names) as one file or shards plus an index, each file atomically.
+
+    Weight files of an earlier checkpoint in `directory` (either format, single or sharded)
+    are removed once the new one is complete, so that loading cannot pick up a stale one.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     base = SAFE_WEIGHTS if safe_serialization else BIN_WEIGHTS
     shards = _shard(state, max_shard_bytes)
     if len(shards) == 1:
         _write_file(shards[0], directory / base, safe_serialization)
+        _remove_stale_weights(directory, keep={base})
         return
     stem, ext = base.rsplit(".", 1)
-    weight_map, total = {}, 0
+    weight_map, total, names = {}, 0, set()
     for i, shard in enumerate(shards, 1):
         name = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
         _write_file(shard, directory / name, safe_serialization)
+        names.add(name)
         for key, tensor in shard.items():
             weight_map[key] = name
             total += tensor.numel() * tensor.element_size()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    atomic_write_text(directory / (SAFE_INDEX if safe_serialization else BIN_INDEX), json.dumps(index, indent=2) + "\n")
+    index_name = SAFE_INDEX if safe_serialization else BIN_INDEX
+    atomic_write_text(directory / index_name, json.dumps(index, indent=2) + "\n")
+    _remove_stale_weights(directory, keep=names | {index_name})
+
+
+_SHARD_NAME = re.compile(r"(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin)")
+
+
+def _remove_stale_weights(directory: Path, keep: set[str]) -> None:
+    for path in directory.iterdir():
+        name = path.name
+        known = name in (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX) or _SHARD_NAME.fullmatch(name)
+        if known and name not in keep and path.is_file():
+            path.unlink()
 
 
 def _shard(state: dict[str, Tensor], max_bytes: int | None) -> list[dict[str, Tensor]]:

@@ -51,6 +51,8 @@ class BaseConfig:
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.pop("model_type", None)
+        # Keys the caller (or file) gave: optional keys are written back only when given or set.
+        object.__setattr__(self, "given", frozenset(kwargs))
         for alias, name in self.aliases.items():
             if alias in kwargs and name not in kwargs:
                 kwargs[name] = kwargs.pop(alias)
@@ -178,7 +180,16 @@ class Blip2QFormerConfig(BaseConfig):
         "position_embedding_type": "absolute",
         "cross_attention_frequency": 2,
         "encoder_hidden_size": 1408,
+        # Newer releases: BERT-style text input (word/position embeddings and a text
+        # feed-forward per layer), as in the retrieval checkpoints (blip2-itm-vit-g).
+        "use_qformer_text_input": False,
     }
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if not self.use_qformer_text_input and "use_qformer_text_input" not in self.given:
+            del out["use_qformer_text_input"]  # older files have no such key; write none either
+        return out
 
     def validate(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -316,6 +327,8 @@ class Blip2Config(BaseConfig):
         "image_token_index": None,
         "initializer_factor": 1.0,
         "initializer_range": 0.02,
+        # Newer releases: width of the image-text contrastive space (retrieval projections).
+        "image_text_hidden_size": 256,
     }
 
     def __init__(self, vision_config=None, qformer_config=None, text_config=None, num_query_tokens=32, **kwargs):
@@ -359,8 +372,10 @@ class Blip2Config(BaseConfig):
         out["use_decoder_only_language_model"] = self.use_decoder_only_language_model
         out["is_encoder_decoder"] = self.is_encoder_decoder
         out["tie_word_embeddings"] = self.tie_word_embeddings
-        if self.image_token_index is None:
+        if self.image_token_index is None and "image_token_index" not in self.given:
             del out["image_token_index"]  # older files have no such key; write none either
+        if self.image_text_hidden_size == 256 and "image_text_hidden_size" not in self.given:
+            del out["image_text_hidden_size"]  # likewise: only newer files carry it, and readers default it
         return out
 
 

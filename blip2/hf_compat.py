@@ -16,9 +16,10 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt
 from .config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, BaseConfig
+from .generation import GENERATION_CONFIG_NAME, GenerationConfig, resolve_config
 from .hub import resolve_file
 from .keymap import KeyTable, blip2_table, qformer_rules, vision_rules
-from .modeling.blip2 import Blip2
+from .modeling.blip2 import Blip2, check_pixel_values
 from .modeling.qformer import QFormer
 from .modeling.vision import VisionEncoder
 from .outputs import (
@@ -26,6 +27,7 @@ from .outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
     Blip2ForConditionalGenerationModelOutput,
     CausalLMOutputWithPast,
+    Seq2SeqLMOutput,
 )
 
 HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token")
@@ -121,6 +123,13 @@ class PreTrainedModel(nn.Module):
         self.config.extra.setdefault("architectures", [type(self).__name__])
         self.config.save_pretrained(directory)
 
+    @classmethod
+    def _check_config(cls, config) -> None:
+        if not isinstance(config, cls.config_class):
+            raise TypeError(
+                f"{cls.__name__} needs a {cls.config_class.__name__}, got {type(config).__name__}"
+            )
+
     def _flags(self, output_attentions, output_hidden_states, return_dict) -> tuple[bool, bool, bool]:
         cfg = self.config
         return (
@@ -135,6 +144,7 @@ class Blip2VisionModel(PreTrainedModel, VisionEncoder):
     config_class = Blip2VisionConfig
 
     def __init__(self, config: Blip2VisionConfig) -> None:
+        self._check_config(config)
         VisionEncoder.__init__(self, config)
 
     def key_table(self) -> KeyTable:
@@ -148,7 +158,7 @@ class Blip2VisionModel(PreTrainedModel, VisionEncoder):
         attn, hidden, as_dict = self._flags(output_attentions, output_hidden_states, return_dict)
         if pixel_values is None:
             raise ValueError("pixel_values must be given")
-        Blip2.check_pixel_values(self, pixel_values, interpolate_pos_encoding)
+        check_pixel_values(pixel_values, self.config, interpolate_pos_encoding)
         out = VisionEncoder.forward(self, pixel_values, interpolate_pos_encoding, hidden, attn)
         return vision_output(out, as_dict)
 
@@ -164,6 +174,7 @@ class Blip2QFormerModel(PreTrainedModel, QFormer):
     main_input_name = "query_embeds"
 
     def __init__(self, config: Blip2QFormerConfig) -> None:
+        self._check_config(config)
         QFormer.__init__(self, config)
 
     def key_table(self) -> KeyTable:
@@ -173,18 +184,42 @@ class Blip2QFormerModel(PreTrainedModel, QFormer):
                 encoder_attention_mask=None, past_key_values=None, use_cache=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None):
         attn, hidden, as_dict = self._flags(output_attentions, output_hidden_states, return_dict)
-        if not isinstance(query_embeds, Tensor) or query_embeds.dim() != 3:
-            raise ValueError("query_embeds must be a tensor of shape (batch, num_queries, hidden_size)")
-        if encoder_hidden_states is not None and encoder_hidden_states.shape[0] != query_embeds.shape[0]:
-            raise ValueError(
-                f"batch sizes differ: query_embeds {query_embeds.shape[0]}, "
-                f"encoder_hidden_states {encoder_hidden_states.shape[0]}"
-            )
+        self._check_inputs(query_embeds, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                           past_key_values)
         out = QFormer.forward(
             self, query_embeds, encoder_hidden_states, attention_mask, encoder_attention_mask, head_mask,
             past_key_values, bool(use_cache), hidden, attn,
         )
         return qformer_output(out, as_dict)
+
+    def _check_inputs(self, query_embeds, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                      past_key_values) -> None:
+        cfg = self.config
+        if not isinstance(query_embeds, Tensor) or query_embeds.dim() != 3 or query_embeds.shape[-1] != cfg.hidden_size:
+            raise ValueError(
+                f"query_embeds must be a tensor of shape (batch, num_queries, {cfg.hidden_size}), "
+                f"got {tuple(getattr(query_embeds, 'shape', ())) or type(query_embeds).__name__}"
+            )
+        B, T, _ = query_embeds.shape
+        if encoder_hidden_states is not None:
+            if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[-1] != cfg.encoder_hidden_size:
+                raise ValueError(
+                    f"encoder_hidden_states must have shape (batch, length, {cfg.encoder_hidden_size}), "
+                    f"got {tuple(encoder_hidden_states.shape)}"
+                )
+            if encoder_hidden_states.shape[0] != B:
+                raise ValueError(
+                    f"batch sizes differ: query_embeds {B}, encoder_hidden_states {encoder_hidden_states.shape[0]}"
+                )
+            N = encoder_hidden_states.shape[1]
+            if encoder_attention_mask is not None and tuple(encoder_attention_mask.shape) not in ((B, N), (B, T, N)):
+                raise ValueError(
+                    f"encoder_attention_mask has shape {tuple(encoder_attention_mask.shape)}, "
+                    f"expected ({B}, {N}) for encoder_hidden_states {tuple(encoder_hidden_states.shape)}"
+                )
+        S = T + (past_key_values[0][0].shape[2] if past_key_values is not None else 0)
+        if attention_mask is not None and tuple(attention_mask.shape) not in ((B, S), (B, T, S)):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({B}, {S})")
 
 
 def qformer_output(out, as_dict: bool):
@@ -197,12 +232,27 @@ def qformer_output(out, as_dict: bool):
 
 # ---------------------------------------------------------------- language model calls
 def decoder_lm_outputs(lm, inputs_embeds, attention_mask, hidden: bool, attn: bool) -> CausalLMOutputWithPast:
-    out = lm(inputs_embeds, attention_mask, need_hidden=hidden, need_weights=attn)
-    return CausalLMOutputWithPast(logits=out.logits, hidden_states=out.hidden_states, attentions=out.attentions)
+    # The reference returns each layer's keys and values when the config says use_cache (the default).
+    cache = None
+    if lm.config.use_cache:
+        B, T, _ = inputs_embeds.shape
+        cache = lm.new_cache(B, T, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+    out = lm(inputs_embeds, attention_mask, cache, need_hidden=hidden, need_weights=attn)
+    past = tuple(zip(cache.k, cache.v)) if cache is not None else None
+    return CausalLMOutputWithPast(logits=out.logits, past_key_values=past, hidden_states=out.hidden_states,
+                                  attentions=out.attentions)
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """The reference's alignment: the last len(labels) logits, each predicting the next label."""
+    B, T, V = logits.shape
+    if not isinstance(labels, Tensor) or labels.dim() != 2 or labels.shape[0] != B or labels.shape[1] > T:
+        raise ValueError(
+            f"labels must have shape ({B}, length <= {T}), got {tuple(getattr(labels, 'shape', ())) or type(labels).__name__}"
+        )
+    bad = (labels != -100) & ((labels < 0) | (labels >= V))
+    if bad.any():
+        raise ValueError(f"labels contain token id {labels[bad][0].item()}, outside the vocabulary [0, {V}) and not -100")
     labels = labels.to(logits.device)
     logits = logits[:, -labels.shape[1]:, :]
     loss = F.cross_entropy(
@@ -216,6 +266,7 @@ class _Blip2Base(PreTrainedModel, Blip2):
     config_class = Blip2Config
 
     def __init__(self, config: Blip2Config) -> None:
+        self._check_config(config)
         Blip2.__init__(self, config)
 
     def key_table(self) -> KeyTable:
@@ -235,7 +286,8 @@ class _Blip2Base(PreTrainedModel, Blip2):
                 decoder_attention_mask=None, output_attentions=None, output_hidden_states=None,
                 labels=None, return_dict=None, interpolate_pos_encoding: bool = False):
         attn, hidden, as_dict = self._flags(output_attentions, output_hidden_states, return_dict)
-        self.check_input_ids(input_ids, pixel_values.shape[0] if isinstance(pixel_values, Tensor) else None)
+        self.check_pixel_values(pixel_values, interpolate_pos_encoding)  # first: its batch size is used next
+        self.check_input_ids(input_ids, pixel_values.shape[0])
         vis = self.image_features(pixel_values, interpolate_pos_encoding, hidden, attn)
         qf = self.query_features(vis.last_hidden_state, hidden, attn)
         lm_inputs = self.language_projection(qf.last_hidden_state)
@@ -261,8 +313,23 @@ def _opt_forward(lm, embeds, mask, decoder_input_ids, decoder_attention_mask, la
     return loss, logits, lm_out
 
 
+def _t5_forward(lm, embeds, mask, decoder_input_ids, decoder_attention_mask, labels, hidden, attn):
+    # T5 computes its own loss (labels shifted right feed the decoder); like the reference it
+    # reports each decoder layer's keys and values when the config says use_cache.
+    out = lm(embeds, mask, decoder_input_ids, decoder_attention_mask, labels, hidden, attn,
+             keep_cache=lm.config.use_cache)
+    lm_out = Seq2SeqLMOutput(
+        loss=out.loss, logits=out.logits,
+        past_key_values=out.cache.per_layer() if out.cache is not None else None,
+        decoder_hidden_states=out.decoder.hidden_states, decoder_attentions=out.decoder.attentions,
+        cross_attentions=out.decoder.cross_attentions, encoder_last_hidden_state=out.encoder.last_hidden_state,
+        encoder_hidden_states=out.encoder.hidden_states, encoder_attentions=out.encoder.attentions,
+    )
+    return out.loss, out.logits, lm_out
+
+
 # model_type -> (lm, inputs_embeds, mask, decoder ids, decoder mask, labels, hidden?, attn?) -> (loss, logits, outputs)
-LANGUAGE_FORWARD = {"opt": _opt_forward}
+LANGUAGE_FORWARD = {"opt": _opt_forward, "t5": _t5_forward}
 
 
 class Blip2Model(_Blip2Base):
@@ -299,3 +366,44 @@ class Blip2Model(_Blip2Base):
 
 class Blip2ForConditionalGeneration(_Blip2Base):
     """BLIP-2 for captioning and visual question answering."""
+
+    def __init__(self, config: Blip2Config) -> None:
+        super().__init__(config)
+        # Generation defaults: the text config's, then generation_config.json's (from_pretrained).
+        self.generation_config = resolve_config(config.text_config)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs):
+        hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        model = super().from_pretrained(name_or_path, **kwargs)
+        found = resolve_file(name_or_path, GENERATION_CONFIG_NAME, required=False, **hub)
+        if found is not None:
+            model.generation_config = resolve_config(model.config.text_config, found)
+        return model
+
+    def save_pretrained(self, directory: str | os.PathLike, **kwargs) -> None:
+        super().save_pretrained(directory, **kwargs)
+        self.generation_config.save(Path(directory) / GENERATION_CONFIG_NAME)
+
+    def generate(self, pixel_values: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                 *, interpolate_pos_encoding: bool = False, generation_config: GenerationConfig | None = None,
+                 streamer=None, generator: torch.Generator | None = None, **generate_kwargs) -> Tensor:
+        """Generates text from images and optional prompts (captioning without a prompt, VQA with one).
+
+        Args:
+            pixel_values: (batch, 3, height, width) images.
+            input_ids: (batch, length) prompts, left-padded; None for captioning.
+            attention_mask: (batch, length), 0 on padding.
+            generation_config: replaces the model's `generation_config` for this call.
+            streamer: receives tokens as they are produced (e.g. `blip2.generation.TextIteratorStreamer`).
+            generator: a torch.Generator for sampling (or pass `seed=`).
+            generate_kwargs: any `GenerationConfig` field (`max_new_tokens`, `num_beams`, `do_sample`, ...).
+
+        Returns:
+            (batch * num_return_sequences, length) token ids: BOS (T5: the decoder start token)
+            followed by the new tokens, as transformers 4.37 returns them.
+        """
+        base = self.generation_config if generation_config is None else generation_config
+        config = base.updated(generate_kwargs)
+        return self.generate_tokens(pixel_values, input_ids, attention_mask, config, streamer=streamer,
+                                    generator=generator, interpolate_pos_encoding=interpolate_pos_encoding)

@@ -28,6 +28,29 @@ def language_model_for(text_config) -> nn.Module:
     return cls(text_config)
 
 
+def check_pixel_values(pixel_values, vc, interpolate_pos_encoding: bool = False) -> None:
+    """Raises a clear TypeError / ValueError for pixel_values the vision encoder (config `vc`) cannot take."""
+    if not isinstance(pixel_values, Tensor):
+        raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if pixel_values.dim() != 4:
+        raise ValueError(
+            f"pixel_values must have shape (batch, 3, height, width), got {tuple(pixel_values.shape)}"
+        )
+    if pixel_values.shape[1] != 3:
+        raise ValueError(f"pixel_values must have 3 channels (RGB), got {pixel_values.shape[1]}")
+    if not pixel_values.is_floating_point():
+        raise TypeError(f"pixel_values must be a floating tensor, got {pixel_values.dtype}")
+    h, w = pixel_values.shape[2:]
+    if interpolate_pos_encoding:
+        if h < vc.patch_size or w < vc.patch_size:
+            raise ValueError(f"images of {h}x{w} are smaller than one {vc.patch_size}-pixel patch")
+    elif (h, w) != (vc.image_size, vc.image_size):
+        raise ValueError(
+            f"pixel_values are {h}x{w} but the model expects {vc.image_size}x{vc.image_size}; "
+            "resize them (the processor does) or pass interpolate_pos_encoding=True"
+        )
+
+
 class Blip2(nn.Module):
     """The composed model. Attribute names are those of the reference so user code that
     freezes or inspects parts (`model.vision_model.requires_grad_(False)`) keeps working."""
@@ -51,26 +74,7 @@ class Blip2(nn.Module):
 
     # ---- the image side ----
     def check_pixel_values(self, pixel_values, interpolate_pos_encoding: bool = False) -> None:
-        vc = self.config.vision_config
-        if not isinstance(pixel_values, Tensor):
-            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
-        if pixel_values.dim() != 4:
-            raise ValueError(
-                f"pixel_values must have shape (batch, 3, height, width), got {tuple(pixel_values.shape)}"
-            )
-        if pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values must have 3 channels (RGB), got {pixel_values.shape[1]}")
-        if not pixel_values.is_floating_point():
-            raise TypeError(f"pixel_values must be a floating tensor, got {pixel_values.dtype}")
-        h, w = pixel_values.shape[2:]
-        if interpolate_pos_encoding:
-            if h < vc.patch_size or w < vc.patch_size:
-                raise ValueError(f"images of {h}x{w} are smaller than one {vc.patch_size}-pixel patch")
-        elif (h, w) != (vc.image_size, vc.image_size):
-            raise ValueError(
-                f"pixel_values are {h}x{w} but the model expects {vc.image_size}x{vc.image_size}; "
-                "resize them (the processor does) or pass interpolate_pos_encoding=True"
-            )
+        check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding)
 
     def image_features(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False,
                        need_hidden: bool = False, need_weights: bool = False) -> VisionOutput:
@@ -128,6 +132,58 @@ class Blip2(nn.Module):
         embeds = torch.cat([lm_inputs.to(embeds.dtype), embeds], dim=1)  # (B, Q + T, D)
         mask = torch.cat([attention_mask.new_ones(B, Q), attention_mask], dim=1)
         return embeds, mask
+
+    # ---- generation ----
+    @torch.inference_mode()
+    def generate_tokens(self, pixel_values: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None,
+                        config, streamer=None, generator=None, interpolate_pos_encoding: bool = False) -> Tensor:
+        """Token ids for each image (and prompt): the start token(s), then the new tokens.
+
+        `config` is a `blip2.generation.GenerationConfig`. The image encoder, Q-Former and prompt
+        prefill run once per image; beams and samples share that work through the stepper.
+        """
+        from ..generation import generate
+
+        stepper, start_ids = self.stepper(pixel_values, input_ids, attention_mask, config, interpolate_pos_encoding)
+        return generate(stepper, start_ids, config, streamer=streamer, generator=generator)
+
+    def stepper(self, pixel_values: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None, config,
+                interpolate_pos_encoding: bool = False):
+        """The language model primed with the images and prompts, and the history generation starts from."""
+        self.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        B = pixel_values.shape[0]
+        text = self.config.text_config
+        decoder_only = self.config.use_decoder_only_language_model
+        start_token = config.bos_token_id if decoder_only else config.decoder_start_token_id
+        if start_token is None:
+            what = "bos_token_id" if decoder_only else "decoder_start_token_id"
+            raise ValueError(f"generation needs {what}: set it in the text config or pass it to generate()")
+        start_ids = torch.full((B, 1), start_token, dtype=torch.long, device=pixel_values.device)
+        new_tokens = config.new_token_limit(start_ids.shape[1])  # before any model work: fail fast
+        if input_ids is None:
+            if text.bos_token_id is None:
+                raise ValueError("without input_ids the prompt is the BOS token, but text_config.bos_token_id is None")
+            input_ids = torch.full((B, 1), text.bos_token_id, dtype=torch.long, device=pixel_values.device)
+        self.check_input_ids(input_ids, B)
+        lm_inputs = self.language_inputs(pixel_values, interpolate_pos_encoding)  # (B, Q, D): once per image
+        embeds, mask = self.merge(lm_inputs, input_ids, attention_mask)
+        if decoder_only:
+            _check_positions(mask, new_tokens, text.max_position_embeddings)
+            return DecoderStepper(self.language_model, embeds, mask, new_tokens), start_ids
+        from .t5 import T5Stepper
+
+        return T5Stepper(self.language_model, embeds, mask, new_tokens, start_ids), start_ids
+
+
+def _check_positions(mask: Tensor, new_tokens: int, max_positions: int) -> None:
+    """Learned positions run out: say so before generating rather than failing on an index."""
+    prompt = int(mask.sum(dim=1).max())  # positions count only unmasked tokens
+    if prompt + new_tokens - 1 > max_positions:  # the last new token is never fed back
+        raise ValueError(
+            f"the prompt takes {prompt} positions (query tokens + text) and generation may add {new_tokens}, "
+            f"but the language model has max_position_embeddings={max_positions}; "
+            "shorten the prompt or lower max_new_tokens / max_length"
+        )
 
 
 class DecoderStepper:

@@ -124,7 +124,15 @@ class OPTLanguageModel(nn.Module):
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({B}, {start + T})"
             )
         x = self.project_in(inputs_embeds) if self.project_in is not None else inputs_embeds
-        x = x + self.embed_positions(self.positions(attention_mask, start, T))
+        positions = self.positions(attention_mask, start, T)
+        limit = self.config.max_position_embeddings
+        # Only long inputs can run past the table; checking the values syncs, so only then.
+        if start + T > limit and positions.max().item() >= limit + POSITION_OFFSET:
+            raise ValueError(
+                f"the sequence has {positions.max().item() - POSITION_OFFSET + 1} tokens (image queries "
+                f"included) but the language model has only {limit} positions (max_position_embeddings)"
+            )
+        x = x + self.embed_positions(positions)
         x = F.dropout(x, self.config.dropout, self.training)
         mask = causal_padding_mask(attention_mask, T, x.dtype)  # (B, 1, T, start + T)
 
