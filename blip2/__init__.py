@@ -7,6 +7,11 @@ from .hf_compat import (
     Blip2QFormerModel,
     Blip2VisionModel,
 )
+from .retrieval import (
+    Blip2ForImageTextRetrieval,
+    Blip2TextModelWithProjection,
+    Blip2VisionModelWithProjection,
+)
 
 __version__ = "0.1.0"
 
@@ -20,4 +25,7 @@ __all__ = [
     "Blip2QFormerModel",
     "Blip2Model",
     "Blip2ForConditionalGeneration",
+    "Blip2ForImageTextRetrieval",
+    "Blip2TextModelWithProjection",
+    "Blip2VisionModelWithProjection",
 ]

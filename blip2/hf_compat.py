@@ -101,7 +101,8 @@ class PreTrainedModel(nn.Module):
         if config is None:
             config = cls.config_class.from_json_file(folder / "config.json")
         if torch_dtype == "auto":
-            torch_dtype = config.extra.get("torch_dtype")
+            # 4.x writes "torch_dtype", 5.x writes "dtype"
+            torch_dtype = config.extra.get("torch_dtype") or config.extra.get("dtype")
         dtype = _dtype(torch_dtype)
         with torch.device("meta"):
             skeleton = cls(config)

@@ -93,6 +93,7 @@ def qformer_rules(cfg, prefix: str = "qformer") -> list[Rule]:
         rules += _linear(f"{ours}.mlp.fc1", f"{hf}.intermediate_query.dense")
         rules += _linear(f"{ours}.mlp.fc2", f"{hf}.output_query.dense")
         rules += _norm(f"{ours}.mlp_norm", f"{hf}.output_query.LayerNorm")
+    rules += qformer_text_rules(cfg, p)
     return rules
 
 
@@ -124,9 +125,48 @@ def opt_rules(cfg, prefix: str = "language_model") -> KeyTable:
     return KeyTable(rules, tied)
 
 
+def _t5_layer_rules(cfg, ours: str, hf: str, first: bool, cross: bool) -> list[Rule]:
+    """One T5 block: hf's block.N.layer.{0: self-attention, 1: cross-attention, last: feed-forward}."""
+    sa = f"{hf}.layer.0.SelfAttention"
+    rules = _norm(f"{ours}.attn_norm", f"{hf}.layer.0.layer_norm", bias=False)
+    rules += _fused(f"{ours}.attn.qkv", [f"{sa}.q", f"{sa}.k", f"{sa}.v"], bias=False)
+    rules += _linear(f"{ours}.attn.out", f"{sa}.o", bias=False)
+    if first:  # the first block of each stack holds the relative position table
+        rules.append(Rule(f"{ours}.attn.rel_bias.weight", (f"{sa}.relative_attention_bias.weight",)))
+    ff = 1
+    if cross:
+        ca = f"{hf}.layer.1.EncDecAttention"
+        rules += _norm(f"{ours}.cross_norm", f"{hf}.layer.1.layer_norm", bias=False)
+        rules += _linear(f"{ours}.cross_attn.q", f"{ca}.q", bias=False)
+        rules += _fused(f"{ours}.cross_attn.kv", [f"{ca}.k", f"{ca}.v"], bias=False)
+        rules += _linear(f"{ours}.cross_attn.out", f"{ca}.o", bias=False)
+        ff = 2
+    dense = f"{hf}.layer.{ff}.DenseReluDense"
+    rules += _norm(f"{ours}.mlp_norm", f"{hf}.layer.{ff}.layer_norm", bias=False)
+    if cfg.is_gated_act:  # wi_0 (through the activation) and wi_1 (linear) fused as one wi
+        rules += _fused(f"{ours}.mlp.wi", [f"{dense}.wi_0", f"{dense}.wi_1"], bias=False)
+    else:
+        rules += _linear(f"{ours}.mlp.wi", f"{dense}.wi", bias=False)
+    rules += _linear(f"{ours}.mlp.wo", f"{dense}.wo", bias=False)
+    return rules
+
+
 def t5_rules(cfg, prefix: str = "language_model") -> KeyTable:
-    """T5 encoder-decoder: filled in by the T5 work (issue 4)."""
-    raise NotImplementedError("T5 language models are not supported yet")
+    """T5 encoder-decoder. `prefix=""` gives the table of a bare T5ForConditionalGeneration."""
+    p = f"{prefix}." if prefix else ""
+    rules = [Rule(f"{p}shared.weight", (f"{p}shared.weight",))]
+    for stack, layers in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
+        for n in range(layers):
+            rules += _t5_layer_rules(cfg, f"{p}{stack}.layers.{n}", f"{p}{stack}.block.{n}",
+                                     first=n == 0, cross=stack == "decoder")
+        rules += _norm(f"{p}{stack}.final_norm", f"{p}{stack}.final_layer_norm", bias=False)
+    # Each stack's embed_tokens is the shared table; older checkpoints store the copies.
+    tied = {f"{p}{stack}.embed_tokens.weight": f"{p}shared.weight" for stack in ("encoder", "decoder")}
+    if cfg.tie_word_embeddings:
+        tied[f"{p}lm_head.weight"] = f"{p}shared.weight"
+    else:
+        rules.append(Rule(f"{p}lm_head.weight", (f"{p}lm_head.weight",)))
+    return KeyTable(rules, tied)
 
 
 TEXT_RULES = {"opt": opt_rules, "t5": t5_rules}
@@ -143,3 +183,95 @@ def blip2_table(config) -> KeyTable:
         *text.rules,
     ]
     return KeyTable(rules, text.tied)
+
+
+# ---------------------------------------------------------------- retrieval (newer releases)
+# The Q-Former's text side and the retrieval heads, as in Salesforce/blip2-itm-vit-g.
+
+def qformer_text_rules(cfg, prefix: str = "qformer") -> list[Rule]:
+    """Each layer's text feed-forward (`intermediate`, `output`); only with use_qformer_text_input."""
+    if not getattr(cfg, "use_qformer_text_input", False):
+        return []
+    rules = []
+    for n in range(cfg.num_hidden_layers):
+        ours, hf = f"{prefix}.layers.{n}", f"{prefix}.encoder.layer.{n}"
+        rules += _linear(f"{ours}.text_mlp.fc1", f"{hf}.intermediate.dense")
+        rules += _linear(f"{ours}.text_mlp.fc2", f"{hf}.output.dense")
+        rules += _norm(f"{ours}.text_mlp_norm", f"{hf}.output.LayerNorm")
+    return rules
+
+
+def text_embedding_rules(prefix: str = "embeddings") -> list[Rule]:
+    """The Q-Former's word and position embeddings (a top-level `embeddings` in the reference)."""
+    return [
+        Rule(f"{prefix}.word.weight", (f"{prefix}.word_embeddings.weight",)),
+        Rule(f"{prefix}.position.weight", (f"{prefix}.position_embeddings.weight",)),
+    ]
+
+
+def itg_head_rules(prefix: str = "itg_head") -> list[Rule]:
+    """Ours only: the stage-1 ITG head (BERT's LM head; its decoder is the tied word embeddings).
+
+    The reference's retrieval checkpoints have no such head: tables of the retrieval classes
+    accept these keys (see `training_only_keys`) and stage 1 starts a fresh head without them.
+    """
+    return [
+        *_linear(f"{prefix}.dense", f"{prefix}.transform.dense"),
+        *_norm(f"{prefix}.norm", f"{prefix}.transform.LayerNorm"),
+        Rule(f"{prefix}.bias", (f"{prefix}.bias",)),
+    ]
+
+
+def _accepted(rules: list[Rule]) -> dict[str, str]:
+    """Checkpoint keys a table accepts when present, never requires and does not write
+    (the treatment `KeyTable.tied` gives tied copies)."""
+    return {hf: rule.ours for rule in rules for hf in rule.hf}
+
+
+def training_only_keys() -> dict[str, str]:
+    """Keys that only stage-1 training writes (the ITG head, the ITC temperature)."""
+    return _accepted([*itg_head_rules(), Rule("temp", ("temp",))])
+
+
+def retrieval_table(config) -> KeyTable:
+    """Blip2ForImageTextRetrieval: image encoder, queries, Q-Former with text input, both
+    projections and the ITM head; no language model."""
+    rules = [
+        Rule("query_tokens", ("query_tokens",)),
+        *vision_rules(config.vision_config),
+        *text_embedding_rules(),
+        *qformer_rules(config.qformer_config),
+        *_linear("vision_projection", "vision_projection"),
+        *_linear("text_projection", "text_projection"),
+        *_linear("itm_head", "itm_head"),
+    ]
+    return KeyTable(rules, training_only_keys())
+
+
+# The one-sided classes load the whole retrieval checkpoint, as the reference's examples do
+# (`Blip2TextModelWithProjection.from_pretrained("Salesforce/blip2-itm-vit-g")`): the other
+# side's tensors are accepted and left out.
+def text_with_projection_table(config) -> KeyTable:
+    """Blip2TextModelWithProjection (its query tokens are stored though the text path never uses them)."""
+    rules = [
+        Rule("query_tokens", ("query_tokens",)),
+        *text_embedding_rules(),
+        *qformer_rules(config.qformer_config),
+        *_linear("text_projection", "text_projection"),
+    ]
+    other = [*vision_rules(config.vision_config), *_linear("vision_projection", "vision_projection"),
+             *_linear("itm_head", "itm_head")]
+    return KeyTable(rules, {**_accepted(other), **training_only_keys()})
+
+
+def vision_with_projection_table(config) -> KeyTable:
+    """Blip2VisionModelWithProjection."""
+    rules = [
+        Rule("query_tokens", ("query_tokens",)),
+        *vision_rules(config.vision_config),
+        *qformer_rules(config.qformer_config),
+        *_linear("vision_projection", "vision_projection"),
+    ]
+    other = [*text_embedding_rules(), *_linear("text_projection", "text_projection"),
+             *_linear("itm_head", "itm_head")]
+    return KeyTable(rules, {**_accepted(other), **training_only_keys()})

@@ -90,6 +90,10 @@ class QFormerLayer(nn.Module):
             self.cross_norm = nn.LayerNorm(cfg.hidden_size, eps=eps)
         self.mlp = FeedForward(cfg)
         self.mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=eps)
+        if getattr(cfg, "use_qformer_text_input", False):
+            # Text tokens get their own feed-forward (BERT's); queries keep `mlp` (the *_query modules).
+            self.text_mlp = FeedForward(cfg)
+            self.text_mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=eps)
 
     def residual(self, norm: nn.LayerNorm, h: Tensor, x: Tensor) -> Tensor:
         """BERT's post-LN residual: LN(dropout(h) + x)."""
@@ -106,6 +110,25 @@ class QFormerLayer(nn.Module):
             x = self.residual(self.cross_norm, h, x)
         x = self.residual(self.mlp_norm, self.mlp(x), x)
         return x, self_w, cross_w, present
+
+    def forward_joint(self, x, num_queries: int, self_mask, image, image_mask, need_weights=False, past=None):
+        """x = [queries; text] (B, Q + T, D): one self-attention over both (the mask says who sees
+        whom), cross-attention for the queries only, and each part through its own feed-forward."""
+        h, self_w, present = self.self_attn(x, self_mask, None, need_weights, past)
+        x = self.residual(self.self_norm, h, x)
+        q, t = x[:, :num_queries], x[:, num_queries:]  # (B, Q, D), (B, T, D)
+        cross_w = None
+        if num_queries and self.has_cross_attention:
+            if image is None:
+                raise ValueError("this Q-Former layer cross-attends: the image features must be given")
+            h, cross_w = self.cross_attn(q, image, image_mask, None, need_weights)
+            q = self.residual(self.cross_norm, h, q)
+        q = self.residual(self.mlp_norm, self.mlp(q), q)
+        if t.shape[1]:
+            if not hasattr(self, "text_mlp"):
+                raise ValueError("text input needs a Q-Former built with use_qformer_text_input=True")
+            t = self.residual(self.text_mlp_norm, self.text_mlp(t), t)
+        return torch.cat([q, t], dim=1), self_w, cross_w, present
 
 
 class QFormer(nn.Module):
@@ -163,6 +186,58 @@ class QFormer(nn.Module):
             tuple(presents) if use_cache else None,
         )
 
+    def forward_joint(
+        self,
+        embeds: Tensor,
+        num_queries: int,
+        attention_mask: Tensor | None = None,
+        image: Tensor | None = None,
+        image_mask: Tensor | None = None,
+        past: tuple | None = None,
+        use_cache: bool = False,
+        need_hidden: bool = False,
+        need_weights: bool = False,
+    ) -> QFormerOutput:
+        """Queries and text together: embeds = [queries; text embeddings] (B, Q + T, D).
+
+        num_queries = 0 is the text encoder (ITC), Q with text is image-text matching (ITM).
+        attention_mask is a 1/0 keep-mask: (B, S) for bidirectional attention with padding, or
+        (B, Q + T, S) for any other pattern (ITG's `multimodal_causal_mask`); S counts `past`
+        positions (the queries' cached keys and values when ITG runs the text alone) first.
+        """
+        x = F.dropout(self.layernorm(embeds), self.config.hidden_dropout_prob, self.training)
+        B, T, _ = x.shape
+        past_len = past[0][0].shape[2] if past is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past_len + T, device=x.device)
+        self_mask = self_attention_mask(attention_mask, x.dtype)
+        cross_mask = None
+        if image is not None:
+            if image_mask is None:
+                image_mask = torch.ones(image.shape[:2], device=x.device)
+            cross_mask = image_attention_mask(image_mask, x.dtype)
+
+        hidden = [x] if need_hidden else None
+        self_ws, cross_ws, presents = [], [], []
+        for n, layer in enumerate(self.layers):
+            layer_past = past[n] if past is not None else None
+            x, sw, cw, present = layer.forward_joint(
+                x, num_queries, self_mask, image, cross_mask, need_weights, layer_past
+            )
+            if need_hidden:
+                hidden.append(x)
+            self_ws.append(sw)
+            if layer.has_cross_attention and num_queries:
+                cross_ws.append(cw)
+            presents.append(present)
+        return QFormerOutput(
+            x,
+            tuple(hidden) if need_hidden else None,
+            tuple(self_ws) if need_weights else None,
+            tuple(cross_ws) if need_weights else None,
+            tuple(presents) if use_cache else None,
+        )
+
 
 def per_layer_head_mask(head_mask: Tensor | None, num_layers: int, dtype) -> list[Tensor | None]:
     """(H,) or (L, H) of 1/0 -> per layer (1, H, 1, 1), as transformers' head masks broadcast."""
@@ -173,3 +248,58 @@ def per_layer_head_mask(head_mask: Tensor | None, num_layers: int, dtype) -> lis
     if head_mask.dim() != 2 or head_mask.shape[0] != num_layers:
         raise ValueError(f"head_mask must have shape (heads,) or ({num_layers}, heads), got {tuple(head_mask.shape)}")
     return [m.to(dtype)[None, :, None, None] for m in head_mask]
+
+
+# ---------------------------------------------------------------- the text side (retrieval, stage 1)
+class TextEmbeddings(nn.Module):
+    """BERT-style word + absolute position embeddings for the Q-Former's text tokens.
+
+    BERT's embedding LayerNorm and dropout are the Q-Former's own input `layernorm` and dropout,
+    shared by queries and text, which is why checkpoints hold that norm once (`qformer.layernorm`).
+    """
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.max_positions = cfg.max_position_embeddings
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        """(B, T) token ids -> (B, T, D); positions count from 0 (text is right-padded)."""
+        T = input_ids.shape[1]
+        if position_ids is None:
+            if T > self.max_positions:
+                raise ValueError(f"text of {T} tokens is longer than max_position_embeddings {self.max_positions}")
+            position_ids = torch.arange(T, device=input_ids.device)[None]  # (1, T)
+        return self.word(input_ids) + self.position(position_ids)
+
+
+def multimodal_causal_mask(num_queries: int, text_keep: Tensor) -> Tensor:
+    """The ITG mask: queries see all queries (never the text); text sees all queries and the
+    text up to itself, minus padding.
+
+    text_keep (B, T) of 1/0 -> keep-mask (B, Q + T, Q + T) of 1/0 in text_keep's dtype.
+    """
+    B, T = text_keep.shape
+    S = num_queries + T
+    pos = torch.arange(S, device=text_keep.device)
+    row, col = pos[:, None], pos[None, :]  # (S, 1), (1, S)
+    allowed = torch.where(row < num_queries, col < num_queries, col <= row)  # (S, S)
+    keep_cols = torch.cat([text_keep.new_ones(B, num_queries), text_keep], dim=1).bool()  # (B, S)
+    return (allowed[None] & keep_cols[:, None, :]).to(text_keep.dtype)
+
+
+class TextLMHead(nn.Module):
+    """BERT's language-model head for image-grounded text generation (ITG): dense -> act ->
+    LayerNorm, then the word embeddings (tied, passed in) plus a per-token bias."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.act = activation(cfg.hidden_act)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, hidden: Tensor, word_embeddings: Tensor) -> Tensor:
+        """(B, T, D), (V, D) -> logits (B, T, V)"""
+        return F.linear(self.norm(self.act(self.dense(hidden))), word_embeddings, self.bias)

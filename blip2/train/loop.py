@@ -1,0 +1,339 @@
+"""The training loop: AdamW, warm-up then cosine, clipping, accumulation, bf16 autocast,
+progress bar, JSONL metrics, evaluation and atomic checkpoints with exact resume.
+
+The loop drives any objective module whose forward(batch, step) returns a dict of scalar
+losses with a "loss" to minimise. Exact resume: a checkpoint holds the trainable weights,
+the optimiser, the schedule, every process's random state and the position in the data, so
+a run killed and resumed takes the same steps as one never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..io import atomic_write, atomic_write_text
+from . import distributed as dist
+from .data import ShardedBatches
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest.json"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/blip2"
+    max_steps: int = 1000  # optimiser steps
+    batch_size: int = 8  # per process and micro-step
+    accumulation_steps: int = 1
+    lr: float = 1e-4
+    min_lr: float = 1e-5  # where the cosine ends
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    bf16: bool = False
+    eval_every: int = 0  # steps; 0 never
+    eval_batches: int = 0  # 0: the whole eval set
+    save_every: int = 0  # steps; 0 only at the end
+    keep_checkpoints: int = 2
+    seed: int = 0
+    num_workers: int = 0
+    progress: bool = True
+    resume: bool = True  # continue from out_dir's latest checkpoint when there is one
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        data = dict(data)
+        if "betas" in data:
+            data["betas"] = tuple(data["betas"])
+        return cls(**data)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
+    """LR factor: linear up to 1 over `warmup` steps, then cosine down to `floor`."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on biases, norms or the temperature."""
+    decay, no_decay = [], []
+    for _, p in module.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def rng_state() -> dict:
+    """Every random state this process draws from, in types torch.load(weights_only=True) reads."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def to_device(batch, device: torch.device):
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+class Trainer:
+    """Trains `objective` on `train_data`; see the module docstring.
+
+    Args:
+        objective: forward(batch, step) -> {"loss": ..., other named losses}; `step` numbers the
+            micro-batch (unique, the same in a resumed run), evaluation batches count down from -1.
+        collate: list of dataset items -> batch dict.
+        info: this process's place (from `distributed.setup()`); by default the process group
+            already joined, if any, on the device the objective's parameters are on.
+        callbacks: called as f(trainer, record) after every logged step.
+    """
+
+    def __init__(self, objective: nn.Module, train_data: Dataset, collate: Callable, config: TrainConfig,
+                 eval_data: Dataset | None = None, info: dist.DistInfo | None = None,
+                 callbacks: list[Callable] | None = None) -> None:
+        self.cfg = config
+        self.info = info or dist.current(next(objective.parameters()).device)
+        self.objective = objective.to(self.info.device)
+        self.module = self._wrap(self.objective)
+        self.params = [p for p in self.objective.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(param_groups(self.objective, config.weight_decay), lr=config.lr,
+                                           betas=config.betas)
+        floor = config.min_lr / config.lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.max_steps, floor)
+        )
+        self.train_data, self.eval_data, self.collate = train_data, eval_data, collate
+        self.sampler = ShardedBatches(len(train_data), config.batch_size, self.info.rank, self.info.world_size,
+                                      config.seed)
+        self.callbacks = callbacks or []
+        self.out = Path(config.out_dir)
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.history: list[dict] = []  # what was logged, this process's view
+        self._frozen_sum = self._checksum_frozen()
+
+    def _wrap(self, objective: nn.Module) -> nn.Module:
+        if self.info.world_size == 1:
+            return objective
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.info.device.index] if self.info.device.type == "cuda" else None
+        return DDP(objective, device_ids=ids)
+
+    # ---------------------------------------------------------------- data
+    def _loader(self, dataset: Dataset, sampler, seed: int) -> DataLoader:
+        # Its own generator: creating a loader must not draw from the global random state,
+        # or a resumed run (which creates one mid-epoch) would drift from an uninterrupted one.
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.cfg.num_workers,
+                          generator=torch.Generator().manual_seed(seed), pin_memory=self.info.device.type == "cuda")
+
+    def _batches(self):
+        """Training batches forever, epoch after epoch, from the current data position."""
+        while True:
+            self.sampler.set_position(self.epoch, self.batch_in_epoch)
+            for batch in self._loader(self.train_data, self.sampler, self.cfg.seed + self.epoch):
+                self.batch_in_epoch += 1
+                yield to_device(batch, self.info.device)
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    # ---------------------------------------------------------------- training
+    def _autocast(self):
+        return torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+
+    def fit(self) -> list[dict]:
+        """Trains up to max_steps (resuming first if a checkpoint exists); returns the logged records."""
+        cfg = self.cfg
+        if cfg.resume:
+            self.resume()
+        self.objective.train()
+        batches = self._batches()
+        bar = _progress(cfg.max_steps, self.step, cfg.progress and self.info.is_main)
+        start = time.perf_counter()
+        while self.step < cfg.max_steps:
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+            parts = self._optimiser_step(batches)
+            self.step += 1
+            record = {"step": self.step, "epoch": self.epoch, "lr": lr, **parts,
+                      "elapsed_s": round(time.perf_counter() - start, 3)}
+            self._log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts['loss']:.4f}")
+            for callback in self.callbacks:
+                callback(self, record)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.eval_data is not None:
+                self.evaluate()
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        if not cfg.save_every or self.step % cfg.save_every:
+            self.save_checkpoint()
+        return self.history
+
+    def _optimiser_step(self, batches) -> dict[str, float]:
+        """One optimiser step over `accumulation_steps` micro-batches; returns the mean losses over processes."""
+        accum = self.cfg.accumulation_steps
+        totals: dict[str, Tensor] = {}
+        for micro in range(accum):
+            batch = next(batches)
+            last = micro == accum - 1
+            # Gradients are averaged across processes once, on the last micro-batch.
+            sync = contextlib.nullcontext() if last or self.module is self.objective else self.module.no_sync()
+            with sync:
+                with self._autocast():
+                    # A number of its own for each micro-batch (ITM draws its negatives from it).
+                    losses = self.module(batch, self.step * accum + micro)
+                (losses["loss"] / accum).backward()
+            for name, value in losses.items():
+                totals[name] = totals.get(name, 0.0) + value.detach().float() / accum
+        grad_norm = None
+        if self.cfg.grad_clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = _mean_over_processes(totals)
+        if grad_norm is not None:
+            out["grad_norm"] = grad_norm.item()
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean losses over the eval set (or its first eval_batches), all processes together."""
+        self.objective.eval()
+        sampler = ShardedBatches(len(self.eval_data), self.cfg.batch_size, self.info.rank, self.info.world_size,
+                                 shuffle=False)
+        totals: dict[str, Tensor] = {}
+        n = 0
+        for i, batch in enumerate(self._loader(self.eval_data, sampler, 0)):
+            if self.cfg.eval_batches and i >= self.cfg.eval_batches:
+                break
+            with self._autocast():
+                losses = self.objective(to_device(batch, self.info.device), -(i + 1))
+            for name, value in losses.items():
+                totals[name] = totals.get(name, 0.0) + value.float()
+            n += 1
+        self.objective.train()
+        means = _mean_over_processes({k: v / max(n, 1) for k, v in totals.items()})
+        record = {"step": self.step, **{f"eval_{k}": v for k, v in means.items()}}
+        self._log(record)
+        return means
+
+    # ---------------------------------------------------------------- metrics
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / METRICS, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ---------------------------------------------------------------- checkpoints
+    def _trainable_state(self) -> dict[str, Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.objective.named_parameters() if p.requires_grad}
+
+    def _checksum_frozen(self) -> float:
+        """A fingerprint of the frozen weights, which checkpoints do not hold."""
+        with torch.no_grad():
+            return float(sum(p.double().abs().sum().item() for p in self.objective.parameters() if not p.requires_grad))
+
+    def save_checkpoint(self) -> Path | None:
+        """Writes checkpoints/step-N.pt and then latest.json, each atomically; keeps the newest few."""
+        rngs = dist.gather_objects(rng_state())
+        path = None
+        if self.info.is_main:
+            state = {
+                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "world_size": self.info.world_size, "model": self._trainable_state(),
+                "frozen_checksum": self._frozen_sum, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": rngs, "config": asdict(self.cfg),
+            }
+            folder = self.out / CHECKPOINTS
+            path = folder / f"step-{self.step:08d}.pt"
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
+            atomic_write_text(folder / LATEST, json.dumps({"step": self.step, "file": path.name}) + "\n")
+            for old in sorted(folder.glob("step-*.pt"))[: -self.cfg.keep_checkpoints]:
+                old.unlink(missing_ok=True)
+        dist.barrier()
+        return path
+
+    def resume(self) -> bool:
+        """Loads out_dir's latest checkpoint, if any; True when it did."""
+        latest = self.out / CHECKPOINTS / LATEST
+        if not latest.is_file():
+            return False
+        path = latest.parent / json.loads(latest.read_text())["file"]
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["world_size"] != self.info.world_size:
+            raise ValueError(f"{path} was written by {state['world_size']} processes; resume with as many "
+                             f"(this run has {self.info.world_size}) for an exact continuation")
+        if not math.isclose(state["frozen_checksum"], self._frozen_sum, rel_tol=1e-9):
+            raise ValueError(f"{path}: the frozen weights differ from the checkpointed run's; "
+                             "build the model the same way (same init_from, same seed)")
+        missing, unexpected = self.objective.load_state_dict(state["model"], strict=False)
+        trainable = {n for n, p in self.objective.named_parameters() if p.requires_grad}
+        if unexpected or trainable - set(state["model"]):
+            raise ValueError(f"{path} does not fit the model: unexpected {unexpected}, "
+                             f"missing {sorted(trainable - set(state['model']))[:5]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        set_rng_state(state["rng"][self.info.rank])
+        if self.info.is_main:
+            self._drop_metrics_after(self.step)
+        dist.barrier()
+        return True
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """Lines a killed run logged after its last checkpoint would otherwise be logged twice."""
+        path = self.out / METRICS
+        if path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _mean_over_processes(values: dict[str, Tensor]) -> dict[str, float]:
+    names = sorted(values)
+    if not names:
+        return {}
+    stacked = dist.all_mean(torch.stack([torch.as_tensor(values[n]).float().reshape(()) for n in names]))
+    return {n: v.item() for n, v in zip(names, stacked.cpu())}
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)

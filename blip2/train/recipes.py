@@ -1,0 +1,173 @@
+"""From a training config file to a model, data and objective, for `blip2 train stage1|stage2`.
+
+The file is JSON (or YAML when PyYAML is installed) with four sections:
+
+    {
+      "model": {"pretrained": DIR} or {"config": {...Blip2Config...}, "vision_from": DIR},
+               stage 2 also "qformer_from": DIR (a stage-1 / retrieval checkpoint),
+               "seed": 0, "train_vision_layernorm": true, "recompute_lm": false (stage 2)
+      "data":  {"train": PATH, "eval": PATH, "tokenizer": tokenizer.json or its folder,
+                "max_len": 32, "pad_token_id": ..., "dec_token_id": ... (stage 1),
+                "prompt": "", "question_template": "Question: {} Answer:", "suffix": "\\n" (stage 2),
+                "feature_cache": null | "memory" | DIR},
+      "losses": {"itc": 1.0, "itm": 1.0, "itg": 1.0, "label_smoothing": 0.1}   (stage 1),
+      "train": {...TrainConfig...}
+    }
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .. import checkpoint as ckpt
+from ..config import Blip2Config
+from ..keymap import KeyTable, vision_rules
+from .data import DecoderLMCollate, ImageTextDataset, PromptedText, Seq2SeqLMCollate, Stage1Collate, Tokenizer
+from .frozen import FeatureCache
+from .loop import TrainConfig
+
+SECTIONS = ("model", "data", "losses", "train")
+
+
+@dataclass
+class Job:
+    model: nn.Module  # what is saved at the end (save_pretrained)
+    objective: nn.Module
+    train_data: Dataset
+    eval_data: Dataset | None
+    collate: Callable
+    train: TrainConfig
+
+
+def read_spec(path: str | Path) -> dict:
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        spec = yaml.safe_load(text)
+    else:
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+    unknown = sorted(set(spec) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{path}: unknown sections {unknown}; expected {list(SECTIONS)}")
+    for section in SECTIONS:
+        spec.setdefault(section, {})
+    return spec
+
+
+# ---------------------------------------------------------------- shared parts
+def load_vision_(vision: nn.Module, directory: str | Path) -> None:
+    """Fills an image encoder from any BLIP-2 checkpoint that has one (strict over its keys)."""
+    directory = Path(directory)
+    hf = ckpt.read_state_dict(ckpt.find_weights(directory))
+    table = KeyTable(vision_rules(vision.config), {})
+    part = {k: hf[k] for k in hf if k.startswith("vision_model.")}
+    expected = {f"vision_model.{k}": v.shape for k, v in vision.state_dict().items()}
+    ours = ckpt.hf_to_ours(part, table, expected, str(directory))
+    vision.load_state_dict({k.removeprefix("vision_model."): v for k, v in ours.items()}, strict=True)
+
+
+def _cache(data: dict) -> FeatureCache | None:
+    where = data.get("feature_cache")
+    if where is None:
+        return None
+    return FeatureCache(None if where == "memory" else where)
+
+
+def _datasets(data: dict, image_size: int) -> tuple[Dataset, Dataset | None]:
+    if "train" not in data:
+        raise ValueError("the config's data section needs 'train' (or pass --data)")
+    train = ImageTextDataset.from_path(data["train"], image_size)
+    evaluation = ImageTextDataset.from_path(data["eval"], image_size) if data.get("eval") else None
+    return train, evaluation
+
+
+def _tokenizer(data: dict) -> Tokenizer:
+    if "tokenizer" not in data:
+        raise ValueError("the config's data section needs 'tokenizer' (a tokenizer.json or its folder)")
+    return Tokenizer(data["tokenizer"])
+
+
+def _token_id(data: dict, key: str, tokenizer: Tokenizer, candidates: tuple[str, ...], default=None) -> int:
+    if data.get(key) is not None:
+        return int(data[key])
+    for token in candidates:
+        found = tokenizer.token_id(token)
+        if found is not None:
+            return found
+    if default is not None:
+        return default
+    raise ValueError(f"set data.{key}: the tokenizer has none of {list(candidates)}")
+
+
+# ---------------------------------------------------------------- stage 1
+def stage1_job(spec: dict) -> Job:
+    from .stage1 import Blip2ForQFormerPretraining, Stage1Objective, Stage1Weights, init_qformer_
+
+    m, data, losses = spec["model"], spec["data"], dict(spec["losses"])
+    torch.manual_seed(m.get("seed", 0))  # every process builds the same model
+    if "pretrained" in m:
+        model = Blip2ForQFormerPretraining.from_pretrained(m["pretrained"])
+    else:
+        config = Blip2Config.from_dict(m.get("config", {}))
+        config.qformer_config.use_qformer_text_input = True  # stage 1 is where the text side is trained
+        model = Blip2ForQFormerPretraining(config)
+        init_qformer_(model)
+        if "vision_from" in m:
+            load_vision_(model.vision_model, m["vision_from"])
+    tokenizer = _tokenizer(data)
+    pad_id = _token_id(data, "pad_token_id", tokenizer, ("[PAD]", "<pad>"), default=0)
+    dec_id = _token_id(data, "dec_token_id", tokenizer, ("[DEC]", "[BOS]", "<s>"))
+    train_cfg = TrainConfig.from_dict(spec["train"])
+    smoothing = losses.pop("label_smoothing", 0.1)
+    objective = Stage1Objective(
+        model, Stage1Weights(**losses), dec_token_id=dec_id, label_smoothing=smoothing, seed=train_cfg.seed,
+        feature_cache=_cache(data), train_vision_layernorm=m.get("train_vision_layernorm", True),
+    )
+    train, evaluation = _datasets(data, model.config.vision_config.image_size)
+    collate = Stage1Collate(tokenizer, pad_id, data.get("max_len", 32))
+    return Job(model, objective, train, evaluation, collate, train_cfg)
+
+
+# ---------------------------------------------------------------- stage 2
+def stage2_job(spec: dict) -> Job:
+    from ..hf_compat import Blip2ForConditionalGeneration
+    from .stage2 import Stage2Objective, load_stage1_
+
+    m, data = spec["model"], spec["data"]
+    if spec["losses"]:
+        raise ValueError("stage 2 has one loss (the language model's); remove the losses section")
+    torch.manual_seed(m.get("seed", 0))
+    if "pretrained" in m:
+        model = Blip2ForConditionalGeneration.from_pretrained(m["pretrained"])
+    else:
+        model = Blip2ForConditionalGeneration(Blip2Config.from_dict(m.get("config", {})))
+        if "vision_from" in m:
+            load_vision_(model.vision_model, m["vision_from"])
+    if "qformer_from" in m:
+        load_stage1_(model, m["qformer_from"])
+    tokenizer = _tokenizer(data)
+    text_cfg = model.config.text_config
+    pad_id = _token_id(data, "pad_token_id", tokenizer, ("<pad>", "[PAD]"), default=text_cfg.pad_token_id)
+    decoder_only = model.config.use_decoder_only_language_model
+    prompted = PromptedText(data.get("prompt", ""), data.get("question_template", "Question: {} Answer:"),
+                            data.get("suffix", "\n" if decoder_only else ""))
+    collate_cls = DecoderLMCollate if decoder_only else Seq2SeqLMCollate
+    collate = collate_cls(tokenizer, pad_id, data.get("max_len", 64), prompted)
+    objective = Stage2Objective(model, _cache(data), m.get("train_vision_layernorm", True), m.get("recompute_lm", False))
+    train, evaluation = _datasets(data, model.config.vision_config.image_size)
+    return Job(model, objective, train, evaluation, collate, TrainConfig.from_dict(spec["train"]))
+
+
+JOBS = {"stage1": stage1_job, "stage2": stage2_job}

@@ -1,0 +1,93 @@
+"""Stage 2: vision-to-language generative learning with a frozen language model.
+
+The Q-Former's outputs, projected, are a soft prompt in front of the text; the frozen LM is
+asked to continue with the text. For a decoder-only LM (OPT) the loss is on the text after the
+prompt; for an encoder-decoder LM (T5) the prompt goes to the encoder and the text is the
+decoder's target.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..hf_compat import Blip2ForConditionalGeneration
+from ..retrieval import Blip2ForImageTextRetrieval
+from .frozen import FeatureCache, freeze, image_features, keep_frozen_in_eval
+from .losses import IGNORE, next_token_loss_sum, token_mean
+
+
+class Stage2Objective(nn.Module):
+    """forward(batch, step) -> {"lm", "loss"}: the module DDP wraps.
+
+    batch: pixel_values, input_ids / attention_mask (right-padded), labels (IGNORE on prompt
+    and padding); for T5 also decoder_attention_mask. `recompute_lm` keeps none of the frozen
+    LM's activations either, recomputing its forward during backward (memory for time).
+    """
+
+    def __init__(self, model: Blip2ForConditionalGeneration, feature_cache: FeatureCache | None = None,
+                 train_vision_layernorm: bool = True, recompute_lm: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.cache = feature_cache
+        self.recompute_lm = recompute_lm
+        self.frozen = [freeze(model.vision_model), freeze(model.language_model)]
+        model.vision_model.post_layernorm.requires_grad_(train_vision_layernorm)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        keep_frozen_in_eval(self.frozen)
+        return self
+
+    def forward(self, batch: dict, step: int) -> dict[str, Tensor]:
+        m = self.model
+        image = image_features(m.vision_model, batch["pixel_values"], batch.get("keys"), self.cache)  # (B, N, Dv)
+        queries = m.query_features(image.to(m.query_tokens.dtype)).last_hidden_state  # (B, Q, D)
+        soft_prompt = m.language_projection(queries)  # (B, Q, D_lm)
+        embeds, mask = m.merge(soft_prompt, batch["input_ids"], batch["attention_mask"])
+        labels = batch["labels"]
+        if m.config.use_decoder_only_language_model:
+            logits = self._decoder_logits(embeds, mask)[:, -labels.shape[1]:]  # (B, T, V): the text part
+            loss_sum, count = next_token_loss_sum(logits, labels)
+        else:
+            logits = self._seq2seq_logits(embeds, mask, batch["decoder_attention_mask"], labels)  # aligned with labels
+            loss_sum, count = _aligned_loss_sum(logits, labels)
+        loss = token_mean(loss_sum, count)
+        return {"lm": loss, "loss": loss}
+
+    def _decoder_logits(self, embeds: Tensor, mask: Tensor) -> Tensor:
+        lm = self.model.language_model
+        if self.recompute_lm:
+            return checkpoint(lambda e: lm(e, mask).logits, embeds, use_reentrant=False)
+        return lm(embeds, mask).logits
+
+    def _seq2seq_logits(self, embeds, mask, decoder_mask, labels) -> Tensor:
+        def run(e):
+            _, logits, _ = self.model._language_forward(e, mask, None, decoder_mask, labels, False, False)
+            return logits
+
+        return checkpoint(run, embeds, use_reentrant=False) if self.recompute_lm else run(embeds)
+
+
+def _aligned_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Encoder-decoder logits already predict labels position by position (the decoder input is
+    the labels shifted right)."""
+    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                       ignore_index=IGNORE, reduction="sum")
+    return loss, (labels != IGNORE).sum()
+
+
+@torch.no_grad()
+def load_stage1_(model: Blip2ForConditionalGeneration, stage1_path) -> None:
+    """Starts stage 2 from stage 1: the image encoder, the queries and the Q-Former's query side.
+
+    The text side of the Q-Former (embeddings, text feed-forward, heads) is not used in stage 2.
+    """
+    source = Blip2ForImageTextRetrieval.from_pretrained(stage1_path)
+    wanted = {k for k in model.state_dict() if k.split(".")[0] in ("vision_model", "query_tokens", "qformer")}
+    state = {k: v for k, v in source.state_dict().items() if k in wanted}
+    missing = sorted(wanted - set(state))
+    if missing:
+        raise ValueError(f"{stage1_path} does not fill the stage-2 model's {missing[:5]}")
+    model.load_state_dict(state, strict=False)
