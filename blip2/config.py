@@ -60,6 +60,10 @@ class BaseConfig:
         for key, default in table.items():
             value = kwargs.pop(key, copy.deepcopy(default))
             object.__setattr__(self, key, _check_type(type(self).__name__, key, value, default))
+        if isinstance(kwargs.get("id2label"), dict):
+            # transformers keeps int keys in memory; JSON has strings. Keep the JSON form so
+            # a config equals itself after a save and load.
+            kwargs["id2label"] = {str(k): v for k, v in kwargs["id2label"].items()}
         self.extra: dict[str, Any] = kwargs
         self.validate()
 
