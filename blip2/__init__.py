@@ -15,6 +15,18 @@ from .retrieval import (
 
 __version__ = "0.1.0"
 
+# Processing pulls in Pillow and tokenizers; load it only when asked for.
+_PROCESSING = ("Blip2Processor", "Blip2ImageProcessor", "BlipImageProcessor", "Tokenizer")
+
+
+def __getattr__(name: str):
+    if name in _PROCESSING:
+        from . import processing
+
+        return getattr(processing, name)
+    raise AttributeError(f"module 'blip2' has no attribute {name!r}")
+
+
 __all__ = [
     "Blip2Config",
     "Blip2VisionConfig",
@@ -28,4 +40,5 @@ __all__ = [
     "Blip2ForImageTextRetrieval",
     "Blip2TextModelWithProjection",
     "Blip2VisionModelWithProjection",
+    *_PROCESSING,
 ]
