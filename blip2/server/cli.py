@@ -1,0 +1,125 @@
+"""`blip2 serve`: the HTTP service on uvicorn, on loopback unless told otherwise."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import sys
+import threading
+
+from .limits import Settings
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers `serve` on the `blip2` command's subparsers."""
+    d = Settings()
+    p = subparsers.add_parser(
+        "serve", help="serve a model over HTTP (JSON API, OpenAI-style chat, a web page)",
+        description="Serve a BLIP-2 model over HTTP: POST /v1/caption, /v1/answer, /v1/match, /v1/embeddings, "
+                    "/v1/chat/completions; GET /v1/models, /healthz, /metrics, and a web page at /.",
+    )
+    p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the shipped demo model)")
+    p.add_argument("--retrieval-model", default=None,
+                   help="a retrieval checkpoint (Blip2ForImageTextRetrieval) for /v1/match and /v1/embeddings "
+                        "(default with the demo model: the demo's retrieval model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: the checkpoint's)")
+    p.add_argument("--api-key", default=os.environ.get("BLIP2_API_KEY"),
+                   help="require this key as 'Authorization: Bearer KEY' (default: $BLIP2_API_KEY, else none)")
+    g = p.add_argument_group("batching")
+    g.add_argument("--max-batch", type=int, default=d.max_batch, help="most requests in one forward pass")
+    g.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                   help="how long the first request of a batch waits for company")
+    g.add_argument("--max-queue", type=int, default=d.max_queue, help="queued requests before answering 503")
+    g.add_argument("--timeout", type=float, default=d.request_timeout_s, help="seconds before a request gets 504")
+    g.add_argument("--cache-size", type=int, default=d.cache_size, help="images whose features are kept (LRU)")
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20)
+    g.add_argument("--max-pixels", type=int, default=d.max_image_pixels)
+    g.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="the most a request may ask for")
+    g.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on shutdown")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(run=run)
+    return p
+
+
+def settings_from_args(args) -> Settings:
+    settings = Settings(
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        request_timeout_s=args.timeout, cache_size=args.cache_size, max_body_bytes=int(args.max_body_mb * 2**20),
+        max_image_pixels=args.max_pixels, max_prompt_tokens=args.max_prompt_tokens,
+        max_new_tokens=args.max_new_tokens, api_key=args.api_key or None,
+    )
+    settings.default_max_new_tokens = min(settings.default_max_new_tokens, settings.max_new_tokens)
+    settings.validate()
+    return settings
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_models() -> tuple[str, str | None]:
+    """The shipped demo model's directories: captioning, and retrieval when it is there."""
+    try:
+        from ..demo import MODEL_DIR, RETRIEVAL_DIR
+    except ImportError:
+        MODEL_DIR = RETRIEVAL_DIR = None
+    if MODEL_DIR is None or not (MODEL_DIR / "config.json").is_file():
+        raise SystemExit("no --model given and the demo model is not installed; pass --model DIR")
+    retrieval = RETRIEVAL_DIR if RETRIEVAL_DIR is not None and (RETRIEVAL_DIR / "config.json").is_file() else None
+    return str(MODEL_DIR), str(retrieval) if retrieval else None
+
+
+def run(args) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        print("blip2 serve needs the server extras: pip install 'blip2[serve]'", file=sys.stderr)
+        return 2
+    from .app import create_app
+    from .engine import Engine
+
+    settings = settings_from_args(args)
+    if not is_loopback(args.host) and not settings.api_key:
+        print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it "
+              "(set --api-key or BLIP2_API_KEY)", file=sys.stderr)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model, retrieval, name = args.model, args.retrieval_model, None
+    if model is None:
+        model, demo_retrieval = default_models()
+        retrieval, name = retrieval or demo_retrieval, "blip2-demo"
+    engine = Engine.load(model, retrieval, settings, device=args.device, dtype=args.dtype, name=name)
+    app = create_app(engine, settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.graceful_timeout, server_header=False)
+    _exit_cleanly_on_sigterm()
+    uvicorn.Server(config).run()
+    return 0
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """uvicorn drains on SIGTERM and then re-raises the signal to the handler it found installed;
+    with this one, a drained shutdown ends as exit status 0 instead of death by signal."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stopped(signum, frame):
+        print("blip2 serve: stopped after finishing in-flight requests", file=sys.stderr)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stopped)

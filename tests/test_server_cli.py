@@ -1,0 +1,91 @@
+"""`blip2 serve` as a real process: it loads checkpoints from disk, binds loopback, serves, and on
+SIGTERM lets the requests already in flight finish before it exits cleanly."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from test_server_fixtures import (  # noqa: E402
+    data_url, free_port, make_captioning_checkpoint, make_retrieval_checkpoint, png_bytes,
+)
+
+from blip2.cli import build_parser  # noqa: E402
+from blip2.server.cli import is_loopback, settings_from_args  # noqa: E402
+
+
+def test_serve_arguments_and_defaults():
+    args = build_parser().parse_args(["serve", "--model", "m", "--max-batch", "4", "--api-key", "k"])
+    assert args.host == "127.0.0.1"  # loopback unless told otherwise
+    settings = settings_from_args(args)
+    assert settings.max_batch == 4 and settings.api_key == "k"
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return make_captioning_checkpoint(root / "captioning"), make_retrieval_checkpoint(root / "retrieval")
+
+
+def start(checkpoints, *extra: str) -> tuple[subprocess.Popen, str]:
+    captioning, retrieval = checkpoints
+    port = free_port()
+    cmd = [sys.executable, "-m", "blip2.cli", "serve", "--model", str(captioning), "--retrieval-model", str(retrieval),
+           "--port", str(port), "--log-level", "warning", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"blip2 serve exited with {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"blip2 serve did not come up:\n{proc.stdout.read()}")
+
+
+def test_serve_loads_checkpoints_and_drains_in_flight_requests_on_sigterm(checkpoints):
+    proc, url = start(checkpoints, "--max-batch", "1", "--max-wait-ms", "0")
+    try:
+        models = httpx.get(f"{url}/v1/models").json()["data"][0]
+        assert models["captioning"] and models["retrieval"]
+        image = data_url(png_bytes(7))
+        assert httpx.post(f"{url}/v1/match", json={"image": image, "text": "a red circle"}).status_code == 200
+        # Six requests, one per batch, each forced to run 40 steps: some are still queued at SIGTERM.
+        body = {"image": image, "max_new_tokens": 40, "min_new_tokens": 40}
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(httpx.post, f"{url}/v1/caption", json=body, timeout=60) for _ in range(6)]
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                b = httpx.get(f"{url}/metrics").json()["batcher"]
+                if b["queued"] + b["running"] >= 6 or b["batched_requests"] >= 6:
+                    break
+                time.sleep(0.01)
+            assert b["queued"] + b["running"] >= 2, b  # work was still pending when the signal came
+            proc.send_signal(signal.SIGTERM)
+            responses = [f.result() for f in futures]
+        assert [r.status_code for r in responses] == [200] * 6, [r.text for r in responses]
+        assert all(r.json()["usage"]["completion_tokens"] == 40 for r in responses)
+        assert proc.wait(timeout=30) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,143 @@
+"""The engine without HTTP: generation from cached language inputs gives what the model's own
+`generate` gives from pixels (OPT and T5, batched with mixed prompt lengths), and the cache skips
+the image encoder and Q-Former on a second question."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_server_fixtures import (  # noqa: E402
+    _redraw, _tiny_config, _word_tokenizer, _write_processor_files, load_processor, make_engine, png_bytes,
+)
+
+from blip2.server.engine import Engine, GenerateJob, GenerationSettings
+from blip2.server.limits import ApiError, ImageData, Settings, decode_image, image_digest
+
+
+def image_data(seed: int) -> ImageData:
+    data = png_bytes(seed)
+    return ImageData(image_digest(data), image=decode_image(data, 10**6))
+
+
+def reference_texts(engine: Engine, images: list[ImageData], prompts: list[str], max_new_tokens: int) -> list[str]:
+    """The model's documented generate on pixels, one image at a time, decoded as users do."""
+    texts = []
+    for img, prompt in zip(images, prompts):
+        inputs = engine.processor(images=[img.image], return_tensors="pt")
+        input_ids = None
+        if prompt:
+            input_ids = torch.tensor([engine.processor.tokenizer(prompt)["input_ids"]])
+        out = engine.model.generate(inputs["pixel_values"], input_ids, max_new_tokens=max_new_tokens)
+        texts.append(engine.processor.batch_decode(out, skip_special_tokens=True)[0].strip())
+    return texts
+
+
+@pytest.fixture(scope="module")
+def opt_engine(tmp_path_factory):
+    return make_engine(tmp_path_factory.mktemp("engine"), Settings(max_new_tokens=64), retrieval=False)
+
+
+@pytest.fixture(scope="module")
+def t5_engine(tmp_path_factory):
+    from blip2 import Blip2ForConditionalGeneration
+
+    folder = tmp_path_factory.mktemp("t5")
+    tok = _word_tokenizer(("<pad>", "</s>", "<unk>"), "$A </s>", ["</s>"])
+    _write_processor_files(folder, tok, {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"},
+                           "PreTrainedTokenizerFast")
+    config = _tiny_config(tok.get_vocab_size(), 8, retrieval=False).to_dict()
+    config["text_config"] = dict(model_type="t5", vocab_size=tok.get_vocab_size(), d_model=32, d_kv=8, d_ff=48,
+                                 num_layers=2, num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+                                 pad_token_id=0, bos_token_id=1, eos_token_id=1, decoder_start_token_id=0,
+                                 tie_word_embeddings=False, dropout_rate=0.0)
+    from blip2 import Blip2Config
+
+    torch.manual_seed(0)
+    model = Blip2ForConditionalGeneration(Blip2Config.from_dict(config))
+    _redraw(model, 3)
+    model.save_pretrained(folder)
+    model = Blip2ForConditionalGeneration.from_pretrained(folder)
+    return Engine(model, load_processor(folder), settings=Settings(max_new_tokens=64))
+
+
+@pytest.mark.parametrize("which", ["opt_engine", "t5_engine"])
+def test_batched_generation_from_cached_features_equals_model_generate(which, request):
+    engine = request.getfixturevalue(which)
+    images = [image_data(s) for s in (1, 2, 3)]
+    prompts = ["", "Question: what colour is the circle ? Answer:", "a photo of"]
+    settings = GenerationSettings(max_new_tokens=8)
+    expected = reference_texts(engine, images, prompts, 8)
+    batched = engine.run(("generate", settings), [GenerateJob(i, p, settings) for i, p in zip(images, prompts)])
+    assert [r.text for r in batched] == expected
+    assert not any(r.cached for r in batched)
+    # a second round reads every image's features from the cache and still agrees
+    again = engine.run(("generate", settings), [GenerateJob(i, p, settings) for i, p in zip(images, prompts)])
+    assert [r.text for r in again] == expected and all(r.cached for r in again)
+
+
+def test_a_cached_image_never_reaches_the_image_encoder(opt_engine):
+    calls = []
+    hook = opt_engine.model.vision_model.register_forward_hook(lambda *a: calls.append(1))
+    qhook = opt_engine.model.qformer.register_forward_hook(lambda *a: calls.append(2))
+    try:
+        img = image_data(50)
+        settings = GenerationSettings(max_new_tokens=3)
+        opt_engine.run(("generate", settings), [GenerateJob(img, "Question: what ? Answer:", settings)])
+        assert calls == [1, 2]
+        cached = ImageData(img.sha256)  # as the server sends it: no pixels at all
+        result = opt_engine.run(("generate", settings), [GenerateJob(cached, "Question: where ? Answer:", settings)])
+        assert calls == [1, 2] and result[0].cached
+    finally:
+        hook.remove()
+        qhook.remove()
+
+
+def test_one_bad_job_fails_alone(opt_engine):
+    settings = GenerationSettings(max_new_tokens=4)
+    jobs = [GenerateJob(image_data(60), "red " * 400, settings), GenerateJob(image_data(61), "", settings)]
+    bad, good = opt_engine.run(("generate", settings), jobs)
+    assert isinstance(bad, ApiError) and bad.status == 400 and "tokens long" in bad.message
+    assert good.completion_tokens >= 1
+
+
+def test_max_new_tokens_must_fit_the_position_table(opt_engine):
+    settings = GenerationSettings(max_new_tokens=260)  # 4 queries + 1 + 260 - 1 > 256 positions
+    [err] = opt_engine.run(("generate", settings), [GenerateJob(image_data(62), "", settings)])
+    assert isinstance(err, ApiError) and "room for 252" in err.message
+
+
+def test_a_typed_image_token_is_refused_not_a_batch_failure(opt_engine):
+    config = opt_engine.model.config
+    red = opt_engine.processor.tokenizer("red")["input_ids"][-1]
+    settings = GenerationSettings(max_new_tokens=2)
+    config.image_token_index = red  # pretend "red" is the <image> token of a newer checkpoint
+    try:
+        bad, good = opt_engine.run(("generate", settings), [GenerateJob(image_data(70), "a red circle", settings),
+                                                            GenerateJob(image_data(71), "a blue circle", settings)])
+    finally:
+        config.image_token_index = None
+    assert isinstance(bad, ApiError) and "image token" in bad.message
+    assert good.completion_tokens >= 1
+
+
+def test_match_and_embed_equal_the_retrieval_model_forward(tmp_path):
+    from blip2.server.engine import EmbedJob, MatchJob
+
+    engine = make_engine(tmp_path, Settings())
+    r, proc = engine.retriever, engine.retrieval_processor
+    images = [image_data(80), image_data(81)]
+    texts = [["a red circle", "two blue squares"], ["a star"]]
+    rows = engine.run(("match", "both"), [MatchJob(i, t, "both") for i, t in zip(images, texts)])
+    for img, its, got in zip(images, texts, rows):
+        pixels = proc(images=[img.image], return_tensors="pt")["pixel_values"]
+        for text, row in zip(its, got):
+            tok = proc.tokenizer([text], return_tensors="pt")
+            itm = r(pixels, tok["input_ids"], tok["attention_mask"], use_image_text_matching_head=True)
+            itc = r(pixels, tok["input_ids"], tok["attention_mask"])
+            assert row["itm_probability"] == pytest.approx(itm.logits_per_image.softmax(-1)[0, 1].item(), abs=1e-5)
+            assert row["itc_score"] == pytest.approx(itc.logits_per_image[0, 0].item(), abs=1e-5)
+    [items] = engine.run(("embed",), [EmbedJob(["a red circle"], images[0])])
+    tok = proc.tokenizer(["a red circle"], return_tensors="pt")
+    itc = r(proc(images=[images[0].image], return_tensors="pt")["pixel_values"], tok["input_ids"], tok["attention_mask"])
+    assert items[0]["embedding"] == pytest.approx(itc.text_embeds[0].tolist(), abs=1e-5)
+    torch.testing.assert_close(torch.tensor(items[1]["query_embeddings"]), itc.image_embeds[0].detach(), atol=1e-5, rtol=0)
