@@ -1,14 +1,9 @@
 """Preparing inputs: the BLIP image processor, the language model's tokenizer, and Blip2Processor."""
 
-from .image import (
-    BatchFeature,
-    BlipImageProcessor,
-    Blip2ImageProcessor,
-    ImageInputError,
-    ImageTooLargeError,
-)
+from .batch import BatchEncoding, BatchFeature
+from .image import BlipImageProcessor, Blip2ImageProcessor, ImageInputError, ImageTooLargeError
 from .processor import Blip2Processor
-from .tokenizer import BatchEncoding, Tokenizer
+from .tokenizer import Tokenizer
 
 __all__ = [
     "BatchEncoding",

@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 
 from ..io import atomic_write_text
+from .batch import BatchFeature, as_tensor  # noqa: F401  (as_tensor: importable from here as before)
+from .config_io import pop_hub_kwargs
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
 PROCESSOR_NAME = "processor_config.json"
@@ -29,7 +31,6 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Pillow's own decompression-bomb threshold (it only warns below twice this); ours refuses above it.
 DEFAULT_MAX_PIXELS = 89_478_485
 RESAMPLE_NAMES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
-_HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token")
 
 
 class ImageInputError(ValueError):
@@ -38,71 +39,6 @@ class ImageInputError(ValueError):
 
 class ImageTooLargeError(ImageInputError):
     """An image with more pixels than the processor's `max_pixels` (decompression-bomb guard)."""
-
-
-class BatchFeature(dict):
-    """A dict of model inputs with attribute access and a `.to()` that casts only floating tensors."""
-
-    def __getattr__(self, name: str):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    @property
-    def data(self) -> dict:
-        return dict(self)
-
-    def to(self, *args, device=None, dtype=None, non_blocking: bool = False) -> "BatchFeature":
-        """`.to(device)`, `.to(dtype)` or `.to(device, dtype)`: every tensor moves, only float ones change dtype."""
-        for arg in args:
-            if isinstance(arg, torch.dtype):
-                dtype = arg
-            else:
-                device = arg
-        for key, value in self.items():
-            if not isinstance(value, torch.Tensor):
-                continue
-            if value.is_floating_point() and dtype is not None:
-                self[key] = value.to(device=device, dtype=dtype, non_blocking=non_blocking)
-            elif device is not None:
-                self[key] = value.to(device=device, non_blocking=non_blocking)
-        return self
-
-    def convert_to_tensors(self, tensor_type: str | None) -> "BatchFeature":
-        """Turns list values into "pt" (torch) or "np" (NumPy) batches; None leaves them alone."""
-        if tensor_type is None:
-            return self
-        for key, value in self.items():
-            self[key] = as_tensor(value, tensor_type, key)
-        return self
-
-
-def as_tensor(value: Any, tensor_type: str, name: str):
-    """A torch tensor or NumPy array from a (nested) list or array; ragged lists give a clear error."""
-    if tensor_type not in ("pt", "np"):
-        raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {tensor_type!r}")
-    if isinstance(value, torch.Tensor):
-        return value if tensor_type == "pt" else value.numpy()
-    if isinstance(value, list) and value and isinstance(value[0], np.ndarray):
-        value = _stack(value, name)
-    else:
-        try:
-            value = np.asarray(value)
-        except ValueError:
-            raise ValueError(f"{name}: the sequences have different lengths; pass padding=True (or "
-                             f"padding='max_length' with truncation=True) to make a rectangular batch") from None
-        if value.dtype == object:
-            raise ValueError(f"{name}: the sequences have different lengths; pass padding=True to batch them")
-    return torch.from_numpy(value) if tensor_type == "pt" else value
-
-
-def _stack(arrays: list[np.ndarray], name: str) -> np.ndarray:
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise ValueError(f"{name}: cannot stack arrays of different shapes {sorted(shapes)}; "
-                         "resize the images to one size (do_resize=True)")
-    return np.stack(arrays)
 
 
 # ---------------------------------------------------------------- reading one image
@@ -256,20 +192,7 @@ class Blip2ImageProcessor:
     def _one(self, item: Any, index: int, opt: dict) -> np.ndarray:
         """One image to a normalised float32 (3, H, W) array, by the reference's dtype steps."""
         what = _describe(index, item)
-        if isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(item, "read"):
-            item = open_image(item, what, self.max_pixels)
-        if isinstance(item, Image.Image):
-            item = _load_pixels(item, what, self.max_pixels)
-            array = _pil_to_rgb(item, what) if opt["do_convert_rgb"] else np.asarray(item)
-        elif isinstance(item, (np.ndarray, torch.Tensor)):
-            array = _array_from(item, what)
-        else:
-            raise ImageInputError(f"{what}: unsupported type {type(item).__name__}; pass a PIL image, a NumPy "
-                                  "array, a torch tensor, a file path or the file's bytes")
-        array = _infer_channels_last(array, what)
-        _check_pixels(array.shape[1], array.shape[0], self.max_pixels, what)
-        if opt["do_convert_rgb"]:
-            array = _rgb_channels(array)
+        array = self._hwc_array(item, what, opt["do_convert_rgb"])
         if array.shape[-1] != len(opt["image_mean"]) and opt["do_normalize"]:
             raise ImageInputError(f"{what}: {array.shape[-1]} channels but image_mean has "
                                   f"{len(opt['image_mean'])} values; keep do_convert_rgb=True for RGB")
@@ -278,17 +201,26 @@ class Blip2ImageProcessor:
         if opt["do_resize"]:
             array = _resize(array, opt["size"], opt["resample"], what)
         if opt["do_rescale"]:
-            if array.dtype.kind == "f" and array.size and array.min() >= 0 and array.max() <= 1:
-                warnings.warn(f"{what} already looks rescaled to [0, 1]; pass do_rescale=False for such inputs",
-                              stacklevel=4)
-            array = (array * opt["rescale_factor"]).astype(np.float32)
+            array = _rescale(array, opt["rescale_factor"], what)
         if opt["do_normalize"]:
-            if array.dtype.kind != "f":
-                array = array.astype(np.float32)
-            mean = np.array(opt["image_mean"], dtype=array.dtype)
-            std = np.array(opt["image_std"], dtype=array.dtype)
-            array = (array - mean) / std
+            array = _normalize(array, opt["image_mean"], opt["image_std"])
         return np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32)  # (3, H, W)
+
+    def _hwc_array(self, item: Any, what: str, convert_rgb: bool) -> np.ndarray:
+        """The image as an (H, W, C) array: opened, size-checked, decoded, and RGB when asked."""
+        if isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(item, "read"):
+            item = open_image(item, what, self.max_pixels)
+        if isinstance(item, Image.Image):
+            item = _load_pixels(item, what, self.max_pixels)
+            array = _pil_to_rgb(item, what) if convert_rgb else np.asarray(item)
+        elif isinstance(item, (np.ndarray, torch.Tensor)):
+            array = _array_from(item, what)
+        else:
+            raise ImageInputError(f"{what}: unsupported type {type(item).__name__}; pass a PIL image, a NumPy "
+                                  "array, a torch tensor, a file path or the file's bytes")
+        array = _infer_channels_last(array, what)
+        _check_pixels(array.shape[1], array.shape[0], self.max_pixels, what)
+        return _rgb_channels(array) if convert_rgb else array
 
     # ------------------------------------------------------------ config in and out
     def to_dict(self) -> dict[str, Any]:
@@ -325,7 +257,7 @@ class Blip2ImageProcessor:
         from a directory, a Hugging Face cache snapshot or the hub; other kwargs override config keys."""
         from ..hub import ModelNotFoundError, read_json, resolve_file
 
-        hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
+        hub = pop_hub_kwargs(kwargs)
         file = resolve_file(name_or_path, PREPROCESSOR_NAME, required=False, **hub)
         if file is not None:
             return cls.from_dict(read_json(file), **kwargs)
@@ -414,6 +346,20 @@ def _to_uint8(array: np.ndarray, what: str) -> tuple[np.ndarray, bool]:
         return (array * 255).astype(np.float32).astype(np.uint8), True
     raise ImageInputError(f"{what}: float pixel values must be whole numbers in [0, 255] or lie in [0, 1], "
                           f"got [{array.min()}, {array.max()}]")
+
+
+def _rescale(array: np.ndarray, factor: float, what: str) -> np.ndarray:
+    if array.dtype.kind == "f" and array.size and array.min() >= 0 and array.max() <= 1:
+        # stacklevel 5 steps past _rescale, _one, preprocess's list comprehension and preprocess.
+        warnings.warn(f"{what} already looks rescaled to [0, 1]; pass do_rescale=False for such inputs",
+                      stacklevel=5)
+    return (array * factor).astype(np.float32)
+
+
+def _normalize(array: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    if array.dtype.kind != "f":
+        array = array.astype(np.float32)
+    return (array - np.array(mean, dtype=array.dtype)) / np.array(std, dtype=array.dtype)
 
 
 def _resize(array: np.ndarray, size: dict[str, int], resample: int, what: str) -> np.ndarray:

@@ -16,11 +16,12 @@ from typing import Any
 from tokenizers import AddedToken
 
 from ..io import atomic_write_text
-from .image import PROCESSOR_NAME, BatchFeature, Blip2ImageProcessor
-from .tokenizer import BatchEncoding, Tokenizer, json_text
+from .batch import BatchEncoding, BatchFeature
+from .config_io import json_text, pop_hub_kwargs
+from .image import PROCESSOR_NAME, Blip2ImageProcessor
+from .tokenizer import Tokenizer
 
 IMAGE_TOKEN = "<image>"
-_HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token")
 
 
 class Blip2Processor:
@@ -122,7 +123,7 @@ class Blip2Processor:
         local_files_only, token); `num_query_tokens=` overrides processor_config.json."""
         from ..hub import read_json, resolve_file
 
-        hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
+        hub = pop_hub_kwargs(kwargs)
         settings_file = resolve_file(name_or_path, PROCESSOR_NAME, required=False, **hub)
         settings = read_json(settings_file) if settings_file is not None else {}
         num_query_tokens = kwargs.pop("num_query_tokens", settings.get("num_query_tokens"))
