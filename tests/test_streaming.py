@@ -81,8 +81,8 @@ def test_pieces_arrive_before_generation_ends():
     stepper = Scripted(SCRIPT, pause_at=8)
     streamer = TextIteratorStreamer(decode, timeout=10)
     thread = run_in_thread(lambda streamer: run(stepper, streamer), streamer)
-    first = next(streamer)  # arrives while the generator waits at step 8
-    assert first and stepper.n == 8
+    first = next(streamer)  # arrives while the generator is held at step 8 at the latest
+    assert first and stepper.n <= 8 and thread.is_alive()
     stepper.gate.set()
     rest = list(streamer)
     thread.join(10)
