@@ -33,14 +33,29 @@ from .outputs import (
 HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token")
 
 
-def _dtype(value) -> torch.dtype | None:
+def fast_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """The dtype `torch_dtype="fast"` picks: bfloat16 where the hardware computes it natively
+    (CPUs with AVX512-BF16 or AMX, CUDA GPUs with bf16), float32 elsewhere."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        native = (getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                  or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+        return torch.bfloat16 if native else torch.float32
+    return torch.float32
+
+
+def _dtype(value, device=None) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
+    if value == "fast":
+        return fast_dtype(device)
     if isinstance(value, str):
         name = value.removeprefix("torch.")
         if isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-    raise ValueError(f"torch_dtype must be a torch.dtype, 'auto' or a dtype name, got {value!r}")
+    raise ValueError(f"torch_dtype must be a torch.dtype, 'auto', 'fast' or a dtype name, got {value!r}")
 
 
 def checkpoint_dir(name_or_path, **hub) -> Path:
@@ -87,12 +102,16 @@ class PreTrainedModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, config=None, torch_dtype=None,
-                        device: str | torch.device | None = None, **kwargs):
+                        device: str | torch.device | None = None, quantize: str | None = None, **kwargs):
         """Loads a transformers-format checkpoint: a local directory or a hub id.
 
         Args:
-            torch_dtype: a torch dtype, its name, or "auto" (the dtype recorded in config.json).
+            torch_dtype: a torch dtype, its name, "auto" (the dtype recorded in config.json), or
+                "fast": bfloat16 where the hardware computes it natively (CPUs with AVX512-BF16
+                or AMX, recent GPUs), float32 elsewhere.
             device: where to put the model (default CPU).
+            quantize: "int8" stores the language model's linear layers as int8 weights with
+                per-channel scales (weight-only; about twice as fast to decode on CPU).
         """
         hub = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
         if kwargs:
@@ -103,13 +122,18 @@ class PreTrainedModel(nn.Module):
         if torch_dtype == "auto":
             # 4.x writes "torch_dtype", 5.x writes "dtype"
             torch_dtype = config.extra.get("torch_dtype") or config.extra.get("dtype")
-        dtype = _dtype(torch_dtype)
-        with torch.device("meta"):
-            skeleton = cls(config)
-        model = ckpt.load_into(lambda: cls(config), folder, skeleton.key_table(), dtype, skeleton.keep_in_fp32)
+        dtype = _dtype(torch_dtype, device)
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        skeleton = ckpt.build_on_meta(lambda: cls(config))
+        model = ckpt.load_into(lambda: skeleton, folder, skeleton.key_table(), dtype, skeleton.keep_in_fp32)
         model.eval()
         if device is not None:
             model.to(device)
+        if quantize == "int8":
+            from .modeling.quant import quantize_language_model
+
+            quantize_language_model(model)
         model.name_or_path = str(name_or_path)
         return model
 

@@ -149,9 +149,14 @@ class Blip2(nn.Module):
 
     def stepper(self, pixel_values: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None, config,
                 interpolate_pos_encoding: bool = False):
-        """The language model primed with the images and prompts, and the history generation starts from."""
+        """The language model primed with the images and prompts, and the history generation starts from.
+
+        One image with several prompts (several questions about it) is encoded once and shared.
+        """
         self.check_pixel_values(pixel_values, interpolate_pos_encoding)
-        B = pixel_values.shape[0]
+        images = B = pixel_values.shape[0]
+        if images == 1 and isinstance(input_ids, Tensor) and input_ids.dim() == 2:
+            B = input_ids.shape[0]
         text = self.config.text_config
         decoder_only = self.config.use_decoder_only_language_model
         start_token = config.bos_token_id if decoder_only else config.decoder_start_token_id
@@ -165,7 +170,8 @@ class Blip2(nn.Module):
                 raise ValueError("without input_ids the prompt is the BOS token, but text_config.bos_token_id is None")
             input_ids = torch.full((B, 1), text.bos_token_id, dtype=torch.long, device=pixel_values.device)
         self.check_input_ids(input_ids, B)
-        lm_inputs = self.language_inputs(pixel_values, interpolate_pos_encoding)  # (B, Q, D): once per image
+        lm_inputs = self.language_inputs(pixel_values, interpolate_pos_encoding)  # (images, Q, D): once per image
+        lm_inputs = lm_inputs.expand(B, -1, -1)
         embeds, mask = self.merge(lm_inputs, input_ids, attention_mask)
         if decoder_only:
             _check_positions(mask, new_tokens, text.max_position_embeddings)
@@ -201,7 +207,7 @@ class DecoderStepper:
         self.cache = lm.new_cache(B, T + max_new_tokens, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
 
     def prefill(self) -> Tensor:
-        logits = self.lm(self.embeds, self.mask, self.cache).logits
+        logits = self.lm(self.embeds, self.mask, self.cache, last_logits=1).logits
         self.embeds = None
         return logits[:, -1]  # (B, V)
 

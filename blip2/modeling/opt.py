@@ -113,8 +113,12 @@ class OPTLanguageModel(nn.Module):
         cache: KVCache | None = None,
         need_hidden: bool = False,
         need_weights: bool = False,
+        last_logits: int | None = None,
     ) -> LMOutput:
-        """inputs_embeds (B, T, E); attention_mask (B, filled + T) of 1/0 over cache and new tokens."""
+        """inputs_embeds (B, T, E); attention_mask (B, filled + T) of 1/0 over cache and new tokens.
+
+        `last_logits=n` computes logits for the last n positions only (a prefill needs one).
+        """
         B, T, _ = inputs_embeds.shape
         start = cache.length if cache is not None else 0
         if attention_mask is None:
@@ -154,5 +158,5 @@ class OPTLanguageModel(nn.Module):
             x = self.project_out(x)
         if need_hidden:
             hidden.append(x)
-        logits = self.lm_head(x)
+        logits = self.lm_head(x if last_logits is None else x[:, -last_logits:])
         return LMOutput(logits, tuple(hidden) if need_hidden else None, tuple(weights) if need_weights else None)

@@ -1,0 +1,108 @@
+"""Workload c: loading the full-size blip2-opt-2.7b checkpoint (random float16 weights saved
+by the reference, bench/make_full_checkpoint.py) as bfloat16 and as float32: time to the
+first token and peak resident memory, ours against transformers.
+
+    python bench/bench_load.py                          # ours and the newest reference, bf16 and fp32
+    python bench/bench_load.py --dtypes bf16 --refs newest 4.37.2
+
+Every measurement runs in a fresh process (peak RSS is per process: VmHWM, which counts
+mapped file pages too). Before each, the checkpoint files are read once so that every run
+finds them in the page cache. Time to first token runs from the `from_pretrained` call to the
+first generated token of one image and a short prompt (`generate(max_new_tokens=1)`);
+imports are timed apart. The model's size is the bytes of its parameters and buffers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PROMPT = [45641, 35, 99, 16, 11, 5, 2170, 116, 31652, 35]  # "Question: what is in the picture? Answer:"
+
+
+def worker(args) -> dict:
+    t0 = time.perf_counter()
+    dtype = DTYPES[args.dtype]
+    if args.impl == "ours":
+        import blip2  # noqa: F401
+    else:
+        common.reference()
+    t_import = time.perf_counter() - t0
+    torch.manual_seed(0)
+    pixels = torch.randn(1, 3, 224, 224)
+    image_tokens = args.impl == "ours" or common.ref_major() >= 5
+    ids = torch.tensor([common.prompt_ids(PROMPT, image_tokens=image_tokens)])
+    start = time.perf_counter()
+    if args.impl == "ours":
+        model = common.load_ours(common.FULL_DIR, dtype)
+    else:
+        model = common.load_reference(common.FULL_DIR, dtype)
+    loaded = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(pixel_values=pixels.to(dtype), input_ids=ids, max_new_tokens=1)
+    first = time.perf_counter()
+    size = common.model_bytes(model)
+    rss = common.peak_rss_bytes()
+    return {
+        "impl": args.impl, "reference": common.reference()[1], "dtype": args.dtype,
+        "import_s": t_import, "load_s": loaded - start, "first_token_compute_s": first - loaded,
+        "ttft_s": first - start, "peak_rss_gb": rss / 1e9, "model_gb": size / 1e9, "rss_over_model": rss / size,
+        "token": int(out[0, -1]), "load": common.load_average(),
+    }
+
+
+def warm_page_cache() -> None:
+    for path in sorted(common.FULL_DIR.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--impl", choices=["ours", "ref"], default="ours")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
+    parser.add_argument("--refs", nargs="+", default=["newest"], help="environments (names in $BLIP2_BENCH_PYTHONS)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if not (common.FULL_DIR / "config.json").is_file():
+        sys.exit(f"{common.FULL_DIR} is missing: run python bench/make_full_checkpoint.py")
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    envs = common.pythons()
+    here = sys.executable
+    rows = []
+    for dtype in args.dtypes:
+        runs = [("ours", here)] + [("ref", envs[name]) for name in args.refs if name in envs]
+        for impl, python in runs:
+            warm_page_cache()
+            print(f"{impl} {dtype} under {python} (load {common.load_average():.2f}) ...", flush=True)
+            rows.append(common.run_worker(python, Path(__file__), ["--impl", impl, "--dtype", dtype]))
+            print("  ", json.dumps(rows[-1]), flush=True)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    print()
+    print("| impl | dtype | load s | first token compute s | time to first token s | peak RSS GB | model GB | RSS / model | ours TTFT ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    ours = {r["dtype"]: r for r in rows if r["impl"] == "ours"}
+    for r in rows:
+        name = "ours" if r["impl"] == "ours" else f"transformers {r['reference']}"
+        ratio = f"{ours[r['dtype']]['ttft_s'] / r['ttft_s']:.2f}x" if r["impl"] == "ref" and r["dtype"] in ours else ""
+        print(f"| {name} | {r['dtype']} | {r['load_s']:.1f} | {r['first_token_compute_s']:.1f} | {r['ttft_s']:.1f} | "
+              f"{r['peak_rss_gb']:.2f} | {r['model_gb']:.2f} | {r['rss_over_model']:.3f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()

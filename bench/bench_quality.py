@@ -1,0 +1,78 @@
+"""How many captions change when ours runs in bfloat16, prepacked, or with an int8 language
+model, against float32 greedy, on the shipped demo model (trained weights: random weights
+flip too easily to judge by) and the demo world's test scenes.
+
+    python bench/bench_quality.py [--images 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def scenes(n: int):
+    from blip2.demo import world
+
+    return [world.sample_scene("test", i) for i in range(n)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    from blip2 import Blip2ForConditionalGeneration, Blip2Processor
+    from blip2.demo import MODEL_DIR, world
+    from blip2.modeling.packed import optimize_for_inference
+
+    processor = Blip2Processor.from_pretrained(MODEL_DIR)
+    shown = scenes(args.images)
+    pixels = processor(images=[world.render(s) for s in shown], return_tensors="pt")["pixel_values"]
+    variants = {
+        "fp32": (torch.float32, {}),
+        "fp32 packed": (torch.float32, {"pack": True}),
+        "bf16": (torch.bfloat16, {}),
+        "bf16 packed": (torch.bfloat16, {"pack": True}),
+        "bf16 int8 LM": (torch.bfloat16, {"pack": True, "quantize": "int8"}),
+        "fp32 int8 LM": (torch.float32, {"pack": True, "quantize": "int8"}),
+    }
+    captions, seconds = {}, {}
+    for name, (dtype, opts) in variants.items():
+        model = Blip2ForConditionalGeneration.from_pretrained(MODEL_DIR, torch_dtype=dtype)
+        if opts:
+            optimize_for_inference(model, **opts)
+        out, start = [], time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, len(pixels), args.batch):
+                ids = model.generate(pixels[i : i + args.batch].to(dtype), max_new_tokens=30)
+                out += [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+        captions[name], seconds[name] = out, time.perf_counter() - start
+    base = captions["fp32"]
+    correct = lambda caps: sum(world.caption_correct(c, s) for c, s in zip(caps, shown))
+    print(f"demo model, {len(base)} test scenes, greedy, up to 30 new tokens")
+    print("| variant | captions differing from fp32 | correct captions | seconds |")
+    print("|---|---|---|---|")
+    result = {}
+    for name, caps in captions.items():
+        diff = sum(a != b for a, b in zip(caps, base))
+        result[name] = {"differ": diff, "correct": correct(caps), "seconds": seconds[name]}
+        print(f"| {name} | {diff} / {len(base)} | {correct(caps)} / {len(base)} | {seconds[name]:.1f} |")
+    examples = [(a, b) for a, b in zip(base, captions["bf16"]) if a != b][:3]
+    for a, b in examples:
+        print(f"  fp32: {a!r}\n  bf16: {b!r}")
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
