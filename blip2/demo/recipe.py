@@ -1,0 +1,506 @@
+"""The demo recipe: BLIP-2 the paper's way, in miniature, on the synthetic world.
+
+    python -m blip2.demo.recipe --out DIR [--quick]
+
+1. Draw the world: training images (seen colour-shape pairs only) and the language corpus.
+2. Pretrain the halves BLIP-2 freezes: a tokenizer (byte-level BPE), an image encoder (ViT)
+   and a language model (OPT), each on its own data.
+3. Stage 1: the Q-Former learns ITC, ITM and ITG against the frozen image encoder.
+4. Stage 2: it learns to prompt the frozen language model (captions and answers); once more
+   from scratch, without stage 1, for the paper's ablation.
+5. Export both models in the transformers format (weights, configs, tokenizer, processor),
+   load them back from those files and score them on images never seen; write REPORT.md.
+
+DIR receives model/, retrieval/, examples/ and REPORT.md. `--quick` is the CI version: the
+same steps, small enough to finish in a few minutes, with no targets to meet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ..config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
+from ..hf_compat import Blip2ForConditionalGeneration
+from ..modeling.opt import OPTLanguageModel
+from ..modeling.vision import VisionEncoder
+from ..processing import Blip2ImageProcessor
+from ..retrieval import Blip2ForImageTextRetrieval
+from ..train.data import MEAN, STD, DecoderLMCollate, PromptedText, Stage1Collate
+from ..train.frozen import FeatureCache, image_features
+from ..train.loop import Trainer, TrainConfig
+from ..train.stage1 import Blip2ForQFormerPretraining, Stage1Objective, Stage1Weights, init_bert_, init_qformer_
+from ..train.stage2 import Stage2Objective, load_stage1_
+from . import evaluate, world
+from .pretrain import (
+    LabelledImages, TextPretraining, TokenLines, VisionPretraining, pack, scene_labels, stack_labels, to_pixels,
+)
+from .tokenizer import BOS_ID, DEC_ID, PAD_ID, eos_id, save_tokenizer, train_tokenizer
+
+
+@dataclass
+class Recipe:
+    """Sizes and schedules; `QUICK` shrinks them for CI."""
+
+    seed: int = 0
+    train_images: int = 12000
+    text_docs: int = 16000
+    # the image encoder
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 128
+    vision_layers: int = 4
+    vision_steps: int = 1000
+    vision_batch: int = 32
+    vision_lr: float = 1e-3
+    vision_mimetic: bool = True
+    vision_grayscale: float = 0.3  # images shown in gray, so shape is learned apart from colour
+    # the language model
+    lm_hidden: int = 128
+    lm_layers: int = 4
+    lm_steps: int = 1200
+    lm_batch: int = 32  # sequences of max_position_embeddings tokens
+    lm_lr: float = 2e-3
+    # the Q-Former
+    queries: int = 8
+    qformer_hidden: int = 128
+    qformer_layers: int = 4
+    itc_width: int = 64
+    stage1_steps: int = 600
+    stage1_batch: int = 32
+    stage1_lr: float = 5e-4
+    stage2_steps: int = 1000
+    stage2_batch: int = 64
+    stage2_lr: float = 5e-4
+    grad_clip: float = 20.0
+    text_len: int = 28  # tokens the Q-Former reads; the longest caption has fewer
+    # evaluation
+    eval_scenes: int = 200
+    eval_per_kind: int = 100
+    retrieval_images: int = 100
+    ablation: bool = True
+    save_dtype: str = "float16"  # halves the shipped size; loading casts back to float32
+
+
+QUICK = Recipe(train_images=400, text_docs=800, vision_steps=30, lm_steps=30, stage1_steps=20,
+               stage2_steps=30, vision_batch=32, lm_batch=32, stage1_batch=32, stage2_batch=32,
+               eval_scenes=16, eval_per_kind=8, retrieval_images=16)
+
+
+def log(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
+
+
+class Timer:
+    """Wall time per stage, for the report."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    def stage(self, name: str, since: float) -> None:
+        self.stages[name] = time.perf_counter() - since
+        log(f"[{name}] {self.stages[name]:.0f} s (total {self.total():.0f} s)")
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+# ---------------------------------------------------------------- 1. the world
+@dataclass
+class TrainWorld:
+    scenes: list[world.Scene]
+    images: np.ndarray  # (N, S, S, 3) uint8, resized as the processor resizes
+
+
+def draw_training_images(r: Recipe) -> TrainWorld:
+    scenes, images = [], []
+    for i in tqdm(range(r.train_images), desc="draw", mininterval=2):
+        scene = world.sample_scene("train", i, r.seed)
+        scenes.append(scene)
+        images.append(evaluate.resized(world.render(scene), r.image_size))
+    return TrainWorld(scenes, np.stack(images))
+
+
+# ---------------------------------------------------------------- 2. the halves BLIP-2 freezes
+def trainer_config(r: Recipe, work: Path, name: str, steps: int, batch: int, lr: float) -> TrainConfig:
+    # Clipping only against blow-ups: these small models' gradient norms sit at 1-10 all along, and
+    # clipping at 1 would quietly divide the learning rate by that much.
+    return TrainConfig(out_dir=str(work / name), max_steps=steps, batch_size=batch, lr=lr, min_lr=lr / 20,
+                       warmup_steps=max(1, steps // 20), weight_decay=0.05, grad_clip=r.grad_clip, seed=r.seed,
+                       resume=False, keep_checkpoints=1)
+
+
+def init_std(width: int) -> float:
+    """1/sqrt(width): BERT's 0.02 suits its 768 wide layers; in layers this narrow it leaves the
+    residual branches so weak that the image barely reaches the Q-Former's outputs at the start,
+    and ITM and stage 2 sit at chance for hundreds of steps."""
+    return width ** -0.5
+
+
+def vision_config(r: Recipe) -> Blip2VisionConfig:
+    return Blip2VisionConfig(hidden_size=r.vision_hidden, intermediate_size=4 * r.vision_hidden,
+                             num_hidden_layers=r.vision_layers, num_attention_heads=4, image_size=r.image_size,
+                             patch_size=r.patch_size, initializer_range=init_std(r.vision_hidden))
+
+
+def sincos_positions(grid: int, width: int) -> torch.Tensor:
+    """2-D sine-cosine position embeddings (as MAE starts its ViT), class token first: the patches
+    know where they are from the first step, and shape is about where."""
+    quarter = width // 4
+    freqs = 1.0 / 100.0 ** (torch.arange(quarter) / quarter)  # (W/4,)
+    ys, xs = torch.meshgrid(torch.arange(grid).float(), torch.arange(grid).float(), indexing="ij")
+    parts = [f(c.flatten()[:, None] * freqs) for c in (xs, ys) for f in (torch.sin, torch.cos)]
+    table = torch.cat(parts, dim=1)  # (grid*grid, W)
+    return torch.cat([torch.zeros(1, width), table])[None]  # (1, 1 + grid*grid, W)
+
+
+@torch.no_grad()
+def mimetic_init_(encoder: VisionEncoder, scale: float = 1.0) -> None:
+    """Queries and keys start as the identity (plus noise), so each patch attends first to the
+    patches most like it: its neighbours (by position) and the rest of its shape (by colour).
+    A ViT learns that locality on its own only slowly (Trockman & Kolter, 2023)."""
+    D = encoder.config.hidden_size
+    noise = encoder.config.initializer_range
+    for block in encoder.layers:
+        eye = torch.eye(D) * scale
+        block.attn.qkv.weight[:D].copy_(eye + torch.randn(D, D) * noise)
+        block.attn.qkv.weight[D:2 * D].copy_(eye + torch.randn(D, D) * noise)
+
+
+def pretrain_vision(r: Recipe, data: TrainWorld, work: Path) -> tuple[VisionEncoder, dict[str, float]]:
+    encoder = VisionEncoder(vision_config(r))
+    init_bert_(encoder, encoder.config.initializer_range)
+    with torch.no_grad():
+        encoder.embeddings.position_embedding.copy_(sincos_positions(r.image_size // r.patch_size, r.vision_hidden))
+        encoder.embeddings.class_embedding.normal_(0.0, 0.02)
+    if r.vision_mimetic:
+        mimetic_init_(encoder)
+    labels = [scene_labels(s, r.image_size, r.patch_size) for s in data.scenes]
+    dataset = LabelledImages(data.images, labels, grayscale=r.vision_grayscale, seed=r.seed)
+    objective = VisionPretraining(encoder)
+    cfg = trainer_config(r, work, "vision", r.vision_steps, r.vision_batch, r.vision_lr)
+    log(f"image encoder: {r.vision_steps} steps of {r.vision_batch} images")
+    history = Trainer(objective, dataset, dataset.collate, cfg).fit()
+    objective.eval()
+    held_out = [world.sample_scene("heldout", i, r.seed) for i in range(256)]
+    pixels = to_pixels(np.stack([evaluate.resized(world.render(s), r.image_size) for s in held_out]))
+    labels = [scene_labels(s, r.image_size, r.patch_size) for s in held_out]
+    accuracy = objective.patch_accuracy(pixels, stack_labels(labels))
+    log(f"image encoder: final loss {history[-1]['loss']:.3f}; held-out patches {accuracy}")
+    return encoder.eval(), accuracy
+
+
+def pretrain_language_model(r: Recipe, tok, text_config: OPTConfig, corpus: list[list[str]],
+                            work: Path) -> OPTLanguageModel:
+    lm = OPTLanguageModel(text_config)
+    init_bert_(lm, text_config.init_std)
+    lines = tok.encode_batch([line + "\n" for doc in corpus for line in doc])
+    docs, start = [], 0
+    for doc in corpus:
+        docs.append([t for e in lines[start:start + len(doc)] for t in e.ids])
+        start += len(doc)
+    length = text_config.max_position_embeddings
+    dataset = TokenLines(pack(docs, length), PAD_ID, length)
+    cfg = trainer_config(r, work, "lm", r.lm_steps, r.lm_batch, r.lm_lr)
+    log(f"language model: {r.lm_steps} steps of {r.lm_batch} lines")
+    history = Trainer(TextPretraining(lm), dataset, dataset.collate, cfg).fit()
+    log(f"language model: final loss {history[-1]['loss']:.3f}")
+    return lm.eval()
+
+
+def blip2_config(r: Recipe, tok) -> Blip2Config:
+    """The stage-1 configuration (the Q-Former reads text too); stage 2 drops the text side."""
+    vocab = -(-tok.get_vocab_size() // 8) * 8  # a multiple of 8, as OPT pads its vocabulary
+    qformer = Blip2QFormerConfig(
+        vocab_size=vocab, hidden_size=r.qformer_hidden, num_hidden_layers=r.qformer_layers, num_attention_heads=4,
+        intermediate_size=4 * r.qformer_hidden, cross_attention_frequency=2, encoder_hidden_size=r.vision_hidden,
+        max_position_embeddings=r.text_len + 4, pad_token_id=PAD_ID, use_qformer_text_input=True,
+        initializer_range=init_std(r.qformer_hidden),
+    )
+    text = OPTConfig(
+        vocab_size=vocab, hidden_size=r.lm_hidden, num_hidden_layers=r.lm_layers, ffn_dim=4 * r.lm_hidden,
+        num_attention_heads=4, max_position_embeddings=96,
+        word_embed_proj_dim=r.lm_hidden, bos_token_id=BOS_ID, eos_token_id=eos_id(tok), pad_token_id=PAD_ID,
+        init_std=init_std(r.lm_hidden), architectures=["OPTForCausalLM"],
+    )
+    return Blip2Config(vision_config=vision_config(r), qformer_config=qformer, text_config=text,
+                       num_query_tokens=r.queries, image_text_hidden_size=r.itc_width)
+
+
+def generation_config(config: Blip2Config) -> Blip2Config:
+    out = copy.deepcopy(config)
+    out.qformer_config.use_qformer_text_input = False
+    return out
+
+
+# ---------------------------------------------------------------- 3 and 4. the Q-Former's two stages
+class WorldPairs(Dataset):
+    """Training images with text: a caption in a random phrasing, or (stage 2) a question."""
+
+    def __init__(self, data: TrainWorld, seed: int, question_share: float = 0.0) -> None:
+        self.data, self.question_share = data, question_share
+        self.rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.data.scenes)
+
+    def __getitem__(self, i: int) -> dict:
+        scene = self.data.scenes[i]
+        item = {"key": f"train/{i}", "pixel_values": to_pixels(self.data.images[i:i + 1])[0]}
+        if self.rng.random() < self.question_share:
+            qa = self.rng.choice(world.questions(scene, self.rng))
+            return {**item, "question": qa.question, "answer": qa.answer}
+        return {**item, "caption": self.rng.choice(world.captions(scene))}
+
+
+def fill_feature_cache(vision: VisionEncoder, data: TrainWorld, batch: int = 256) -> FeatureCache:
+    """The frozen encoder's features for every training image, computed once for both stages."""
+    cache = FeatureCache(dtype=torch.float16)
+    for start in tqdm(range(0, len(data.images), batch), desc="features", mininterval=2):
+        stop = min(start + batch, len(data.images))
+        keys = [f"train/{i}" for i in range(start, stop)]
+        with torch.no_grad():
+            image_features(vision, to_pixels(data.images[start:stop]), keys, cache)
+    return cache
+
+
+def tokenize_with(tok):
+    return lambda texts: [e.ids for e in tok.encode_batch(texts)]
+
+
+def run_stage1(r: Recipe, config: Blip2Config, vision: VisionEncoder, data: TrainWorld, tok,
+               cache: FeatureCache, work: Path) -> Blip2ForQFormerPretraining:
+    model = Blip2ForQFormerPretraining(config)
+    init_qformer_(model)
+    model.vision_model.load_state_dict(vision.state_dict())
+    objective = Stage1Objective(model, dec_token_id=DEC_ID, seed=r.seed, feature_cache=cache)
+    collate = Stage1Collate(tokenize_with(tok), pad_id=PAD_ID, max_len=r.text_len)
+    cfg = trainer_config(r, work, "stage1", r.stage1_steps, r.stage1_batch, r.stage1_lr)
+    log(f"stage 1 (ITC, ITM, ITG): {r.stage1_steps} steps of {r.stage1_batch} image-caption pairs")
+    history = Trainer(objective, WorldPairs(data, r.seed), collate, cfg).fit()
+    last = history[-1]
+    log(f"stage 1: itc {last['itc']:.3f} itm {last['itm']:.3f} itg {last['itg']:.3f}")
+    return model.eval()
+
+
+def run_stage2(r: Recipe, config: Blip2Config, vision: VisionEncoder, lm: OPTLanguageModel, data: TrainWorld,
+               tok, cache: FeatureCache, work: Path, stage1_dir: Path | None) -> Blip2ForConditionalGeneration:
+    """Stage 2 from stage 1's Q-Former, or (stage1_dir None: the ablation) from a fresh one."""
+    model = Blip2ForConditionalGeneration(generation_config(config))
+    std = config.qformer_config.initializer_range
+    init_bert_(model.qformer, std)
+    init_bert_(model.language_projection, std)
+    with torch.no_grad():
+        model.query_tokens.normal_(0.0, std)
+    model.vision_model.load_state_dict(vision.state_dict())
+    model.language_model.load_state_dict(lm.state_dict())
+    if stage1_dir is not None:
+        load_stage1_(model, stage1_dir)
+    objective = Stage2Objective(model, feature_cache=cache)
+    text = PromptedText(prompt="", question_template=evaluate.VQA_TEMPLATE, suffix="\n")
+    collate = DecoderLMCollate(tokenize_with(tok), pad_id=PAD_ID, max_len=2 * r.text_len, text=text)
+    name = "stage2" if stage1_dir is not None else "stage2-ablation"
+    cfg = trainer_config(r, work, name, r.stage2_steps, r.stage2_batch, r.stage2_lr)
+    log(f"{name} (LM loss{'' if stage1_dir else ', Q-Former from scratch'}): {r.stage2_steps} steps of {r.stage2_batch}")
+    history = Trainer(objective, WorldPairs(data, r.seed + 1, question_share=0.6), collate, cfg).fit()
+    log(f"{name}: lm loss {history[-1]['lm']:.3f}")
+    return model.eval()
+
+
+# ---------------------------------------------------------------- 5. export
+def write_processor_files(folder: Path, r: Recipe, tok, max_length: int) -> None:
+    """The tokenizer and the image processor's config beside the weights (what Blip2Processor reads)."""
+    save_tokenizer(tok, folder, model_max_length=max_length)
+    images = Blip2ImageProcessor(size=r.image_size, image_mean=MEAN, image_std=STD, processor_class="Blip2Processor")
+    images.save_pretrained(folder)
+
+
+def export(r: Recipe, gen: Blip2ForConditionalGeneration, stage1: Blip2ForQFormerPretraining, tok, out: Path) -> None:
+    dtype = getattr(torch, r.save_dtype)
+    model_dir, retrieval_dir = out / "model", out / "retrieval"
+    for folder in (model_dir, retrieval_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+    copy.deepcopy(gen).to(dtype).save_pretrained(model_dir)
+    retrieval = Blip2ForImageTextRetrieval(stage1.config)
+    state = {k: v for k, v in stage1.state_dict().items() if k in retrieval.state_dict()}
+    retrieval.load_state_dict(state)
+    retrieval.to(dtype).save_pretrained(retrieval_dir)
+    max_length = gen.config.text_config.max_position_embeddings - r.queries
+    for folder in (model_dir, retrieval_dir):
+        write_processor_files(folder, r, tok, max_length)
+
+
+def write_examples(folder: Path, seed: int, count: int = 6) -> None:
+    """A few held-out images (pairs no training image held) for the README's first command."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for i in range(count):
+        ex = world.example("heldout", 10_000 + i, seed, plain_style=True)
+        name = "_".join(f"{c}-{s}" for c, s in ex.scene.pairs)
+        ex.image.save(folder / f"{i:02d}_{name}.png", optimize=True)
+
+
+# ---------------------------------------------------------------- scores and the report
+def score(model: Blip2ForConditionalGeneration, tok, sets: dict[str, evaluate.EvalSet]) -> dict:
+    out = {}
+    for split, ev in sets.items():
+        acc, texts = evaluate.caption_scores(model, tok, ev)
+        out[split] = {"caption": acc, "vqa": evaluate.vqa_scores(model, tok, ev), "examples": texts[:5]}
+        log(f"  {split}: caption {acc:.1%}  " + "  ".join(f"{k} {v:.1%}" for k, v in out[split]["vqa"].items()))
+    return out
+
+
+def report(r: Recipe, scores: dict, retrieval: dict, patches: dict, timer: Timer, size_mb: float, quick: bool) -> str:
+    kinds = world.QUESTION_KINDS
+    lines = [
+        "# The demo model: the recipe's report",
+        "",
+        f"`python -m blip2.demo.recipe --out blip2/demo{' --quick' if quick else ''}` "
+        f"(seed {r.seed}, {torch.get_num_threads()} threads): {timer.total() / 60:.1f} minutes.",
+        "",
+        "Held-out images hold colour-shape pairs that no training image held "
+        f"({', '.join(f'{c} {s}' for c, s in sorted(world.HELD_OUT))}); seen-pair images are new images "
+        "of the training pairs. Caption accuracy: every shape named with its colour, no more, no fewer "
+        "(greedy, no prompt). VQA: exact match (greedy, prompt `Question: {} Answer:`).",
+        "",
+        "| model | images | caption | " + " | ".join(f"VQA {k}" for k in kinds) + " |",
+        "|---|---|---|" + "---|" * len(kinds),
+    ]
+    names = {"full": "stage 1 + stage 2 (shipped)", "ablation": "stage 2 only (no stage 1)"}
+    for model_name, by_split in scores.items():
+        for split, s in by_split.items():
+            vqa = " | ".join(f"{s['vqa'].get(k, float('nan')):.1%}" for k in kinds)
+            lines.append(f"| {names[model_name]} | {split} | {s['caption']:.1%} | {vqa} |")
+    lines += [
+        "",
+        f"Retrieval (the stage-1 Q-Former, shipped as `retrieval/`), {retrieval['n']} held-out images with distinct "
+        "captions: ",
+        "",
+        "| ITC text-to-image R@1 | ITC image-to-text R@1 | ITM accuracy (true pair vs. one attribute changed) |",
+        "|---|---|---|",
+        f"| {retrieval['t2i_r1']:.1%} | {retrieval['i2t_r1']:.1%} | {retrieval['itm']:.1%} |",
+        "",
+        "Example held-out captions (shipped model): " + "; ".join(f"\"{t}\"" for t in scores["full"]["heldout"]["examples"]),
+        "",
+        f"The pretrained image encoder on held-out images, per patch that shows a shape: colour "
+        f"{patches['patch_colour']:.1%}, shape {patches['patch_shape']:.1%}.",
+        "",
+        f"Shipped size: {size_mb:.1f} MB (model/ and retrieval/, {r.save_dtype}).",
+        "",
+        "Wall time per stage (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in timer.stages.items()) + ".",
+        "",
+        "Settings: `" + json.dumps(asdict(r)) + "`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def folder_mb(*folders: Path) -> float:
+    return sum(p.stat().st_size for f in folders for p in f.rglob("*") if p.is_file()) / 1e6
+
+
+def run(r: Recipe, out: Path, work: Path, quick: bool = False) -> str:
+    torch.manual_seed(r.seed)
+    timer = Timer()
+    t = time.perf_counter()
+    data = draw_training_images(r)
+    corpus = world.text_corpus(r.text_docs, r.seed)
+    tok = train_tokenizer([line for doc in corpus for line in doc])
+    config = blip2_config(r, tok)
+    timer.stage("world", t)
+
+    t = time.perf_counter()
+    vision, patch_accuracy = pretrain_vision(r, data, work)
+    timer.stage("image encoder", t)
+    t = time.perf_counter()
+    lm = pretrain_language_model(r, tok, config.text_config, corpus, work)
+    timer.stage("language model", t)
+
+    t = time.perf_counter()
+    cache = fill_feature_cache(vision, data)
+    stage1 = run_stage1(r, config, vision, data, tok, cache, work)
+    stage1_dir = work / "stage1-model"
+    stage1.save_pretrained(stage1_dir)
+    timer.stage("stage 1", t)
+    t = time.perf_counter()
+    gen = run_stage2(r, config, vision, lm, data, tok, cache, work, stage1_dir)
+    timer.stage("stage 2", t)
+    ablation = None
+    if r.ablation:
+        t = time.perf_counter()
+        ablation = run_stage2(r, config, vision, lm, data, tok, cache, work, None)
+        timer.stage("stage 2 without stage 1", t)
+
+    t = time.perf_counter()
+    export(r, gen, stage1, tok, out)
+    write_examples(out / "examples", r.seed)
+    shipped = Blip2ForConditionalGeneration.from_pretrained(out / "model")  # score what ships, from its files
+    retrieval_model = Blip2ForImageTextRetrieval.from_pretrained(out / "retrieval")
+    sets = {split: evaluate.build_eval_set(split, r.eval_scenes, r.eval_per_kind, r.image_size, r.seed)
+            for split in ("heldout", "test")}
+    scores = {"full": score(shipped, tok, sets)}
+    if ablation is not None:
+        log("ablation:")
+        scores["ablation"] = score(ablation, tok, sets)
+    retrieval = evaluate.itc_recall(retrieval_model, tok, sets["heldout"], r.retrieval_images)
+    retrieval["itm"] = evaluate.itm_accuracy(retrieval_model, tok, sets["heldout"])
+    log(f"retrieval: {retrieval}")
+    timer.stage("export and evaluation", t)
+    text = report(r, scores, retrieval, patch_accuracy, timer, folder_mb(out / "model", out / "retrieval"), quick)
+    (out / "REPORT.md").write_text(text, encoding="utf-8")
+    (out / "scores.json").write_text(json.dumps({"scores": scores, "retrieval": retrieval,
+                                                 "stages_s": timer.stages}, indent=2) + "\n")
+    return text
+
+
+def idle_cores() -> int:
+    """Cores nobody else is using: on a shared machine, threads beyond them wait on each other."""
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m blip2.demo.recipe", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="where model/, retrieval/, examples/ and REPORT.md go")
+    parser.add_argument("--quick", action="store_true", help="the short CI version")
+    parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the idle cores)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a Recipe field")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads or idle_cores())
+    r = replace(QUICK if args.quick else Recipe(), seed=args.seed)
+    for item in args.set:
+        name, value = item.split("=", 1)
+        r = replace(r, **{name: type(getattr(r, name))(value) if not isinstance(getattr(r, name), bool) else value == "true"})
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+        print(run(r, args.out, args.work, args.quick))
+    else:
+        with tempfile.TemporaryDirectory(prefix="blip2-recipe-") as work:
+            print(run(r, args.out, Path(work), args.quick))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""`blip2 caption | ask | match | embed` on the shipped demo model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blip2.cli import main
+from blip2.demo import EXAMPLES_DIR, world
+
+EXAMPLES = sorted(EXAMPLES_DIR.glob("*.png"))
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """The example images, plus a corrupt file in the middle of them."""
+    for path in EXAMPLES[:3]:
+        shutil.copy(path, tmp_path / path.name)
+    (tmp_path / "01b_broken.png").write_bytes(EXAMPLES[0].read_bytes()[:200])  # a truncated PNG
+    return tmp_path
+
+
+def test_corrupt_image_is_reported_and_the_rest_go_on(capsys, folder):
+    code, out, err = run(capsys, "caption", str(folder), "--format", "jsonl")
+    assert code == 1
+    assert "01b_broken.png" in err
+    records = [json.loads(line) for line in out.strip().splitlines()]
+    assert [Path(r["image"]).name for r in records] == [p.name for p in EXAMPLES[:3]]
+    assert all(r["caption"] for r in records)
+
+
+def test_globs_files_and_missing_files(capsys, folder):
+    code, out, err = run(capsys, "caption", str(folder / "0[0-1]_*.png"), str(folder / "nope.png"))
+    assert code == 1 and "nope.png" in err
+    assert len(out.strip().splitlines()) == 2
+
+
+def test_batches_and_generation_options(capsys, folder):
+    (folder / "01b_broken.png").unlink()
+    code, out, _ = run(capsys, "caption", str(folder), "--batch-size", "2", "--num-beams", "3",
+                       "--max-new-tokens", "6", "--format", "jsonl")
+    assert code == 0
+    assert len(out.strip().splitlines()) == 3
+    sampled = [run(capsys, "caption", str(EXAMPLES[0]), "--do-sample", "--seed", "3", "--top-k", "5")[1]
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_embed(capsys):
+    code, out, err = run(capsys, "embed", str(EXAMPLES[0]), "--text", "a red circle")
+    assert code == 0, err
+    image, text = (json.loads(line) for line in out.strip().splitlines())
+    assert len(image["embedding"][0]) == len(text["embedding"])  # Q x E and E
+    assert abs(sum(v * v for v in text["embedding"]) - 1) < 1e-4  # normalised
+
+
+def test_installed_command(tmp_path):
+    blip2 = shutil.which("blip2", path=str(Path(sys.executable).parent))
+    if blip2 is None:
+        pytest.skip("the blip2 console script is not installed in this environment")
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    result = subprocess.run([blip2, "caption", str(EXAMPLES[0]), str(bad), "--device", "cpu"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert str(bad) in result.stderr
+    assert result.stdout.startswith(str(EXAMPLES[0]))
