@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import random
 import shutil
@@ -68,6 +69,7 @@ class Recipe:
     vision_batch: int = 32
     vision_lr: float = 1e-3
     vision_mimetic: bool = True
+    vision_gabor: bool = True
     vision_grayscale: float = 0.3  # images shown in gray, so shape is learned apart from colour
     # the language model
     lm_hidden: int = 128
@@ -182,6 +184,33 @@ def mimetic_init_(encoder: VisionEncoder, scale: float = 1.0) -> None:
         block.attn.qkv.weight[D:2 * D].copy_(eye + torch.randn(D, D) * noise)
 
 
+@torch.no_grad()
+def gabor_init_(encoder: VisionEncoder, seed: int = 0) -> None:
+    """Patch filters that start as what early vision learns first: a quarter see colour (the
+    patch's mean of each channel mix), the rest oriented edges at random positions and scales."""
+    conv = encoder.embeddings.patch_embedding
+    D, _, P, _ = conv.weight.shape
+    gen = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(P).float() - (P - 1) / 2, torch.arange(P).float() - (P - 1) / 2, indexing="ij")
+    filters = []
+    for k in range(D):
+        if k < D // 4:
+            mix = torch.randn(3, generator=gen)
+            filters.append(mix[:, None, None] * torch.ones(P, P))
+            continue
+        theta = torch.rand((), generator=gen) * math.pi
+        freq = (0.5 + torch.rand((), generator=gen)) * math.pi / P * 2
+        phase = torch.rand((), generator=gen) * 2 * math.pi
+        wave = torch.cos(freq * (xs * torch.cos(theta) + ys * torch.sin(theta)) + phase)
+        envelope = torch.exp(-(xs ** 2 + ys ** 2) / (2 * (P / 2.5) ** 2))
+        filters.append((wave * envelope).expand(3, P, P))
+    weight = torch.stack(filters)  # (D, 3, P, P)
+    # Unit-norm filters scaled like the default init's: normalised pixels give outputs of order one.
+    weight = weight / weight.flatten(1).norm(dim=1)[:, None, None, None] / (3 * P * P) ** 0.5 * 2
+    conv.weight.copy_(weight)
+    conv.bias.zero_()
+
+
 def pretrain_vision(r: Recipe, data: TrainWorld, work: Path) -> tuple[VisionEncoder, dict[str, float]]:
     encoder = VisionEncoder(vision_config(r))
     init_bert_(encoder, encoder.config.initializer_range)
@@ -190,6 +219,8 @@ def pretrain_vision(r: Recipe, data: TrainWorld, work: Path) -> tuple[VisionEnco
         encoder.embeddings.class_embedding.normal_(0.0, 0.02)
     if r.vision_mimetic:
         mimetic_init_(encoder)
+    if r.vision_gabor:
+        gabor_init_(encoder)
     labels = [scene_labels(s, r.image_size, r.patch_size) for s in data.scenes]
     dataset = LabelledImages(data.images, labels, grayscale=r.vision_grayscale, seed=r.seed)
     objective = VisionPretraining(encoder)

@@ -127,11 +127,14 @@ def unpack_linears(module: nn.Module) -> int:
 
 
 def optimize_for_inference(model: nn.Module, *, pack: bool = True, quantize: str | None = None,
-                           compile: bool = False) -> nn.Module:
+                           compile: bool = False, batch_hint: int = 8) -> nn.Module:
     """Readies a model for inference on CPU, in place; returns it.
 
     Args:
         pack: prepack every linear layer's weight for oneDNN (see `pack_linears`).
+        batch_hint: the rows a decoding step mostly has (batch x beams). It picks the packed
+            layout; it matters for float32 only, where 1 suits single-sequence decoding best and
+            8 (the default) anything from 5 rows up.
         quantize: "int8" makes the language model's linear layers int8 weight-only (`blip2.modeling.quant`).
         compile: runs the image encoder and the Q-Former through `torch.compile` instead of
             packing them (inductor cannot take packed weights). Each new batch size compiles
@@ -146,7 +149,7 @@ def optimize_for_inference(model: nn.Module, *, pack: bool = True, quantize: str
         quantize_language_model(model)
     compiled = [name for name in ("vision_model", "qformer") if compile and getattr(model, name, None) is not None]
     if pack:
-        pack_linears(model, skip=tuple(compiled))
+        pack_linears(model, batch_hint, skip=tuple(compiled))
     for name in compiled:
         part = getattr(model, name)
         part.forward = torch.compile(part.forward)
