@@ -13,7 +13,7 @@ from blip2.processing import Blip2Processor
 from blip2.retrieval import Blip2ForImageTextRetrieval
 
 TOY = replace(
-    recipe.QUICK, train_images=48, text_docs=60, vision_hidden=32, vision_layers=1, lm_hidden=32, lm_layers=1,
+    recipe.QUICK, train_images=48, pretrain_images=48, text_docs=60, vision_hidden=32, vision_layers=1, lm_hidden=32, lm_layers=1,
     qformer_hidden=32, qformer_layers=2, queries=4, itc_width=16, vision_steps=2, lm_steps=2, stage1_steps=2,
     stage2_steps=2, vision_batch=8, lm_batch=8, stage1_batch=8, stage2_batch=8, eval_scenes=4, eval_per_kind=2,
     retrieval_images=4,

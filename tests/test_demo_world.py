@@ -90,16 +90,17 @@ def test_every_caption_names_the_shapes_left_to_right():
 
 
 def test_caption_correct_needs_every_attribute():
-    scene = world.sample_scene("train", 1)
-    pairs = scene.pairs
-    assert world.caption_correct("there is " + world.listing(pairs), scene)
-    colour, shape = pairs[0]
-    other = next(c for c in world.COLOURS if c != colour)
-    assert not world.caption_correct(world.listing([(other, shape), *pairs[1:]]), scene)
-    assert not world.caption_correct(world.listing(pairs + [("red", "star") if ("red", "star") not in pairs
-                                                             else ("blue", "star")]), scene)
-    if len(pairs) > 1:
-        assert not world.caption_correct(world.listing(pairs[1:]), scene)
+    for i in range(20):
+        scene = world.sample_scene("train", i)
+        pairs = scene.pairs
+        assert world.caption_correct("there is " + world.listing(pairs), scene)
+        colour, shape = pairs[0]
+        other = next(c for c in world.COLOURS if (c, shape) not in pairs)
+        assert not world.caption_correct(world.listing([(other, shape), *pairs[1:]]), scene)
+        extra = next(p for p in world.ALL_PAIRS if p not in pairs)
+        assert not world.caption_correct(world.listing(pairs + [extra]), scene)
+        if len(pairs) > 1:
+            assert not world.caption_correct(world.listing(pairs[1:]), scene)
 
 
 def test_answers_agree_with_the_scene():

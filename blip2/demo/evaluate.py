@@ -74,26 +74,11 @@ def generate_text(model, tok, pixel_values: Tensor, prompts: list[str], max_new_
     for start in range(0, len(prompts), batch_size):
         ids, mask = left_padded(tok, prompts[start:start + batch_size])
         pixels = pixel_values[start:start + batch_size]
-        new = _greedy(model, pixels, ids, mask, max_new_tokens)
-        # transformers 4.37 returns only the new tokens (after a BOS): skip_special_tokens drops it
+        new = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask,
+                             max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
+        # as transformers 4.37: a BOS, then the new tokens only (skip_special_tokens drops the BOS)
         out += [t.strip() for t in tok.decode_batch(new.tolist(), skip_special_tokens=True)]
     return out
-
-
-def _greedy(model, pixels, ids, mask, max_new_tokens):
-    if hasattr(model, "generate"):
-        return model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask,
-                              max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
-    # Until Blip2ForConditionalGeneration.generate lands: the same search over the core's stepper.
-    from ..generation import GenerationConfig, greedy
-    from ..modeling.blip2 import DecoderStepper
-
-    embeds, full_mask = model.merge(model.language_inputs(pixels), ids, mask)
-    stepper = DecoderStepper(model.language_model, embeds, full_mask, max_new_tokens)
-    text = model.config.text_config
-    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=text.eos_token_id,
-                              pad_token_id=text.pad_token_id)
-    return greedy(stepper, ids[:, -1:], config)[:, 1:]  # the new tokens only
 
 
 def caption_scores(model, tok, ev: EvalSet, limit: int | None = None) -> tuple[float, list[str]]:

@@ -5,8 +5,9 @@ light or dark background. Each scene comes with captions in varied phrasing and 
 with answers of five kinds: colour, shape, count, position and yes/no.
 
 Splits: "train" and "test" use only the seen colour-shape pairs; every "heldout" scene holds
-at least one pair of `HELD_OUT`, never drawn in training, so it measures composition. "text"
-draws from all pairs: it is the language model's reading, not images.
+at least one pair of `HELD_OUT`, which BLIP-2's training never shows, so it measures
+composition. "text" and "pretrain" draw from all pairs: they are what the frozen language model
+and image encoder learn from before BLIP-2 exists, as OPT and EVA-CLIP learned from the web.
 
 Geometry lives in world units: the canvas is 64 x 64 whatever resolution it is drawn at.
 """
@@ -35,21 +36,21 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "gray": (128, 128, 128),
     "white": (245, 245, 245),
 }
-SHAPES = ("circle", "square", "rectangle", "triangle", "diamond", "star")
-# Never drawn in training: one pair per colour, every shape at least once.
+SHAPES = ("circle", "square", "rectangle", "triangle")
+# Never in BLIP-2's training (stages 1 and 2): one pair per colour, every shape at least twice.
 HELD_OUT = frozenset({
-    ("red", "triangle"), ("orange", "circle"), ("yellow", "star"), ("green", "square"),
-    ("blue", "rectangle"), ("purple", "diamond"), ("pink", "square"), ("black", "diamond"),
-    ("gray", "triangle"), ("white", "circle"),
+    ("red", "triangle"), ("orange", "circle"), ("yellow", "rectangle"), ("green", "square"),
+    ("blue", "rectangle"), ("purple", "circle"), ("pink", "square"), ("black", "triangle"),
+    ("gray", "square"), ("white", "rectangle"),
 })
 ALL_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)
 SEEN_PAIRS = tuple(p for p in ALL_PAIRS if p not in HELD_OUT)
-SPLITS = ("train", "test", "heldout", "text")
+SPLITS = ("train", "test", "heldout", "text", "pretrain")
 BACKGROUNDS = ("plain", "stripes", "checker", "speckle", "gradient")
 NUMBERS = ("zero", "one", "two", "three")
 QUESTION_KINDS = ("colour", "shape", "count", "position", "yesno")
 # Half-extent of each shape's bounding circle, in units of its size.
-_REACH = {"circle": 0.5, "square": 0.71, "rectangle": 0.56, "triangle": 0.6, "diamond": 0.6, "star": 0.6}
+_REACH = {"circle": 0.5, "square": 0.71, "rectangle": 0.56, "triangle": 0.6}
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def sample_scene(split: str, index: int, seed: int = 0, plain_style: bool = Fals
 
 def _sample_pairs(rng: random.Random, split: str) -> list[tuple[str, str]]:
     count = rng.choice((1, 2, 3))
-    pool = ALL_PAIRS if split == "text" else SEEN_PAIRS
+    pool = ALL_PAIRS if split in ("text", "pretrain") else SEEN_PAIRS
     while True:
         pairs = []
         if split == "heldout":
@@ -202,14 +203,6 @@ def outline(shape: Shape, scale: float = 1.0) -> list[tuple[float, float]] | Non
         r = 0.6 * s
         pts = [(r * math.cos(a), r * math.sin(a)) for a in (math.radians(d) for d in (-90, 30, 150))]
         pts = [(px, py + 0.15 * s) for px, py in pts]  # centre the bounding box, not the centroid
-    elif kind == "diamond":
-        pts = [(0, -0.6 * s), (0.4 * s, 0), (0, 0.6 * s), (-0.4 * s, 0)]
-    elif kind == "star":
-        pts = []
-        for k in range(10):
-            r = 0.6 * s if k % 2 == 0 else 0.26 * s
-            a = math.radians(-90 + 36 * k)
-            pts.append((r * math.cos(a), r * math.sin(a)))
     else:
         raise ValueError(f"unknown shape {kind!r}")
     a = math.radians(-shape.angle)  # image y points down: negate for counter-clockwise
