@@ -106,14 +106,16 @@ def main() -> None:
         print(json.dumps(rows, indent=2))
     print()
     print(f"clock: {args.clock}{' (CPU seconds, one thread)' if args.clock == 'cpu' else ''}")
-    print("| impl | dtype | load s | first token compute s | time to first token s | peak RSS GB | model GB | RSS / model | ours TTFT ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    touch = common.peaks().get("first_touch_gbs")
+    print("| impl | dtype | load s | first token compute s | time to first token s | peak RSS GB | model GB | RSS / model | ours TTFT ratio | load GB/s (of first-touch rate) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     ours = {r["dtype"]: r for r in rows if r["impl"] == "ours"}
     for r in rows:
         name = "ours" if r["impl"] == "ours" else f"transformers {r['reference']}"
         ratio = f"{ours[r['dtype']]['ttft_s'] / r['ttft_s']:.2f}x" if r["impl"] == "ref" and r["dtype"] in ours else ""
         print(f"| {name} | {r['dtype']} | {r['load_s']:.1f} | {r['first_token_compute_s']:.1f} | {r['ttft_s']:.1f} | "
-              f"{r['peak_rss_gb']:.2f} | {r['model_gb']:.2f} | {r['rss_over_model']:.3f} | {ratio} |")
+              f"{r['peak_rss_gb']:.2f} | {r['model_gb']:.2f} | {r['rss_over_model']:.3f} | {ratio} | "
+              f"{r['model_gb'] / r['load_s']:.2f}" + (f" ({r['model_gb'] / r['load_s'] / touch:.0%})" if touch else "") + " |")
 
 
 if __name__ == "__main__":

@@ -57,10 +57,20 @@ def main() -> None:
                 ids = model.generate(pixels[i : i + args.batch].to(dtype), max_new_tokens=30)
                 out += [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
         captions[name], seconds[name] = out, time.perf_counter() - start
+    transformers, version = common.reference()
+    if transformers is not None:  # the reference's own bf16 flips, for scale
+        for name, dtype in (("reference fp32", torch.float32), ("reference bf16", torch.bfloat16)):
+            model = common.load_reference(MODEL_DIR, dtype)
+            out, start = [], time.perf_counter()
+            with torch.inference_mode():
+                for i in range(0, len(pixels), args.batch):
+                    ids = model.generate(pixel_values=pixels[i : i + args.batch].to(dtype), max_new_tokens=30)
+                    out += [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+            captions[f"{name} ({version})"], seconds[f"{name} ({version})"] = out, time.perf_counter() - start
     base = captions["fp32"]
     correct = lambda caps: sum(world.caption_correct(c, s) for c, s in zip(caps, shown))
     print(f"demo model, {len(base)} test scenes, greedy, up to 30 new tokens")
-    print("| variant | captions differing from fp32 | correct captions | seconds |")
+    print("| variant | captions differing from ours fp32 | correct captions | seconds |")
     print("|---|---|---|---|")
     result = {}
     for name, caps in captions.items():

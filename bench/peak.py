@@ -65,6 +65,17 @@ def bandwidth_gbs(seconds: float, nbytes: int = 1 << 30) -> dict[str, float]:
     return {"read": nbytes / read / 1e9, "copy": 2 * nbytes / copy / 1e9, "bf16_gemv": nbytes / gemv / 1e9}
 
 
+def first_touch_gbs(nbytes: int = 1 << 30, tries: int = 3) -> float:
+    """GB/s of writing memory the process has just allocated: the kernel hands out (and zeroes)
+    each page on first touch, which bounds how fast any loader can fill a model."""
+    best = float("inf")
+    for _ in range(tries):
+        t = time.perf_counter()
+        torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -110,6 +121,7 @@ def measure(seconds: float = 1.0) -> dict:
         "bf16_gflops": max(bf16.values()),
         "read_gbs": bw["read"],
         "bandwidth_gbs": max(bw.values()),  # the best way found to stream memory
+        "first_touch_gbs": first_touch_gbs(),
         "detail": {"fp32": fp32, "bf16": bf16, "bandwidth": bw},
     }
 
@@ -147,7 +159,8 @@ def main() -> None:
         shapes = "  ".join(f"{k}: {v:.0f}" for k, v in result["detail"][dtype].items())
         print(f"{dtype} matmul GFLOP/s  peak {result[f'{dtype}_gflops']:.0f}   ({shapes})")
     bw = result["detail"]["bandwidth"]
-    print(f"memory GB/s  read {bw['read']:.1f}  copy {bw['copy']:.1f}  bf16 gemv {bw['bf16_gemv']:.1f}")
+    print(f"memory GB/s  read {bw['read']:.1f}  copy {bw['copy']:.1f}  bf16 gemv {bw['bf16_gemv']:.1f}  "
+          f"first touch of new memory {result['first_touch_gbs']:.1f}")
 
 
 if __name__ == "__main__":
