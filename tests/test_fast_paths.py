@@ -71,6 +71,28 @@ def test_one_image_with_several_prompts_is_encoded_once(saved):
         assert torch.equal(together[row, : alone.shape[1]], alone[0])
 
 
+def test_shared_query_prefix_prefills_like_the_whole_prompt(saved):
+    """One image, several prompts: the queries' keys and values are computed for one row and copied;
+    the prompts' logits equal those of the image repeated per row (nothing shared)."""
+    from blip2.generation import GenerationConfig
+
+    directory, config = saved
+    model = Blip2ForConditionalGeneration.from_pretrained(directory)
+    inputs = make_inputs(config, batch=3, seq=5)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    cfg = GenerationConfig(max_new_tokens=4, bos_token_id=2)
+    with torch.inference_mode():
+        shared, _ = model.stepper(inputs["pixel_values"][:1], ids, mask, cfg)
+        apart, _ = model.stepper(inputs["pixel_values"][:1].expand(3, -1, -1, -1), ids, mask, cfg)
+        assert (shared.shared, apart.shared) == (config.num_query_tokens, 0)
+        torch.testing.assert_close(shared.prefill(), apart.prefill(), atol=1e-5, rtol=1e-5)
+        for layer in range(len(shared.cache.k)):
+            torch.testing.assert_close(shared.cache.k[layer], apart.cache.k[layer], atol=1e-5, rtol=1e-5)
+    together = model.generate(inputs["pixel_values"][:1], ids, mask, max_new_tokens=6)
+    repeated = model.generate(inputs["pixel_values"][:1].expand(3, -1, -1, -1), ids, mask, max_new_tokens=6)
+    assert torch.equal(together, repeated)
+
+
 @pytest.mark.skipif(not packing_available(), reason="PyTorch built without oneDNN")
 @pytest.mark.parametrize("beams", [1, 3])
 def test_packed_model_generates_the_same_tokens(saved, beams):

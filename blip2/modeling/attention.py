@@ -104,6 +104,14 @@ class KVCache:
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def fill_from(self, prefix: "KVCache") -> None:
+        """Starts every row with the one row of `prefix` (a prompt head all rows share)."""
+        n = prefix.length
+        for mine, theirs in ((self.k, prefix.k), (self.v, prefix.v)):
+            for t, p in zip(mine, theirs):
+                t[:, :, :n] = p[:, :, :n]  # (1, H, n, D) broadcast over the batch
+        self.length = n
+
     def advance(self, n: int) -> None:
         """Marks `n` more positions filled; called once per forward, after every layer wrote."""
         self.length += n

@@ -104,6 +104,11 @@ class Blip2(nn.Module):
         if batch is not None and input_ids.shape[0] != batch:
             raise ValueError(f"batch sizes differ: {batch} images but {input_ids.shape[0]} rows of input_ids")
 
+    def has_image_tokens(self, input_ids: Tensor) -> bool:
+        """Whether the prompts hold `<image>` slots for the queries (else the queries go in front)."""
+        token = self.config.image_token_index
+        return token is not None and bool((input_ids == token).any())
+
     def merge(self, lm_inputs: Tensor, input_ids: Tensor, attention_mask: Tensor | None):
         """Places the image's query embeddings among the text embeddings.
 
@@ -119,13 +124,13 @@ class Blip2(nn.Module):
                 f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids {tuple(input_ids.shape)}"
             )
         embeds = self.language_model.embed(input_ids)  # (B, T, D)
-        image_token = self.config.image_token_index
-        slots = input_ids == image_token if image_token is not None else None
-        if slots is not None and slots.any():
+        if self.has_image_tokens(input_ids):
+            slots = input_ids == self.config.image_token_index
             per_row = slots.sum(dim=1)
             if (per_row != Q).any():
                 raise ValueError(
-                    f"each prompt must hold {Q} image tokens (id {image_token}), found {per_row.tolist()}"
+                    f"each prompt must hold {Q} image tokens (id {self.config.image_token_index}), "
+                    f"found {per_row.tolist()}"
                 )
             embeds = embeds.masked_scatter(slots[..., None], lm_inputs.to(embeds.dtype))
             return embeds, attention_mask
@@ -175,7 +180,10 @@ class Blip2(nn.Module):
         embeds, mask = self.merge(lm_inputs, input_ids, attention_mask)
         if decoder_only:
             _check_positions(mask, new_tokens, text.max_position_embeddings)
-            return DecoderStepper(self.language_model, embeds, mask, new_tokens), start_ids
+            # Several prompts about one image, queries in front: every row starts with the same
+            # query tokens at the same positions, so their keys and values are computed once.
+            shared = lm_inputs.shape[1] if images == 1 and B > 1 and not self.has_image_tokens(input_ids) else 0
+            return DecoderStepper(self.language_model, embeds, mask, new_tokens, shared), start_ids
         from .t5 import T5Stepper
 
         return T5Stepper(self.language_model, embeds, mask, new_tokens, start_ids), start_ids
@@ -196,18 +204,27 @@ class DecoderStepper:
     """The step interface generation runs over, for a decoder-only language model.
 
     The prompt (queries + text) is prefilled once per image; beams then share it by
-    repeating cache rows, and each step feeds one token into a preallocated cache.
+    repeating cache rows, and each step feeds one token into a preallocated cache. With
+    `shared_prefix=n`, the first n positions are the same in every row (one image's queries,
+    several prompts): they are run for one row and copied into all.
     """
 
-    def __init__(self, lm, inputs_embeds: Tensor, attention_mask: Tensor, max_new_tokens: int) -> None:
+    def __init__(self, lm, inputs_embeds: Tensor, attention_mask: Tensor, max_new_tokens: int,
+                 shared_prefix: int = 0) -> None:
         self.lm = lm
         self.embeds = inputs_embeds
         self.mask = attention_mask
+        self.shared = shared_prefix
         B, T, _ = inputs_embeds.shape
         self.cache = lm.new_cache(B, T + max_new_tokens, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
 
     def prefill(self) -> Tensor:
-        logits = self.lm(self.embeds, self.mask, self.cache, last_logits=1).logits
+        n = self.shared
+        if n:
+            head = self.lm.new_cache(1, n, dtype=self.embeds.dtype, device=self.embeds.device)
+            self.lm(self.embeds[:1, :n], self.mask[:1, :n], head, last_logits=1)
+            self.cache.fill_from(head)
+        logits = self.lm(self.embeds[:, n:], self.mask, self.cache, last_logits=1).logits
         self.embeds = None
         return logits[:, -1]  # (B, V)
 
