@@ -171,5 +171,15 @@ def test_patch_labels_follow_the_shapes(index):
     for shape in scene.shapes:  # the patch under each centre belongs to its shape
         patch = int(shape.y) // 8 * 8 + int(shape.x) // 8
         assert labels["patch_shape"][patch] in (0, list(world.SHAPES).index(shape.shape) + 1)
-    assert labels["count"] == len(scene.shapes) - 1
-    assert labels["present"].sum() == len({s.colour for s in scene.shapes}) + len({s.shape for s in scene.shapes})
+    objects = labels["patch_object"]
+    assert set(objects[objects > 0]) == set(range(1, len(scene.shapes) + 1))  # every shape gets a patch
+    assert ((objects > 0) == (labels["patch_shape"] > 0)).all()
+
+
+def test_a_small_shape_across_four_large_patches_is_labelled():
+    """With 16-pixel patches a small square on the corner where four meet covers under a fifth of
+    each; it still gets the patches it covers most."""
+    shape = world.Shape("red", "square", 32.0, 32.0, 11.0, 0.0, world.COLOURS["red"])
+    scene = world.Scene((shape,), "plain", False, (240, 240, 240), world.Style())
+    labels = scene_labels(scene, 64, 16)
+    assert (labels["patch_shape"] == list(world.SHAPES).index("square") + 1).sum() == 4

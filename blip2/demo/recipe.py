@@ -58,14 +58,14 @@ class Recipe:
 
     seed: int = 0
     train_images: int = 12000  # BLIP-2's image-text pairs: seen pairs only
-    pretrain_images: int = 12000  # the image encoder's: every pair
+    pretrain_images: int = 32000  # the image encoder's: every pair
     text_docs: int = 16000
     # the image encoder
     image_size: int = 64
-    patch_size: int = 8
+    patch_size: int = 16  # a 4 x 4 grid: each patch sees most of a shape; 4x cheaper than 8
     vision_hidden: int = 128
     vision_layers: int = 4
-    vision_steps: int = 2000
+    vision_steps: int = 4000  # shape comes late: held-out patches 65% after 1000 steps, 91% after 3000
     vision_batch: int = 32
     vision_lr: float = 1e-3
     vision_mimetic: bool = True
@@ -73,7 +73,7 @@ class Recipe:
     # the language model
     lm_hidden: int = 128
     lm_layers: int = 4
-    lm_steps: int = 1000
+    lm_steps: int = 1500  # copying from context appears between steps 500 and 1000; room to settle
     lm_batch: int = 32  # sequences of max_position_embeddings tokens
     lm_lr: float = 2e-3
     # the Q-Former
@@ -170,6 +170,19 @@ def sincos_positions(grid: int, width: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, width), table])[None]  # (1, 1 + grid*grid, W)
 
 
+def sincos_sequence(length: int, width: int) -> torch.Tensor:
+    """1-D sine-cosine positions (length, width), each row of norm 1 like the token embeddings.
+
+    OPT learns its positions; started from these rather than at random, the language model
+    learns to copy from its context (induction) early: after 1000 steps it wrote a two- or
+    three-shape caption it had just read again in 100% of cases, against 38% (and, after a
+    1000-step run, 4%). That reading is what the frozen model later needs for the queries."""
+    half = width // 2
+    freqs = 1.0 / 100.0 ** (torch.arange(half) / half)
+    angles = torch.arange(length).float()[:, None] * freqs  # (length, W/2)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1) * (2.0 / width) ** 0.5
+
+
 @torch.no_grad()
 def mimetic_init_(encoder: VisionEncoder, scale: float = 1.0) -> None:
     """Queries and keys start as the identity (plus noise), so each patch attends first to the
@@ -209,9 +222,12 @@ def pretrain_vision(r: Recipe, data: TrainWorld, work: Path) -> tuple[VisionEnco
 
 
 def pretrain_language_model(r: Recipe, tok, text_config: OPTConfig, corpus: list[list[str]],
-                            work: Path) -> OPTLanguageModel:
+                            work: Path) -> tuple[OPTLanguageModel, float]:
+    torch.manual_seed(r.seed + 1)  # its own draw: a change to the image encoder does not reshuffle it
     lm = OPTLanguageModel(text_config)
     init_bert_(lm, text_config.init_std)
+    with torch.no_grad():
+        lm.embed_positions.weight.copy_(sincos_sequence(*lm.embed_positions.weight.shape))
     lines = tok.encode_batch([line + "\n" for doc in corpus for line in doc])
     docs, start = [], 0
     for doc in corpus:
@@ -222,8 +238,28 @@ def pretrain_language_model(r: Recipe, tok, text_config: OPTConfig, corpus: list
     cfg = trainer_config(r, work, "lm", r.lm_steps, r.lm_batch, r.lm_lr)
     log(f"language model: {r.lm_steps} steps of {r.lm_batch} lines")
     history = Trainer(TextPretraining(lm), dataset, dataset.collate, cfg).fit()
-    log(f"language model: final loss {history[-1]['loss']:.3f}")
-    return lm.eval()
+    lm.eval()
+    copy = copy_accuracy(lm, tok, r.seed)
+    log(f"language model: final loss {history[-1]['loss']:.3f}; copies a caption it just read: {copy:.1%}")
+    return lm, copy
+
+
+@torch.no_grad()
+def copy_accuracy(lm: OPTLanguageModel, tok, seed: int, scenes: int = 60) -> float:
+    """Given a caption of two or three shapes, how often the model writes it again right after
+    "an image of" (greedy): the in-context reading that BLIP-2 relies on, measured in text."""
+    right = total = 0
+    for i in range(scenes):
+        scene = world.sample_scene("test", 1000 + i, seed)
+        if len(scene.shapes) < 2:
+            continue
+        ids = torch.tensor([tok.encode(world.canonical_caption(scene) + "\nan image of").ids])  # BOS first
+        for _ in range(16):
+            ids = torch.cat([ids, lm(lm.embed(ids)).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        lines = tok.decode(ids[0, 1:].tolist()).split("\n")
+        right += len(lines) > 1 and world.caption_correct(lines[1], scene)
+        total += 1
+    return right / max(1, total)
 
 
 def blip2_config(r: Recipe, tok) -> Blip2Config:
@@ -403,7 +439,9 @@ def report(r: Recipe, scores: dict, retrieval: dict, patches: dict, timer: Timer
         "Example held-out captions (shipped model): " + "; ".join(f"\"{t}\"" for t in scores["full"]["heldout"]["examples"]),
         "",
         f"The pretrained image encoder on held-out images, per patch that shows a shape: colour "
-        f"{patches['patch_colour']:.1%}, shape {patches['patch_shape']:.1%}.",
+        f"{patches['patch_colour']:.1%}, shape {patches['patch_shape']:.1%}; per shape, the shape its patches "
+        f"vote for {patches['object_shape']:.1%}; where a shape's centre is, to {patches['where_px']:.1f} pixels of 64. The pretrained language model, given a caption of two or "
+        f"three shapes, writes it again after \"an image of\" in {patches['copy']:.1%} of cases.",
         "",
         f"Shipped size: {size_mb:.1f} MB (model/ and retrieval/, {r.save_dtype}).",
         "",
@@ -434,7 +472,7 @@ def run(r: Recipe, out: Path, work: Path, quick: bool = False) -> str:
     vision, patch_accuracy = pretrain_vision(r, pretraining_images, work)
     timer.stage("image encoder", t)
     t = time.perf_counter()
-    lm = pretrain_language_model(r, tok, config.text_config, corpus, work)
+    lm, copy = pretrain_language_model(r, tok, config.text_config, corpus, work)
     timer.stage("language model", t)
 
     t = time.perf_counter()
@@ -467,7 +505,7 @@ def run(r: Recipe, out: Path, work: Path, quick: bool = False) -> str:
     retrieval["itm"] = evaluate.itm_accuracy(retrieval_model, tok, sets["heldout"])
     log(f"retrieval: {retrieval}")
     timer.stage("export and evaluation", t)
-    text = report(r, scores, retrieval, patch_accuracy, timer, folder_mb(out / "model", out / "retrieval"), quick)
+    text = report(r, scores, retrieval, {**patch_accuracy, "copy": copy}, timer, folder_mb(out / "model", out / "retrieval"), quick)
     (out / "REPORT.md").write_text(text, encoding="utf-8")
     (out / "scores.json").write_text(json.dumps({"scores": scores, "retrieval": retrieval,
                                                  "stages_s": timer.stages}, indent=2) + "\n")
