@@ -136,6 +136,17 @@ def load_pixels(paths: list[str], image_processor, failures: Failures) -> tuple[
     return names, pixels
 
 
+def image_batches(paths: list[str], args, m: "Loaded", failures: Failures, bar):
+    """(names, pixel_values on the model's device and dtype) per batch of readable images."""
+    import torch
+
+    for chunk in batches(paths, args.batch_size):
+        names, pixels = load_pixels(chunk, m.processor.image_processor, failures)
+        bar.update(len(chunk))
+        if names:
+            yield names, torch.stack(pixels).to(m.device, m.dtype)
+
+
 def batches(items: list, size: int):
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -221,12 +232,7 @@ def _generate_over(args, prompt: str, key: str) -> int:
     kwargs = generation_kwargs(args)
     per_image = kwargs.get("num_return_sequences", 1)
     bar = progress(len(paths), args, key)
-    for chunk in batches(paths, args.batch_size):
-        names, pixels = load_pixels(chunk, m.processor.image_processor, failures)
-        bar.update(len(chunk))
-        if not names:
-            continue
-        pixel_values = torch.stack(pixels).to(m.device, m.dtype)
+    for names, pixel_values in image_batches(paths, args, m, failures, bar):
         text = m.processor.tokenizer([prompt] * len(names), return_tensors="pt") if prompt else None
         with torch.inference_mode():
             ids = m.model.generate(
@@ -283,12 +289,7 @@ def run_match(args) -> int:
     m = load(args, retrieval=True)
     text = m.processor.tokenizer([args.text], return_tensors="pt")
     bar = progress(len(paths), args, "match")
-    for chunk in batches(paths, args.batch_size):
-        names, pixels = load_pixels(chunk, m.processor.image_processor, failures)
-        bar.update(len(chunk))
-        if not names:
-            continue
-        pixel_values = torch.stack(pixels).to(m.device, m.dtype)
+    for names, pixel_values in image_batches(paths, args, m, failures, bar):
         ids = text["input_ids"].to(m.device).expand(len(names), -1)
         mask = text["attention_mask"].to(m.device).expand(len(names), -1)
         with torch.inference_mode():
@@ -316,13 +317,9 @@ def run_embed(args) -> int:
         return 2 if not failures.count else finish(failures)
     m = load(args, retrieval=True)
     bar = progress(len(paths), args, "embed")
-    for chunk in batches(paths, args.batch_size):
-        names, pixels = load_pixels(chunk, m.processor.image_processor, failures)
-        bar.update(len(chunk))
-        if not names:
-            continue
+    for names, pixel_values in image_batches(paths, args, m, failures, bar):
         with torch.inference_mode():
-            image = m.model.vision_model(torch.stack(pixels).to(m.device, m.dtype)).last_hidden_state
+            image = m.model.vision_model(pixel_values).last_hidden_state
             embeds = m.model.image_embeds(m.model.image_queries(image).last_hidden_state)  # (B, Q, E)
         bar.clear()
         for name, e in zip(names, embeds.float().tolist()):
