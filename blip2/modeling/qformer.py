@@ -153,38 +153,13 @@ class QFormer(nn.Module):
         need_weights: bool = False,
     ) -> QFormerOutput:
         """queries (B, Q, D), image (B, N, Dv) -> QFormerOutput; masks are 1/0 keep-masks."""
-        x = F.dropout(self.layernorm(queries), self.config.hidden_dropout_prob, self.training)
-        B, T, _ = x.shape
-        dtype = x.dtype
-        past_len = past[0][0].shape[2] if past is not None else 0
-        if attention_mask is None:
-            attention_mask = torch.ones(B, past_len + T, device=x.device)
-        self_mask = self_attention_mask(attention_mask, dtype)
-        cross_mask = None
-        if image is not None:
-            if image_mask is None:
-                image_mask = torch.ones(image.shape[:2], device=x.device)
-            cross_mask = image_attention_mask(image_mask, dtype)
-        head_masks = per_layer_head_mask(head_mask, len(self.layers), dtype)
+        x, self_mask, cross_mask = self._inputs(queries, attention_mask, image, image_mask, past)
+        head_masks = per_layer_head_mask(head_mask, len(self.layers), x.dtype)
 
-        hidden = [x] if need_hidden else None
-        self_ws, cross_ws, presents = [], [], []
-        for n, layer in enumerate(self.layers):
-            layer_past = past[n] if past is not None else None
-            x, sw, cw, present = layer(x, self_mask, image, cross_mask, head_masks[n], need_weights, layer_past)
-            if need_hidden:
-                hidden.append(x)
-            self_ws.append(sw)
-            if layer.has_cross_attention:
-                cross_ws.append(cw)
-            presents.append(present)
-        return QFormerOutput(
-            x,
-            tuple(hidden) if need_hidden else None,
-            tuple(self_ws) if need_weights else None,
-            tuple(cross_ws) if need_weights else None,
-            tuple(presents) if use_cache else None,
-        )
+        def step(n, layer, x, layer_past):
+            return layer(x, self_mask, image, cross_mask, head_masks[n], need_weights, layer_past)
+
+        return self._run(x, step, past, True, use_cache, need_hidden, need_weights)
 
     def forward_joint(
         self,
@@ -205,29 +180,39 @@ class QFormer(nn.Module):
         (B, Q + T, S) for any other pattern (ITG's `multimodal_causal_mask`); S counts `past`
         positions (the queries' cached keys and values when ITG runs the text alone) first.
         """
+        x, self_mask, cross_mask = self._inputs(embeds, attention_mask, image, image_mask, past)
+
+        def step(n, layer, x, layer_past):
+            return layer.forward_joint(x, num_queries, self_mask, image, cross_mask, need_weights, layer_past)
+
+        return self._run(x, step, past, num_queries > 0, use_cache, need_hidden, need_weights)
+
+    def _inputs(self, embeds: Tensor, attention_mask, image, image_mask, past) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The input norm and dropout, and both additive masks (self, cross; the latter None without an image)."""
         x = F.dropout(self.layernorm(embeds), self.config.hidden_dropout_prob, self.training)
         B, T, _ = x.shape
         past_len = past[0][0].shape[2] if past is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, past_len + T, device=x.device)
-        self_mask = self_attention_mask(attention_mask, x.dtype)
         cross_mask = None
         if image is not None:
             if image_mask is None:
                 image_mask = torch.ones(image.shape[:2], device=x.device)
             cross_mask = image_attention_mask(image_mask, x.dtype)
+        return x, self_attention_mask(attention_mask, x.dtype), cross_mask
 
+    def _run(self, x: Tensor, step, past, queries_present: bool, use_cache: bool, need_hidden: bool,
+             need_weights: bool) -> QFormerOutput:
+        """Every layer in turn; step(n, layer, x, layer_past) -> (x, self_w, cross_w, present).
+        Cross-attention weights exist only for layers that have it and only when queries are present."""
         hidden = [x] if need_hidden else None
         self_ws, cross_ws, presents = [], [], []
         for n, layer in enumerate(self.layers):
-            layer_past = past[n] if past is not None else None
-            x, sw, cw, present = layer.forward_joint(
-                x, num_queries, self_mask, image, cross_mask, need_weights, layer_past
-            )
+            x, sw, cw, present = step(n, layer, x, past[n] if past is not None else None)
             if need_hidden:
                 hidden.append(x)
             self_ws.append(sw)
-            if layer.has_cross_attention and num_queries:
+            if layer.has_cross_attention and queries_present:
                 cross_ws.append(cw)
             presents.append(present)
         return QFormerOutput(
