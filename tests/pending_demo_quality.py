@@ -1,6 +1,6 @@
-# Not collected by pytest (no test_ prefix): the shipped demo model does not reach these targets yet (see blip2/demo/REPORT.md). Rename to test_demo_model.py once it does.
-"""The shipped demo model: it is small, it works on images it never saw, also when they are drawn by
-other code than the world's, and transformers itself loads it and writes the same captions."""
+# Not collected by pytest (no test_ prefix): the shipped demo model does not reach these targets yet (see blip2/demo/REPORT.md). Move them into test_demo_model.py as it does.
+"""The shipped demo model works on images it never saw, also when they are drawn by other code
+than the world's. (Its files, and transformers computing the same captions: tests/test_demo_model.py.)"""
 
 from __future__ import annotations
 
@@ -41,17 +41,6 @@ def answers(model, processor, images: list[Image.Image], questions: list[str]) -
             ids = model.generate(**inputs, max_new_tokens=4)
         out.append(processor.batch_decode(ids, skip_special_tokens=True)[0].strip())
     return out
-
-
-def test_shipped_files_are_complete_and_small():
-    total = sum(p.stat().st_size for d in (MODEL_DIR, RETRIEVAL_DIR) for p in d.rglob("*") if p.is_file())
-    assert total <= 20 * 2**20, f"the shipped model takes {total / 2**20:.1f} MiB"
-    for folder in (MODEL_DIR, RETRIEVAL_DIR):
-        for name in ("config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json",
-                     "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
-            assert (folder / name).is_file(), folder / name
-    examples = sorted(EXAMPLES_DIR.glob("*.png"))
-    assert 3 <= len(examples) and all(p.stat().st_size < 20_000 for p in examples)
 
 
 def test_held_out_captions_and_answers(shipped):
@@ -179,24 +168,3 @@ def test_retrieval_finds_the_described_image():
     with torch.inference_mode():
         sims = model(**inputs).logits_per_image  # (images, texts)
     assert (sims.argmax(dim=0) == torch.arange(len(keep))).float().mean() >= 0.7
-
-
-# ---------------------------------------------------------------- transformers reads it too
-def test_transformers_loads_it_and_writes_the_same_captions(shipped):
-    transformers = pytest.importorskip("transformers")
-    model, processor = shipped
-    theirs = transformers.Blip2ForConditionalGeneration.from_pretrained(str(MODEL_DIR)).eval()
-    their_processor = transformers.Blip2Processor.from_pretrained(str(MODEL_DIR))
-    images = [Image.open(p) for p in sorted(EXAMPLES_DIR.glob("*.png"))]
-    images += [e.image for e in (world.example("heldout", 7000 + i) for i in range(6))]
-    inputs = their_processor(images=images, return_tensors="pt")
-    with torch.inference_mode():
-        ids = theirs.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS)
-    expected = [t.strip() for t in their_processor.batch_decode(ids, skip_special_tokens=True)]
-    assert captions(model, processor, images) == expected
-    prompt = their_processor(images=images[:1], text="Question: how many shapes are there? Answer:",
-                             return_tensors="pt")
-    with torch.inference_mode():
-        theirs_answer = their_processor.batch_decode(theirs.generate(**prompt, max_new_tokens=4),
-                                                     skip_special_tokens=True)[0].strip()
-    assert answers(model, processor, images[:1], ["how many shapes are there?"]) == [theirs_answer]
