@@ -67,15 +67,17 @@ def _other_cover(blocks: np.ndarray, k: int) -> np.ndarray:
 
 
 class VisionPretraining(nn.Module):
-    """The image encoder with two per-patch heads that are thrown away afterwards.
+    """The image encoder with per-patch heads that are thrown away afterwards.
 
-    Per patch: colour, shape and where the shape's centre is. Without the last, position faded
-    from the output (a linear read-out explained 27% of the variance of the shape's x), the
-    Q-Former could not tell left from right, and captions of several shapes named one of them
-    over and over. With more heads on the class token (count, which colours and shapes are
-    present, the background, each shape in turn) the shape head learned several times slower
-    (held-out patches 43% against 65% after 1000 steps), as the easy tasks took over the shared
-    layers: counting and binding are left to the Q-Former, as in BLIP-2.
+    Per patch: colour, shape, where the shape's centre is, and its rank from the left (first,
+    second, third), the order in which captions list the shapes. Without the centre, position
+    faded from the output (a linear read-out explained 27% of the variance of the shape's x) and
+    captions of several shapes named one of them over and over. Without the rank, a Q-Former
+    trained directly to name the k-th shape from the left got 31% of three-shape scenes right after
+    3000 steps, with it 57%; its stage-2 captions went from 37% to 61.5% on new images (24.5% to
+    37% on held-out pairs). Heads on the class token (count, which colours and shapes are present,
+    the background) made the shape head learn several times slower (held-out patches 43% against
+    65% after 1000 steps), as the easy tasks took over the shared layers, so there are none.
     """
 
     def __init__(self, encoder: nn.Module) -> None:
@@ -85,6 +87,7 @@ class VisionPretraining(nn.Module):
         self.patch_colour = nn.Linear(D, len(world.COLOURS) + 1)
         self.patch_shape = nn.Linear(D, len(world.SHAPES) + 1)
         self.patch_where = nn.Linear(D, 2)
+        self.patch_rank = nn.Linear(D, 3)
 
     def forward(self, batch: dict, step: int) -> dict[str, Tensor]:
         patches = self.encoder(batch["pixel_values"]).last_hidden_state[:, 1:]  # (B, P, D)
@@ -96,8 +99,10 @@ class VisionPretraining(nn.Module):
             "shape": F.cross_entropy(self.patch_shape(patches).flatten(0, 1), shape_labels.flatten(),
                                      ignore_index=IGNORE),
             "where": _masked_mse(self.patch_where(patches), batch["patch_where"], batch["patch_object"] > 0),
+            "rank": F.cross_entropy(self.patch_rank(patches).flatten(0, 1), (batch["patch_object"] - 1).flatten(),
+                                    ignore_index=-1),
         }
-        losses["loss"] = losses["colour"] + losses["shape"] + losses["where"]
+        losses["loss"] = losses["colour"] + losses["shape"] + losses["where"] + losses["rank"]
         return losses
 
     @torch.no_grad()
@@ -118,7 +123,9 @@ class VisionPretraining(nn.Module):
             right += (votes == truth)[has].sum().item()
             total += has.sum().item()
         where = self.patch_where(patches)[obj] - labels["patch_where"][obj]  # (N, 2)
+        rank = (self.patch_rank(patches).argmax(-1) == labels["patch_object"] - 1)[labels["patch_object"] > 0]
         return {"patch_colour": colour.item(), "patch_shape": shape.item(), "object_shape": right / max(1, total),
+                "patch_rank": rank.float().mean().item(),
                 "where_px": where.norm(dim=-1).mean().item() * 31.5}  # mean error, pixels of 64
 
 
