@@ -25,9 +25,13 @@ def test_toy_recipe_writes_checkpoints_and_a_report(tmp_path):
     work.mkdir()
     text = recipe.run(TOY, out, work, quick=True)
     assert (out / "REPORT.md").read_text() == text
-    for row in ("stage 1 + stage 2 (shipped) | heldout", "stage 2 only (no stage 1) | heldout", "ITC text-to-image"):
+    for row in ("stage 1 + stage 2", "stage 2 only (no stage 1)", "ITC text-to-image", "The shipped model is"):
         assert row in text
     scores = json.loads((out / "scores.json").read_text())
+    assert set(scores["validation"]) == {"full", "ablation"}
+    best = max(scores["validation"].values())
+    assert scores["validation"][scores["shipped"]] == best  # the better captioner ships
+    assert text.count("(shipped) | heldout") == 1
     assert set(scores["scores"]["full"]["heldout"]["vqa"]) == {"colour", "shape", "count", "position", "yesno"}
     assert len(list((out / "examples").glob("*.png"))) >= 3
 
