@@ -4,6 +4,10 @@ not meet yet are asserted in tests/pending_demo_quality.py, which is not collect
 
 from __future__ import annotations
 
+import math
+import random
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -12,6 +16,21 @@ from blip2 import Blip2ForConditionalGeneration
 from blip2.demo import EXAMPLES_DIR, MODEL_DIR, RETRIEVAL_DIR, evaluate, world
 from blip2.processing import Blip2Processor
 from blip2.retrieval import Blip2ForImageTextRetrieval
+
+MAX_NEW_TOKENS = 30
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model = Blip2ForConditionalGeneration.from_pretrained(MODEL_DIR)
+    return model, Blip2Processor.from_pretrained(MODEL_DIR)
+
+
+def captions(model, processor, images: list[Image.Image]) -> list[str]:
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        ids = model.generate(pixel_values=pixels, max_new_tokens=MAX_NEW_TOKENS)
+    return [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
 
 
 def test_shipped_files_are_complete_and_small():
@@ -66,3 +85,96 @@ def test_retrieval_finds_the_described_image():
     with torch.inference_mode():
         sims = model(**inputs).logits_per_image  # (images, texts)
     assert (sims.argmax(dim=0) == torch.arange(len(keep))).float().mean() >= 0.7  # 87% now; among 100: 60% (REPORT.md)
+
+
+# ---------------------------------------------------------------- other drawing code
+# Written apart from blip2.demo.world on purpose: its own geometry (other proportions), its own
+# rasteriser (numpy inside-tests at 4x, block-averaged: anti-aliased), its own colours, with the
+# whole picture rotated, noise added, and sizes the world never draws.
+OTHER_RGB = {"red": (225, 20, 40), "orange": (250, 150, 40), "yellow": (250, 225, 50), "green": (30, 150, 50),
+             "blue": (30, 60, 200), "purple": (120, 40, 170), "pink": (250, 140, 200), "black": (10, 10, 10),
+             "gray": (140, 140, 140), "white": (255, 255, 255)}
+
+
+def _polygon(kind: str, r: float) -> list[tuple[float, float]]:
+    if kind == "square":
+        return [(-r, -r), (r, -r), (r, r), (-r, r)]
+    if kind == "rectangle":
+        return [(-1.3 * r, -0.7 * r), (1.3 * r, -0.7 * r), (1.3 * r, 0.7 * r), (-1.3 * r, 0.7 * r)]
+    if kind == "triangle":
+        return [(0, -1.2 * r), (1.15 * r, 0.9 * r), (-1.15 * r, 0.9 * r)]
+    if kind == "diamond":
+        return [(0, -1.25 * r), (0.8 * r, 0), (0, 1.25 * r), (-0.8 * r, 0)]
+    if kind == "star":
+        return [((1.25 if k % 2 == 0 else 0.55) * r * math.sin(k * math.pi / 5),
+                 -(1.25 if k % 2 == 0 else 0.55) * r * math.cos(k * math.pi / 5)) for k in range(10)]
+    raise ValueError(kind)
+
+
+def _inside_polygon(px: np.ndarray, py: np.ndarray, pts) -> np.ndarray:
+    """Even-odd rule: a point is inside when a ray to its right crosses the outline an odd number of times."""
+    inside = np.zeros(px.shape, dtype=bool)
+    for (x1, y1), (x2, y2) in zip(pts, pts[1:] + pts[:1]):
+        crosses = (y1 > py) != (y2 > py)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x_at = x1 + (py - y1) * (x2 - x1) / (y2 - y1)
+        inside ^= crosses & (px < x_at)
+    return inside
+
+
+def draw_other(shapes: list[tuple[str, str, float, float, float]], size: int, dark: bool, tilt: float,
+               noise: float, rng: np.random.Generator) -> Image.Image:
+    """shapes: (colour, kind, x, y, r) in [0, 1] picture units; tilt rotates the whole picture (degrees)."""
+    ss = 4
+    n = size * ss
+    coords = (np.arange(n) + 0.5) / n
+    ys, xs = np.meshgrid(coords, coords, indexing="ij")
+    c, s = math.cos(math.radians(tilt)), math.sin(math.radians(tilt))
+    u, v = c * (xs - 0.5) - s * (ys - 0.5) + 0.5, s * (xs - 0.5) + c * (ys - 0.5) + 0.5  # rotated picture coords
+    base = np.array((40, 45, 55) if dark else (235, 232, 225), dtype=np.float64)
+    canvas = np.broadcast_to(base + 18 * (u[..., None] - 0.5), (n, n, 3)).copy()  # a gentle gradient
+    for colour, kind, x, y, r in shapes:
+        if kind == "circle":
+            mask = (u - x) ** 2 + (v - y) ** 2 <= r * r
+        else:
+            mask = _inside_polygon(u - x, v - y, _polygon(kind, r))
+        canvas[mask] = OTHER_RGB[colour]
+    small = canvas.reshape(size, ss, size, ss, 3).mean(axis=(1, 3))  # box filter: anti-aliasing
+    small += rng.normal(0, noise, small.shape)
+    return Image.fromarray(np.clip(small, 0, 255).round().astype(np.uint8), "RGB")
+
+
+def other_scenes(count: int, seed: int = 1):
+    """(image, pairs left to right) drawn by draw_other, pairs from the whole world (held-out ones too)."""
+    rng, nrng = random.Random(seed), np.random.default_rng(seed)
+    out = []
+    while len(out) < count:
+        n = rng.choice((1, 2, 2, 3))
+        pairs = rng.sample(world.ALL_PAIRS, n)
+        colours = {c for c, _ in pairs}
+        if {"black", "white"} <= colours:
+            continue
+        dark = "white" in colours or ("black" not in colours and rng.random() < 0.4)
+        placed = []
+        for colour, kind in pairs:
+            r = rng.uniform(0.09, 0.15)
+            for _ in range(100):
+                x, y = rng.uniform(0.18, 0.82), rng.uniform(0.18, 0.82)
+                if all(math.hypot(x - px, y - py) > 1.6 * (r + pr) for _, _, px, py, pr in placed):
+                    placed.append((colour, kind, x, y, r))
+                    break
+        if len(placed) < n:
+            continue
+        size = rng.choice((40, 72, 100, 160))
+        tilt = rng.choice((-1, 1)) * rng.uniform(5, 10)
+        image = draw_other(placed, size, dark, tilt, rng.uniform(3, 10), nrng)
+        out.append((image, [(c, k) for c, k, *_ in sorted(placed, key=lambda p: p[2])]))
+    return out
+
+
+def test_robust_to_other_drawing_code(shipped):
+    model, processor = shipped
+    scenes = other_scenes(40)
+    texts = captions(model, processor, [image for image, _ in scenes])
+    right = [sorted(world.parse_caption(t)) == sorted(pairs) for t, (_, pairs) in zip(texts, scenes)]
+    assert np.mean(right) >= 0.75, [(t, p) for t, (_, p), ok in zip(texts, scenes, right) if not ok]
