@@ -1,6 +1,6 @@
 # Not collected by pytest (no test_ prefix): the shipped demo model does not reach these targets yet (see blip2/demo/REPORT.md). Move them into test_demo_model.py as it does.
-"""The shipped demo model's unmet targets: held-out captions and answers, and the example images.
-(What it already meets, files, parity, retrieval and robustness, is in tests/test_demo_model.py.)"""
+"""The shipped demo model's unmet target: held-out captions and answers.
+(What it already meets, files, parity, retrieval, example images and robustness, is in tests/test_demo_model.py.)"""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from blip2.demo import EXAMPLES_DIR, world
+from blip2.demo import world
 from test_demo_model import captions, shipped  # noqa: F401 (a fixture)
 
 
@@ -33,12 +33,3 @@ def test_held_out_captions_and_answers(shipped):
     qas = [(e.image, qa) for e in examples for qa in e.qa]
     said = answers(model, processor, [image for image, _ in qas], [qa.question for _, qa in qas])
     assert np.mean([s == qa.answer for s, (_, qa) in zip(said, qas)]) >= 0.8
-
-
-def test_example_images_are_captioned_right(shipped):
-    model, processor = shipped
-    paths = sorted(EXAMPLES_DIR.glob("*.png"))
-    texts = captions(model, processor, [Image.open(p) for p in paths])
-    for path, text in zip(paths, texts):
-        named = ["-".join(pair) for pair in world.parse_caption(text)]
-        assert sorted(named) == sorted(path.stem.split("_")[1:]), (path.name, text)

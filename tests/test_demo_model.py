@@ -75,6 +75,16 @@ def test_transformers_computes_the_same_captions():
     assert sum(bool(world.parse_caption(t)) for t in texts) >= len(texts) // 2  # real captions, not noise
 
 
+def test_example_images_are_captioned_right(shipped):
+    """The images the README's first command captions: every shape named with its colour."""
+    model, processor = shipped
+    paths = sorted(EXAMPLES_DIR.glob("*.png"))
+    texts = captions(model, processor, [Image.open(p) for p in paths])
+    for path, text in zip(paths, texts):
+        named = ["-".join(pair) for pair in world.parse_caption(text)]
+        assert sorted(named) == sorted(path.stem.split("_")[1:]), (path.name, text)
+
+
 def test_retrieval_finds_the_described_image():
     model = Blip2ForImageTextRetrieval.from_pretrained(RETRIEVAL_DIR)
     processor = Blip2Processor.from_pretrained(RETRIEVAL_DIR)

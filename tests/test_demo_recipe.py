@@ -25,7 +25,7 @@ def test_toy_recipe_writes_checkpoints_and_a_report(tmp_path):
     work.mkdir()
     text = recipe.run(TOY, out, work, quick=True)
     assert (out / "REPORT.md").read_text() == text
-    for row in ("stage 1 + stage 2", "stage 2 only (no stage 1)", "ITC text-to-image", "The shipped model is"):
+    for row in ("stage 1 (ITG) + stage 2", "stage 2 only (no stage 1)", "ITC text-to-image", "The shipped model is"):
         assert row in text
     scores = json.loads((out / "scores.json").read_text())
     assert set(scores["validation"]) == {"full", "ablation"}
@@ -33,6 +33,10 @@ def test_toy_recipe_writes_checkpoints_and_a_report(tmp_path):
     assert scores["validation"][scores["shipped"]] == best  # the better captioner ships
     assert text.count("(shipped) | heldout") == 1
     assert set(scores["scores"]["full"]["heldout"]["vqa"]) == {"colour", "shape", "count", "position", "yesno"}
+    text_qa = scores["language_model_text_qa"]  # the frozen LM's own QA, reported beside VQA
+    assert set(text_qa) == {"colour", "shape", "count", "position", "yesno"}
+    assert all(0.0 <= v <= 1.0 for v in text_qa.values())
+    assert "Given a caption as text" in text
     assert len(list((out / "examples").glob("*.png"))) >= 3
 
     model = Blip2ForConditionalGeneration.from_pretrained(out / "model")
