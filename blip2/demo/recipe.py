@@ -452,7 +452,7 @@ def pick_model(r: Recipe, tok, models: dict) -> tuple[str, dict[str, float]]:
     return chosen, accuracy
 
 
-def report(r: Recipe, scores: dict, chosen: str, validation: dict[str, float], retrieval: dict, patches: dict, timer: Timer, size_mb: float, quick: bool) -> str:
+def report(r: Recipe, scores: dict, chosen: str, validation: dict[str, float], retrieval: dict, halves: dict, timer: Timer, size_mb: float, quick: bool) -> str:
     kinds = world.QUESTION_KINDS
     lines = [
         "# The demo model: the recipe's report",
@@ -495,11 +495,11 @@ def report(r: Recipe, scores: dict, chosen: str, validation: dict[str, float], r
         + ", ".join(f"{names[k].removesuffix(' (shipped)')} {v:.1%}" for k, v in validation.items()) + ".",
         "",
         f"The pretrained image encoder on held-out images, per patch that shows a shape: colour "
-        f"{patches['patch_colour']:.1%}, shape {patches['patch_shape']:.1%}; per shape, the shape its patches "
-        f"vote for {patches['object_shape']:.1%}; which shape from the left it belongs to {patches['patch_rank']:.1%}; where a shape's centre is, to {patches['where_px']:.1f} pixels of 64. The pretrained language model, given a caption of two or "
-        f"three shapes, writes it again after \"an image of\" in {patches['copy']:.1%} of cases. Given a caption as text "
+        f"{halves['patch_colour']:.1%}, shape {halves['patch_shape']:.1%}; per shape, the shape its patches "
+        f"vote for {halves['object_shape']:.1%}; which shape from the left it belongs to {halves['patch_rank']:.1%}; where a shape's centre is, to {halves['where_px']:.1f} pixels of 64. The pretrained language model, given a caption of two or "
+        f"three shapes, writes it again after \"an image of\" in {halves['copy']:.1%} of cases. Given a caption as text "
         "and then a question (the VQA prompt), it answers "
-        + ", ".join(f"{k} {v:.1%}" for k, v in patches["text_qa"].items())
+        + ", ".join(f"{k} {v:.1%}" for k, v in halves["text_qa"].items())
         + ": VQA through the image leans on this skill of the frozen model (the caption says nothing of up and down, "
         "so its position answers are partly guesses).",
         "",
