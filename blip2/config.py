@@ -15,15 +15,36 @@ from typing import Any, ClassVar
 
 CONFIG_NAME = "config.json"
 
-# Fields every transformers config carries; the models read these three.
+# Fields every transformers config carries; the models read these three, and they are always written.
 _COMMON = {"return_dict": True, "output_attentions": False, "output_hidden_states": False}
+
+# The rest of the surface transformers' PretrainedConfig gives every config (user code and
+# libraries read and set these). Written to JSON only when they differ from these defaults,
+# as the reference's save_pretrained does.
+_SURFACE = {
+    "torchscript": False, "torch_dtype": None, "use_bfloat16": False, "pruned_heads": {},
+    "is_decoder": False, "add_cross_attention": False, "tie_encoder_decoder": False,
+    "cross_attention_hidden_size": None, "chunk_size_feed_forward": 0, "architectures": None,
+    "finetuning_task": None, "tokenizer_class": None, "prefix": None, "task_specific_params": None,
+    "problem_type": None, "bos_token_id": None, "pad_token_id": None, "eos_token_id": None,
+    "sep_token_id": None, "decoder_start_token_id": None, "tie_word_embeddings": True,
+    "is_encoder_decoder": False, "_name_or_path": "",
+}
+
+# Labels: in memory the reference keys id2label by int; JSON keys are strings.
+_DEFAULT_LABELS = {0: "LABEL_0", 1: "LABEL_1"}
 
 
 def _check_type(cls_name: str, key: str, value: Any, default: Any) -> Any:
-    """Validates a field against the type of its default; ints pass where floats are expected."""
+    """Validates a field against the type of its default; ints pass where floats are expected.
+
+    Token ids may also be lists of ints (several eos tokens, as the reference allows)."""
     if default is None or value is None:
         return value
-    if isinstance(default, bool):
+    if key.endswith("_token_id") and isinstance(value, (list, tuple)):
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        value = list(value)
+    elif isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
@@ -41,38 +62,70 @@ def _check_type(cls_name: str, key: str, value: Any, default: Any) -> Any:
     return value
 
 
+def _torch_dtype(value: Any) -> Any:
+    """'float16' / 'torch.float16' / torch.float16 -> torch.float16 (the reference's in-memory form)."""
+    if isinstance(value, str) and value != "auto":
+        import torch
+
+        found = getattr(torch, value.removeprefix("torch."), None)
+        if not isinstance(found, torch.dtype):
+            raise ValueError(f"torch_dtype {value!r} is not a torch dtype name")
+        return found
+    return value
+
+
+def _json_value(key: str, value: Any) -> Any:
+    """The dict form of a field: dtypes as their names (json.dumps writes id2label's int keys as strings)."""
+    if key == "torch_dtype" and value is not None and not isinstance(value, str):
+        return str(value).removeprefix("torch.")
+    return copy.deepcopy(value)
+
+
 class BaseConfig:
-    """A table of known fields with defaults, plus whatever else the file had."""
+    """A table of known fields with defaults, plus whatever else the file had.
+
+    Attribute access follows transformers' PretrainedConfig: fields and kept keys read and
+    assign as attributes; a new attribute is kept and written to JSON like any other key.
+    """
 
     model_type: ClassVar[str] = ""
     fields: ClassVar[dict[str, Any]] = {}
     # Alternative names transformers accepts for some fields (e.g. T5's hidden_size).
     aliases: ClassVar[dict[str, str]] = {}
+    # Where this config sits inside a whole BLIP-2 config.json ("vision_config", ...), if it does.
+    section: ClassVar[str | None] = None
+    is_composition: ClassVar[bool] = False
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.pop("model_type", None)
         # Keys the caller (or file) gave: optional keys are written back only when given or set.
         object.__setattr__(self, "given", frozenset(kwargs))
+        object.__setattr__(self, "extra", {})
         for alias, name in self.aliases.items():
             if alias in kwargs and name not in kwargs:
                 kwargs[name] = kwargs.pop(alias)
-        table = {**_COMMON, **self.fields}
-        for key, default in table.items():
+        labels = _labels(kwargs.pop("id2label", None), kwargs.pop("label2id", None), kwargs.pop("num_labels", None))
+        object.__setattr__(self, "id2label", labels[0])
+        object.__setattr__(self, "label2id", labels[1])
+        for key, default in self._table().items():
             value = kwargs.pop(key, copy.deepcopy(default))
+            if key == "torch_dtype":
+                value = _torch_dtype(value)
             object.__setattr__(self, key, _check_type(type(self).__name__, key, value, default))
-        if isinstance(kwargs.get("id2label"), dict):
-            # transformers keeps int keys in memory; JSON has strings. Keep the JSON form so
-            # a config equals itself after a save and load.
-            kwargs["id2label"] = {str(k): v for k, v in kwargs["id2label"].items()}
-        self.extra: dict[str, Any] = kwargs
+        self.extra.update(kwargs)
         self.validate()
 
+    @classmethod
+    def _table(cls) -> dict[str, Any]:
+        return {**_SURFACE, **_COMMON, **cls.fields}
+
     def validate(self) -> None:
-        """Checks relations between fields; subclasses add theirs."""
+        """Fills fields derived from others; subclasses add theirs. Shape rules (divisibility)
+        are checked when a model is built, as the reference does, not here."""
 
     def __getattr__(self, name: str) -> Any:
         # Only called when normal lookup fails: serve aliases and kept unknown keys.
-        if name in ("extra", "__setstate__", "__deepcopy__"):
+        if name in ("extra", "given", "__setstate__", "__deepcopy__", "__getstate__"):
             raise AttributeError(name)
         aliases = type(self).aliases
         if name in aliases:
@@ -83,9 +136,19 @@ class BaseConfig:
         raise AttributeError(f"{type(self).__name__} has no field {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in type(self).aliases:
-            name = type(self).aliases[name]
-        object.__setattr__(self, name, value)
+        name = type(self).aliases.get(name, name)
+        if name == "torch_dtype":
+            value = _torch_dtype(value)
+        if name in self._table() or name in self.__dict__ or hasattr(type(self), name):
+            object.__setattr__(self, name, value)
+        else:
+            self.extra[name] = value  # a new key: kept and written, as the reference does
+
+    def __delattr__(self, name: str) -> None:
+        if name in self.__dict__.get("extra", {}):
+            del self.extra[name]
+        else:
+            object.__delattr__(self, name)
 
     def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and self.to_dict() == other.to_dict()
@@ -93,17 +156,65 @@ class BaseConfig:
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"
 
+    # ---- the reference's derived views ----
+    @property
+    def use_return_dict(self) -> bool:
+        return self.return_dict and not self.torchscript
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @num_labels.setter
+    def num_labels(self, n: int) -> None:
+        if self.id2label is None or len(self.id2label) != n:
+            self.id2label, self.label2id = _labels(None, None, n)
+
+    @property
+    def name_or_path(self) -> str:
+        return self._name_or_path
+
+    @name_or_path.setter
+    def name_or_path(self, value) -> None:
+        self._name_or_path = str(value)
+
     # ---- serialisation ----
     def to_dict(self) -> dict[str, Any]:
+        """Every field, the PretrainedConfig surface included (as the reference's to_dict)."""
+        return self._as_dict(full=True)
+
+    def _as_dict(self, full: bool) -> dict[str, Any]:
+        """full=False is the file form: the surface only where it was set or differs from its default."""
         out: dict[str, Any] = dict(copy.deepcopy(self.extra))
-        for key in {**_COMMON, **self.fields}:
+        for key, default in self._table().items():
             value = getattr(self, key)
-            out[key] = value.to_dict() if isinstance(value, BaseConfig) else copy.deepcopy(value)
+            if not full and key in _SURFACE and key not in self.fields and value == default and key not in self.given:
+                continue
+            out[key] = value._as_dict(full) if isinstance(value, BaseConfig) else _json_value(key, value)
+        if full or self.id2label != _DEFAULT_LABELS or "id2label" in self.given:
+            out["id2label"] = _json_value("id2label", self.id2label)
+            out["label2id"] = dict(self.label2id)
         out["model_type"] = self.model_type
         return out
 
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+    def to_diff_dict(self) -> dict[str, Any]:
+        """What differs from a default config of this class (the reference's use_diff form)."""
+        default = type(self)().to_dict()
+        return {k: v for k, v in self.to_dict().items() if k == "model_type" or default.get(k, object()) != v}
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """use_diff=True (the default, and what save_pretrained writes) leaves out the PretrainedConfig
+        surface where it holds its defaults; the model's own fields are always written."""
+        return json.dumps(self._as_dict(full=not use_diff), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
+        from .io import atomic_write_text
+
+        atomic_write_text(Path(json_file_path), self.to_json_string(use_diff))
+
+    def update(self, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            setattr(self, key, value)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], **overrides: Any):
@@ -113,33 +224,65 @@ class BaseConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike):
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(_read_config_file(Path(path)))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any):
-        """Reads config.json from a directory (or a hub id / cache, see `blip2.hub`)."""
+        """Reads config.json from a directory (or a hub id / cache, see `blip2.hub`).
+
+        Other keyword arguments override fields; `subfolder=` reads from a folder inside;
+        `return_unused_kwargs=True` also returns those that name no field. A vision or Q-Former
+        config read from a whole BLIP-2 checkpoint is that checkpoint's section, as in the reference.
+        """
         from .hub import resolve_file
 
-        file = resolve_file(path, CONFIG_NAME, **{k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS})
-        config = cls.from_json_file(file)
+        unused_wanted = kwargs.pop("return_unused_kwargs", False)
+        hub = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
+        file = resolve_file(path, CONFIG_NAME, **hub)
+        data = _read_config_file(file)
+        if cls.section and data.get("model_type") == Blip2Config.model_type:
+            data = data.get(cls.section) or {}
+        config = cls.from_dict(data)
+        unused = {}
         for key, value in kwargs.items():
-            setattr(config, key, value)
-        return config
+            if key in config._table() or key in config.extra or hasattr(config, key) or key in cls.aliases:
+                setattr(config, key, value)
+            else:
+                unused[key] = value
+        if not unused_wanted:
+            config.update(unused)  # no caller to hand them back to: keep them, as before
+        return (config, unused) if unused_wanted else config
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        from .io import atomic_write_text
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(directory / CONFIG_NAME, self.to_json_string())
+        self.to_json_file(directory / CONFIG_NAME)
 
 
-_HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token")
+def _labels(id2label, label2id, num_labels) -> tuple[dict[int, str], dict[str, int]]:
+    """The reference's label tables: int keys in memory; num_labels=n makes LABEL_0..LABEL_{n-1}."""
+    if id2label is not None:
+        id2label = {int(k): v for k, v in dict(id2label).items()}
+    elif num_labels is not None:
+        id2label = {i: f"LABEL_{i}" for i in range(int(num_labels))}
+    else:
+        id2label = dict(_DEFAULT_LABELS)
+    if label2id is None:
+        label2id = {v: k for k, v in id2label.items()}
+    return id2label, {k: int(v) for k, v in dict(label2id).items()}
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "subfolder")
 
 
 class Blip2VisionConfig(BaseConfig):
@@ -157,13 +300,7 @@ class Blip2VisionConfig(BaseConfig):
         "initializer_range": 1e-10,
         "qkv_bias": True,
     }
-
-    def validate(self) -> None:
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"Blip2VisionConfig: hidden_size {self.hidden_size} is not divisible by "
-                f"num_attention_heads {self.num_attention_heads}"
-            )
+    section = "vision_config"
 
 
 class Blip2QFormerConfig(BaseConfig):
@@ -189,25 +326,13 @@ class Blip2QFormerConfig(BaseConfig):
         "use_qformer_text_input": False,
     }
 
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
+    section = "qformer_config"
+
+    def _as_dict(self, full: bool) -> dict[str, Any]:
+        out = super()._as_dict(full)
         if not self.use_qformer_text_input and "use_qformer_text_input" not in self.given:
             del out["use_qformer_text_input"]  # older files have no such key; write none either
         return out
-
-    def validate(self) -> None:
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"Blip2QFormerConfig: hidden_size {self.hidden_size} is not divisible by "
-                f"num_attention_heads {self.num_attention_heads}"
-            )
-        if self.cross_attention_frequency < 1:
-            raise ValueError("Blip2QFormerConfig: cross_attention_frequency must be >= 1")
-        if self.position_embedding_type != "absolute":
-            raise ValueError(
-                "Blip2QFormerConfig: only position_embedding_type='absolute' is supported "
-                f"(got {self.position_embedding_type!r}); no BLIP-2 checkpoint uses another"
-            )
 
 
 class OPTConfig(BaseConfig):
@@ -240,11 +365,6 @@ class OPTConfig(BaseConfig):
     def validate(self) -> None:
         if self.word_embed_proj_dim is None:
             self.word_embed_proj_dim = self.hidden_size
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"OPTConfig: hidden_size {self.hidden_size} is not divisible by "
-                f"num_attention_heads {self.num_attention_heads}"
-            )
 
 
 class T5Config(BaseConfig):
@@ -333,31 +453,26 @@ class Blip2Config(BaseConfig):
         "initializer_range": 0.02,
         # Newer releases: width of the image-text contrastive space (retrieval projections).
         "image_text_hidden_size": 256,
+        # Derived from the parts in __init__ (as the reference does); assignable afterwards.
+        "use_decoder_only_language_model": True,
+        "is_encoder_decoder": False,
+        "tie_word_embeddings": True,
     }
 
     def __init__(self, vision_config=None, qformer_config=None, text_config=None, num_query_tokens=32, **kwargs):
-        for derived in ("use_decoder_only_language_model", "is_encoder_decoder", "tie_word_embeddings"):
-            kwargs.pop(derived, None)
-        self.vision_config = _sub_config(Blip2VisionConfig, _plain(vision_config), "vision_config")
-        self.qformer_config = _sub_config(Blip2QFormerConfig, _plain(qformer_config), "qformer_config")
-        self.text_config = text_config_from(text_config)
+        # The parts first: validate() derives fields from them.
+        object.__setattr__(self, "vision_config", _sub_config(Blip2VisionConfig, _plain(vision_config), "vision_config"))
+        object.__setattr__(self, "qformer_config", _sub_config(Blip2QFormerConfig, _plain(qformer_config), "qformer_config"))
+        object.__setattr__(self, "text_config", text_config_from(text_config))
         super().__init__(num_query_tokens=num_query_tokens, **kwargs)
 
     def validate(self) -> None:
-        if self.num_query_tokens < 1:
-            raise ValueError(f"Blip2Config.num_query_tokens must be >= 1, got {self.num_query_tokens}")
-
-    @property
-    def use_decoder_only_language_model(self) -> bool:
-        return not self.text_config.is_encoder_decoder
-
-    @property
-    def is_encoder_decoder(self) -> bool:
-        return self.text_config.is_encoder_decoder
-
-    @property
-    def tie_word_embeddings(self) -> bool:
-        return self.text_config.tie_word_embeddings
+        """The fields the reference derives from the parts, whatever the file or caller said."""
+        text = self.text_config
+        self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size  # the Q-Former reads the image
+        self.use_decoder_only_language_model = not text.is_encoder_decoder
+        self.is_encoder_decoder = text.is_encoder_decoder
+        self.tie_word_embeddings = text.tie_word_embeddings
 
     @classmethod
     def from_vision_qformer_text_configs(cls, vision_config, qformer_config, text_config, **kwargs):
@@ -368,14 +483,11 @@ class Blip2Config(BaseConfig):
             **kwargs,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        out["vision_config"] = self.vision_config.to_dict()
-        out["qformer_config"] = self.qformer_config.to_dict()
-        out["text_config"] = self.text_config.to_dict()
-        out["use_decoder_only_language_model"] = self.use_decoder_only_language_model
-        out["is_encoder_decoder"] = self.is_encoder_decoder
-        out["tie_word_embeddings"] = self.tie_word_embeddings
+    def _as_dict(self, full: bool) -> dict[str, Any]:
+        out = super()._as_dict(full)
+        out["vision_config"] = self.vision_config._as_dict(full)
+        out["qformer_config"] = self.qformer_config._as_dict(full)
+        out["text_config"] = self.text_config._as_dict(full)
         if self.image_token_index is None and "image_token_index" not in self.given:
             del out["image_token_index"]  # older files have no such key; write none either
         if self.image_text_hidden_size == 256 and "image_text_hidden_size" not in self.given:

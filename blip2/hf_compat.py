@@ -121,7 +121,7 @@ class PreTrainedModel(nn.Module):
             config = cls.config_class.from_json_file(folder / "config.json")
         if torch_dtype == "auto":
             # 4.x writes "torch_dtype", 5.x writes "dtype"
-            torch_dtype = config.extra.get("torch_dtype") or config.extra.get("dtype")
+            torch_dtype = config.torch_dtype or config.extra.get("dtype")
         dtype = _dtype(torch_dtype, device)
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
@@ -144,8 +144,8 @@ class PreTrainedModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         hf = ckpt.ours_to_hf(self.state_dict(), self.key_table())
         ckpt.save_state(hf, directory, safe_serialization, ckpt.parse_size(max_shard_size))
-        self.config.extra["torch_dtype"] = str(self.dtype).removeprefix("torch.")
-        self.config.extra.setdefault("architectures", [type(self).__name__])
+        self.config.torch_dtype = self.dtype
+        self.config.architectures = self.config.architectures or [type(self).__name__]
         self.config.save_pretrained(directory)
 
     @classmethod

@@ -69,6 +69,7 @@ def resolve_file(
     local_files_only: bool = False,
     token: str | None = None,
     required: bool = True,
+    subfolder: str = "",
 ) -> Path | None:
     """Returns the local path of `filename` for a model directory or hub id.
 
@@ -78,6 +79,8 @@ def resolve_file(
     """
     if not os.fspath(name_or_path):
         raise ModelNotFoundError("the model name or path is empty")
+    if subfolder:
+        filename = f"{str(subfolder).strip('/')}/{filename}"  # the hub's layout and a folder's alike
     path = Path(name_or_path)
     if path.is_dir():
         candidate = path / filename

@@ -12,6 +12,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def check_heads(cfg, hidden_size: int, num_heads: int) -> None:
+    """Raises when the width does not split into heads: checked when a model is built (the
+    reference accepts such a config and fails in the model too)."""
+    if num_heads < 1 or hidden_size % num_heads:
+        raise ValueError(
+            f"{type(cfg).__name__}: hidden_size {hidden_size} is not divisible by "
+            f"num_attention_heads {num_heads}"
+        )
+
+
 def attend(
     q: Tensor,
     k: Tensor,

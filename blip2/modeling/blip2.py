@@ -65,6 +65,8 @@ class Blip2(nn.Module):
                 f"(got {text.word_embed_proj_dim} and {text.hidden_size}): the projected queries "
                 "are concatenated with the token embeddings"
             )
+        if config.num_query_tokens < 1:
+            raise ValueError(f"Blip2Config.num_query_tokens must be >= 1, got {config.num_query_tokens}")
         qf = config.qformer_config
         self.vision_model = VisionEncoder(config.vision_config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qf.hidden_size))

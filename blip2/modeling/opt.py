@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import activation
-from .attention import KVCache, attend, causal_padding_mask, merge_heads, split_heads
+from .attention import KVCache, attend, causal_padding_mask, check_heads, merge_heads, split_heads
 
 # OPT's learned position table starts with two unused rows (a fairseq legacy).
 POSITION_OFFSET = 2
@@ -71,6 +71,7 @@ class OPTLayer(nn.Module):
 class OPTLanguageModel(nn.Module):
     def __init__(self, cfg) -> None:
         super().__init__()
+        check_heads(cfg, cfg.hidden_size, cfg.num_attention_heads)
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.word_embed_proj_dim, padding_idx=cfg.pad_token_id)
         self.embed_positions = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import activation
-from .attention import attend, merge_heads, split_heads
+from .attention import attend, check_heads, merge_heads, split_heads
 
 
 class QFormerOutput(NamedTuple):
@@ -134,6 +134,7 @@ class QFormerLayer(nn.Module):
 class QFormer(nn.Module):
     def __init__(self, cfg) -> None:
         super().__init__()
+        check_config(cfg)
         self.config = cfg
         self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(
@@ -221,6 +222,19 @@ class QFormer(nn.Module):
             tuple(self_ws) if need_weights else None,
             tuple(cross_ws) if need_weights else None,
             tuple(presents) if use_cache else None,
+        )
+
+
+def check_config(cfg) -> None:
+    """What this Q-Former can build (the reference's config accepts these values; its model
+    fails or, for relative positions, does what no BLIP-2 checkpoint uses)."""
+    check_heads(cfg, cfg.hidden_size, cfg.num_attention_heads)
+    if cfg.cross_attention_frequency < 1:
+        raise ValueError(f"Blip2QFormerConfig: cross_attention_frequency must be >= 1, got {cfg.cross_attention_frequency}")
+    if cfg.position_embedding_type != "absolute":
+        raise ValueError(
+            "Blip2QFormerConfig: only position_embedding_type='absolute' is supported "
+            f"(got {cfg.position_embedding_type!r}); no BLIP-2 checkpoint uses another"
         )
 
 

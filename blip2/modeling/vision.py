@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import activation
-from .attention import attend, merge_heads
+from .attention import attend, check_heads, merge_heads
 
 
 class VisionOutput(NamedTuple):
@@ -98,6 +98,7 @@ class VisionBlock(nn.Module):
 class VisionEncoder(nn.Module):
     def __init__(self, cfg) -> None:
         super().__init__()
+        check_heads(cfg, cfg.hidden_size, cfg.num_attention_heads)
         self.config = cfg
         self.embeddings = VisionEmbeddings(cfg)
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_hidden_layers))

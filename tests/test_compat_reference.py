@@ -1,0 +1,217 @@
+"""Drop-in behaviour: what code written for transformers' Blip2 classes does, run against ours and
+against transformers 4.37.2, compared.
+
+Each table row is a small function of `api` (the `blip2` package or `transformers`) and a scratch
+folder; the test runs it with both and asserts the results are equal. Rows are variants of one
+behaviour, so a fix for the listed case alone fails the others.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import blip2
+from conftest import BASE_OPT, BASE_QFORMER, BASE_VISION
+
+APIS = {"ours": blip2, "reference": transformers}
+T5_TINY = dict(model_type="t5", vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+               feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+
+def both(case, tmp_path: Path):
+    """Runs `case(api, folder)` for ours and the reference, each in its own scratch folder."""
+    results = {}
+    for name, api in APIS.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        results[name] = case(api, folder)
+    return results["ours"], results["reference"]
+
+
+def tiny_config(api, vision=None, text=None, **kwargs):
+    return api.Blip2Config(vision_config={**BASE_VISION, **(vision or {})}, qformer_config=dict(BASE_QFORMER),
+                           text_config={**BASE_OPT, **(text or {})}, num_query_tokens=4, **kwargs)
+
+
+def _saved(config, folder: Path, subfolder: str = "") -> Path:
+    config.save_pretrained(str(folder / subfolder))
+    return folder
+
+
+# ---------------------------------------------------------------- 1. derived fields
+DERIVED = {
+    # The Q-Former reads the image: its encoder width follows the vision width, whatever it was given.
+    "encoder_hidden_size from a vision width": lambda api, d: tiny_config(api, vision=dict(hidden_size=48)).qformer_config.encoder_hidden_size,
+    "encoder_hidden_size over a given one": lambda api, d: api.Blip2Config(
+        vision_config=dict(hidden_size=64), qformer_config=dict(encoder_hidden_size=1408)).qformer_config.encoder_hidden_size,
+    "encoder_hidden_size via from_vision_qformer_text_configs": lambda api, d: api.Blip2Config.from_vision_qformer_text_configs(
+        api.Blip2VisionConfig(**{**BASE_VISION, "hidden_size": 40}), api.Blip2QFormerConfig(**BASE_QFORMER),
+        api.OPTConfig(**{k: v for k, v in BASE_OPT.items() if k != "model_type"})).qformer_config.encoder_hidden_size,
+    "encoder_hidden_size after a JSON round trip": lambda api, d: api.Blip2Config.from_pretrained(
+        _saved(tiny_config(api, vision=dict(hidden_size=24)), d)).qformer_config.encoder_hidden_size,
+    "decoder-only for OPT": lambda api, d: tiny_config(api).use_decoder_only_language_model,
+    "decoder-only for T5": lambda api, d: api.Blip2Config(text_config=T5_TINY).use_decoder_only_language_model,
+    "is_encoder_decoder for T5": lambda api, d: api.Blip2Config(text_config=T5_TINY).is_encoder_decoder,
+    "is_encoder_decoder for OPT": lambda api, d: tiny_config(api).is_encoder_decoder,
+    "tie_word_embeddings from the text config": lambda api, d: api.Blip2Config(
+        text_config={**T5_TINY, "tie_word_embeddings": False}).tie_word_embeddings,
+    "derived fields override the file": lambda api, d: api.Blip2Config(
+        text_config=T5_TINY, is_encoder_decoder=False, use_decoder_only_language_model=True).is_encoder_decoder,
+    "text config chosen by model_type": lambda api, d: type(api.Blip2Config(text_config=T5_TINY).text_config).__name__,
+    "num_query_tokens": lambda api, d: tiny_config(api).num_query_tokens,
+    "initializer_factor": lambda api, d: tiny_config(api).initializer_factor,
+    "initializer_range": lambda api, d: tiny_config(api).initializer_range,
+    "written derived fields": lambda api, d: {k: tiny_config(api).to_dict()[k] for k in (
+        "use_decoder_only_language_model", "initializer_factor", "initializer_range", "num_query_tokens")},
+}
+
+
+@pytest.mark.parametrize("name", DERIVED)
+def test_derived_config_fields(name, tmp_path: Path):
+    ours, ref = both(DERIVED[name], tmp_path)
+    assert ours == ref, f"{name}: ours {ours!r}, reference {ref!r}"
+
+
+def test_custom_vision_width_builds_and_runs():
+    """The crash the issue reports: a vision width other than 1408 without encoder_hidden_size."""
+    config = blip2.Blip2Config(vision_config={**BASE_VISION, "hidden_size": 24},
+                               qformer_config={k: v for k, v in BASE_QFORMER.items() if k != "encoder_hidden_size"},
+                               text_config=BASE_OPT, num_query_tokens=4)
+    model = blip2.Blip2ForConditionalGeneration(config).eval()
+    out = model(torch.randn(1, 3, 16, 16), torch.tensor([[5, 6]]))
+    assert out.logits.shape == (1, 6, BASE_OPT["vocab_size"])
+
+
+# ---------------------------------------------------------------- 2. parts read from a whole checkpoint
+PARTS = {
+    "vision from a BLIP-2 folder": lambda api, d: api.Blip2VisionConfig.from_pretrained(
+        _saved(tiny_config(api, vision=dict(hidden_size=48, image_size=32)), d)).to_dict(),
+    "Q-Former from a BLIP-2 folder": lambda api, d: api.Blip2QFormerConfig.from_pretrained(
+        _saved(tiny_config(api), d)).to_dict(),
+    "vision from a BLIP-2 folder, with an override": lambda api, d: api.Blip2VisionConfig.from_pretrained(
+        _saved(tiny_config(api), d), image_size=32).image_size,
+    "vision from its own folder": lambda api, d: api.Blip2VisionConfig.from_pretrained(
+        _saved(api.Blip2VisionConfig(hidden_size=40), d)).hidden_size,
+    "Q-Former from a BLIP-2 folder in a subfolder": lambda api, d: api.Blip2QFormerConfig.from_pretrained(
+        _saved(tiny_config(api), d, "sub"), subfolder="sub").num_hidden_layers,
+}
+
+
+@pytest.mark.parametrize("name", PARTS)
+def test_part_configs_read_their_section(name, tmp_path: Path):
+    ours, ref = both(PARTS[name], tmp_path)
+    if isinstance(ours, dict):
+        shared = (set(ours) & set(ref)) - {"transformers_version", "_name_or_path"}
+        assert len(shared) > 20, f"only {sorted(shared)} in common"
+        assert {k: ours[k] for k in shared} == {k: ref[k] for k in shared}
+    else:
+        assert ours == ref
+
+
+# ---------------------------------------------------------------- 3. the PretrainedConfig surface
+def _assign_and_save(api, d, cls_name, attr, value, read):
+    """Assigns an attribute, saves, reads the file back with the same API."""
+    cls = getattr(api, cls_name)
+    config = tiny_config(api) if cls_name == "Blip2Config" else cls()
+    setattr(config, attr, value)
+    config.save_pretrained(str(d))
+    data = json.loads((d / "config.json").read_text())
+    again = cls.from_pretrained(str(d))
+    return getattr(config, attr), data.get(attr), read(again)
+
+
+SURFACE = {
+    "assign tie_word_embeddings": lambda api, d: _assign_and_save(
+        api, d, "Blip2Config", "tie_word_embeddings", False, lambda c: c.text_config.tie_word_embeddings),
+    "assign is_encoder_decoder on OPT": lambda api, d: _assign_and_save(
+        api, d, "OPTConfig", "is_encoder_decoder", True, lambda c: c.is_encoder_decoder),
+    "assign a new attribute": lambda api, d: _assign_and_save(
+        api, d, "Blip2VisionConfig", "my_flag", [1, 2], lambda c: c.my_flag),
+    "assign a known field": lambda api, d: _assign_and_save(
+        api, d, "Blip2QFormerConfig", "hidden_dropout_prob", 0.25, lambda c: c.hidden_dropout_prob),
+    "assign torch_dtype as a dtype": lambda api, d: _assign_and_save(
+        api, d, "OPTConfig", "torch_dtype", torch.bfloat16, lambda c: c.torch_dtype),
+    "assign architectures": lambda api, d: _assign_and_save(
+        api, d, "Blip2Config", "architectures", ["Blip2Model"], lambda c: c.architectures),
+    "torch_dtype from a name": lambda api, d: (api.OPTConfig(torch_dtype="float16").torch_dtype,
+                                               api.OPTConfig(torch_dtype="float16").to_dict()["torch_dtype"]),
+    "torch_dtype default": lambda api, d: api.Blip2VisionConfig().torch_dtype,
+    "num_labels makes label tables": lambda api, d: (lambda c: (c.num_labels, c.id2label, c.label2id))(
+        api.OPTConfig(num_labels=3)),
+    "default labels": lambda api, d: (lambda c: (c.num_labels, c.id2label, c.label2id))(api.Blip2QFormerConfig()),
+    "num_labels assigned": lambda api, d: (lambda c: (setattr(c, "num_labels", 4), c.id2label, c.label2id)[1:])(
+        api.OPTConfig()),
+    # (The reference leaves label2id None here; ours gives the inverse table, tested below.)
+    "id2label through JSON": lambda api, d: (lambda c: (c.id2label, c.num_labels))(
+        api.OPTConfig.from_pretrained(_saved(api.OPTConfig(id2label={0: "no", 1: "yes", 2: "maybe"}), d))),
+    "id2label with string keys": lambda api, d: api.OPTConfig(id2label={"0": "a", "1": "b"}).id2label,
+    "use_return_dict": lambda api, d: (api.OPTConfig().use_return_dict, api.OPTConfig(return_dict=False).use_return_dict,
+                                       api.OPTConfig(torchscript=True).use_return_dict),
+    "eos_token_id as a list": lambda api, d: api.OPTConfig.from_pretrained(
+        _saved(api.OPTConfig(eos_token_id=[3, 9]), d)).eos_token_id,
+    "eos_token_id as a list in a BLIP-2 config": lambda api, d: api.Blip2Config.from_pretrained(
+        _saved(tiny_config(api, text=dict(eos_token_id=[3, 9])), d)).text_config.eos_token_id,
+    "vision width not divisible by heads": lambda api, d: api.Blip2VisionConfig(hidden_size=30, num_attention_heads=4).hidden_size,
+    "Q-Former width not divisible by heads": lambda api, d: api.Blip2QFormerConfig(hidden_size=30).hidden_size,
+    "OPT width not divisible by heads": lambda api, d: api.OPTConfig(hidden_size=30, num_attention_heads=4).hidden_size,
+    "no query tokens": lambda api, d: api.Blip2Config(num_query_tokens=0).num_query_tokens,
+    "subfolder": lambda api, d: api.Blip2Config.from_pretrained(
+        str(_saved(tiny_config(api, num_query_tokens_unused=1), d, "cfg")), subfolder="cfg").num_query_tokens,
+    "from_pretrained overrides": lambda api, d: (lambda c: (c.num_query_tokens, c.text_config.vocab_size))(
+        api.Blip2Config.from_pretrained(str(_saved(tiny_config(api), d)), num_query_tokens=7)),
+    "return_unused_kwargs": lambda api, d: api.OPTConfig.from_pretrained(
+        str(_saved(api.OPTConfig(), d)), return_unused_kwargs=True, ffn_dim=11, not_a_field=1)[1],
+    "to_json_file and from_json_file": lambda api, d: (
+        api.OPTConfig(ffn_dim=13).to_json_file(str(d / "c.json")), api.OPTConfig.from_json_file(str(d / "c.json")).ffn_dim)[1],
+    "to_json_file keeps the diff": lambda api, d: (
+        api.OPTConfig(ffn_dim=13).to_json_file(str(d / "c.json")),
+        {k: v for k, v in json.loads((d / "c.json").read_text()).items() if k in ("ffn_dim", "model_type")})[1],
+    "to_json_string parses": lambda api, d: json.loads(api.Blip2VisionConfig(image_size=32).to_json_string())["image_size"],
+    "to_json_string(use_diff=False) has the surface": lambda api, d: {
+        k: json.loads(api.Blip2VisionConfig().to_json_string(use_diff=False))[k]
+        for k in ("return_dict", "torchscript", "is_decoder", "pruned_heads", "bos_token_id")},
+    "T5 alias attributes": lambda api, d: (lambda c: (c.hidden_size, c.num_attention_heads, c.num_hidden_layers))(
+        api.T5Config(d_model=48, num_heads=3, num_layers=5)),
+    "T5 alias assignment": lambda api, d: (lambda c: (setattr(c, "hidden_size", 96), c.d_model)[1])(api.T5Config()),
+    "common defaults": lambda api, d: (lambda c: (c.is_decoder, c.add_cross_attention, c.pruned_heads, c.torchscript,
+                                                  c.chunk_size_feed_forward, c.problem_type, c.architectures))(
+        api.Blip2QFormerConfig()),
+    "name_or_path after from_pretrained of a model folder": lambda api, d: api.Blip2Config().name_or_path,
+    "is_composition": lambda api, d: (api.Blip2Config.is_composition, api.Blip2VisionConfig.is_composition),
+    "equality after a round trip": lambda api, d: api.Blip2Config.from_pretrained(
+        str(_saved(tiny_config(api), d))).to_dict() == tiny_config(api).to_dict(),
+    "model_type": lambda api, d: [cls.model_type for cls in (api.Blip2Config, api.Blip2VisionConfig,
+                                                             api.Blip2QFormerConfig, api.OPTConfig, api.T5Config)],
+}
+
+
+@pytest.mark.parametrize("name", SURFACE)
+def test_config_surface(name, tmp_path: Path):
+    ours, ref = both(SURFACE[name], tmp_path)
+    assert ours == ref, f"{name}: ours {ours!r}, reference {ref!r}"
+
+
+@pytest.mark.parametrize("writer, reader", [("ours", "reference"), ("reference", "ours")])
+def test_config_files_cross_read(writer, reader, tmp_path: Path):
+    """A config.json written by one reads in the other with the same fields."""
+    config = tiny_config(APIS[writer], vision=dict(hidden_size=48), text=dict(eos_token_id=[3, 9]))
+    config.torch_dtype = torch.float16
+    config.save_pretrained(str(tmp_path))
+    again = APIS[reader].Blip2Config.from_pretrained(str(tmp_path))
+    assert again.qformer_config.encoder_hidden_size == 48
+    assert again.text_config.eos_token_id == [3, 9]
+    assert again.torch_dtype == torch.float16
+    assert again.vision_config.hidden_size == 48 and again.num_query_tokens == 4
+
+
+def test_label2id_is_the_inverse_of_a_given_id2label(tmp_path: Path):
+    """Where the reference leaves label2id None (id2label given alone), ours fills in the inverse."""
+    config = blip2.OPTConfig(id2label={"0": "no", "1": "yes"})
+    config.save_pretrained(tmp_path)
+    again = blip2.OPTConfig.from_pretrained(tmp_path)
+    assert again.id2label == {0: "no", 1: "yes"} and again.label2id == {"no": 0, "yes": 1}
