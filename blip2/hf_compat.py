@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
+from .adapters import PeftAdapterMixin, base_state_dict
 from .config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, BaseConfig
 from .generation import GENERATION_CONFIG_NAME, GenerationConfig, resolve_config
 from .hub import resolve_file
@@ -79,8 +80,8 @@ def checkpoint_dir(name_or_path, **hub) -> Path:
     return folder
 
 
-class PreTrainedModel(nn.Module):
-    """from_pretrained / save_pretrained through the key table, plus dtype and device."""
+class PreTrainedModel(PeftAdapterMixin, nn.Module):
+    """from_pretrained / save_pretrained through the key table, dtype and device, and LoRA adapters."""
 
     config_class: type[BaseConfig] = BaseConfig
     main_input_name = "pixel_values"
@@ -139,10 +140,20 @@ class PreTrainedModel(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike, safe_serialization: bool = True,
                         max_shard_size: int | str | None = "5GB") -> None:
-        """Writes config.json and the weights under the reference's names, atomically."""
+        """Writes config.json and the weights under the reference's names, atomically. A model
+        holding LoRA adapters writes its active adapter alone, as transformers does
+        (`save_base_pretrained` writes the model without them)."""
+        if self._hf_peft_config_loaded:
+            self._save_active_adapter(directory, safe_serialization)
+            return
+        self.save_base_pretrained(directory, safe_serialization, max_shard_size)
+
+    def save_base_pretrained(self, directory: str | os.PathLike, safe_serialization: bool = True,
+                             max_shard_size: int | str | None = "5GB") -> None:
+        """Writes config.json and the weights, leaving out any LoRA adapters."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        hf = ckpt.ours_to_hf(self.state_dict(), self.key_table())
+        hf = ckpt.ours_to_hf(base_state_dict(self), self.key_table())
         ckpt.save_state(hf, directory, safe_serialization, ckpt.parse_size(max_shard_size))
         self.config.torch_dtype = self.dtype
         self.config.architectures = self.config.architectures or [type(self).__name__]
