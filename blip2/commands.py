@@ -48,8 +48,8 @@ def add_inference_parsers(subparsers) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
     p.add_argument("question", help="the question, e.g. 'what colour is the circle?'")
     p.add_argument("--template", default=None,
-                   help="how the question is put to the model (default 'Question: {} Answer:', "
-                        "T5: 'Question: {} Short answer:')")
+                   help="how the question is put to the model (default: the model family's, "
+                        "'Question: {} Answer:' for OPT, 'Question: {} Short answer:' for Flan-T5)")
     _common(p, generation=True)
     p.set_defaults(run=run_ask)
 
@@ -221,14 +221,20 @@ def finish(failures: Failures) -> int:
 
 # ---------------------------------------------------------------- commands
 def _generate_over(args, prompt: str, key: str) -> int:
-    """Runs generation with one prompt over every image; prints one result per image."""
+    """Runs generation with one prompt over every image; prints one result per image.
+
+    For `ask`, `prompt` is a template whose "{}" takes the question; None is the model's default."""
     import torch
+
+    from .families import question_template
 
     failures = Failures()
     paths = expand_images(args.images, failures)
     if not paths and failures.count:
         return finish(failures)
     m = load(args, retrieval=False)
+    if key == "answer":
+        prompt = (prompt or question_template(m.model.config)).format(args.question)
     kwargs = generation_kwargs(args)
     per_image = kwargs.get("num_return_sequences", 1)
     bar = progress(len(paths), args, key)
@@ -262,21 +268,9 @@ def run_caption(args) -> int:
 
 
 def run_ask(args) -> int:
-    template = args.template
-    if template is None:
-        template = "Question: {} Answer:"
-        if args.model and _is_t5(args.model):
-            template = "Question: {} Short answer:"
-    if "{}" not in template:
+    if args.template is not None and "{}" not in args.template:
         raise SystemExit("blip2: --template must contain {} where the question goes")
-    return _generate_over(args, template.format(args.question), "answer")
-
-
-def _is_t5(name: str) -> bool:
-    config = Path(name) / "config.json"
-    if not config.is_file():
-        return "t5" in name.lower()
-    return json.loads(config.read_text()).get("text_config", {}).get("model_type") == "t5"
+    return _generate_over(args, args.template, "answer")
 
 
 def run_match(args) -> int:

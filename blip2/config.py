@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .families import FAMILIES
+
 CONFIG_NAME = "config.json"
 
 # Fields every transformers config carries; the models read these three, and they are always written.
@@ -413,9 +415,6 @@ class T5Config(BaseConfig):
         return "gelu_new" if self.feed_forward_proj == "gated-gelu" else act
 
 
-TEXT_CONFIGS: dict[str, type[BaseConfig]] = {"opt": OPTConfig, "t5": T5Config}
-
-
 def _sub_config(cls_: type[BaseConfig], value: Any, what: str) -> BaseConfig:
     if value is None:
         return cls_()
@@ -427,21 +426,21 @@ def _sub_config(cls_: type[BaseConfig], value: Any, what: str) -> BaseConfig:
 
 
 def text_config_from(value: Any) -> BaseConfig:
-    """Picks OPT or T5 by `model_type` (OPT when absent, as transformers does)."""
+    """Picks the family's config class by `model_type` (OPT when absent, as transformers does)."""
     if value is None:
         return OPTConfig()
-    if isinstance(value, BaseConfig) and value.model_type in TEXT_CONFIGS:
+    if isinstance(value, BaseConfig) and value.model_type in FAMILIES:
         return copy.deepcopy(value)
     if hasattr(value, "to_dict") and not isinstance(value, dict):
         value = value.to_dict()  # a transformers config object
     if not isinstance(value, dict):
         raise TypeError(f"Blip2Config.text_config must be a dict or config, got {type(value).__name__}")
     model_type = value.get("model_type", "opt")
-    if model_type not in TEXT_CONFIGS:
+    if model_type not in FAMILIES:
         raise ValueError(
-            f"Blip2Config.text_config has model_type {model_type!r}; supported: {sorted(TEXT_CONFIGS)}"
+            f"Blip2Config.text_config has model_type {model_type!r}; supported: {sorted(FAMILIES)}"
         )
-    return TEXT_CONFIGS[model_type].from_dict(value)
+    return FAMILIES[model_type].config_class.from_dict(value)
 
 
 class Blip2Config(BaseConfig):

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt
 from .adapters import PeftAdapterMixin, base_state_dict
 from .config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, BaseConfig
+from .families import family_of
 from .generation import GENERATION_CONFIG_NAME, GenerationConfig, resolve_config
 from .hub import resolve_file
 from .keymap import KeyTable, blip2_table, qformer_rules, vision_rules
@@ -328,31 +329,39 @@ class _Blip2Base(PreTrainedModel, Blip2):
         qf = self.query_features(vis.last_hidden_state, hidden, attn)
         lm_inputs = self.language_projection(qf.last_hidden_state)
         embeds, mask = self.merge(lm_inputs, input_ids, attention_mask)
-        loss, logits, lm_out = self._language_forward(
-            embeds, mask, decoder_input_ids, decoder_attention_mask, labels, hidden, attn
+        loss, logits, lm_out = self.language_forward(
+            embeds, mask, decoder_input_ids, decoder_attention_mask, labels, need_hidden=hidden, need_weights=attn
         )
         result = Blip2ForConditionalGenerationModelOutput(
             loss, logits, vision_output(vis, True), qformer_output(qf, True), lm_out
         )
         return result if as_dict else result.to_tuple()
 
-    def _language_forward(self, embeds, mask, decoder_input_ids, decoder_attention_mask, labels, hidden, attn):
-        forward = LANGUAGE_FORWARD[self.config.text_config.model_type]
-        return forward(self.language_model, embeds, mask, decoder_input_ids, decoder_attention_mask, labels, hidden, attn)
+    def language_forward(self, embeds, mask, decoder_input_ids=None, decoder_attention_mask=None, labels=None,
+                         *, need_hidden: bool = False, need_weights: bool = False):
+        """The language model on merged embeddings, through its family's adapter -> (loss, logits, outputs)."""
+        forward = family_of(self.config).forward_adapter
+        return forward(self.language_model, embeds, mask, decoder_input_ids, decoder_attention_mask, labels,
+                       need_hidden=need_hidden, need_weights=need_weights)
 
 
-def _opt_forward(lm, embeds, mask, decoder_input_ids, decoder_attention_mask, labels, hidden, attn):
-    lm_out = decoder_lm_outputs(lm, embeds, mask, hidden, attn)
+# The families' forward adapters (see `blip2.families`):
+# (lm, inputs_embeds, mask, decoder ids, decoder mask, labels, *, need_hidden, need_weights) -> (loss, logits, outputs)
+def decoder_forward(lm, embeds, mask, decoder_input_ids, decoder_attention_mask, labels, *,
+                    need_hidden: bool, need_weights: bool):
+    """Any decoder-only language model: decoder inputs do not apply; the loss is next-token."""
+    lm_out = decoder_lm_outputs(lm, embeds, mask, need_hidden, need_weights)
     loss, logits = None, lm_out.logits
     if labels is not None:
         loss, logits = causal_lm_loss(lm_out.logits, labels)
     return loss, logits, lm_out
 
 
-def _t5_forward(lm, embeds, mask, decoder_input_ids, decoder_attention_mask, labels, hidden, attn):
+def t5_forward(lm, embeds, mask, decoder_input_ids, decoder_attention_mask, labels, *,
+               need_hidden: bool, need_weights: bool):
     # T5 computes its own loss (labels shifted right feed the decoder); like the reference it
     # reports each decoder layer's keys and values when the config says use_cache.
-    out = lm(embeds, mask, decoder_input_ids, decoder_attention_mask, labels, hidden, attn,
+    out = lm(embeds, mask, decoder_input_ids, decoder_attention_mask, labels, need_hidden, need_weights,
              keep_cache=lm.config.use_cache)
     lm_out = Seq2SeqLMOutput(
         loss=out.loss, logits=out.logits,
@@ -362,10 +371,6 @@ def _t5_forward(lm, embeds, mask, decoder_input_ids, decoder_attention_mask, lab
         encoder_hidden_states=out.encoder.hidden_states, encoder_attentions=out.encoder.attentions,
     )
     return out.loss, out.logits, lm_out
-
-
-# model_type -> (lm, inputs_embeds, mask, decoder ids, decoder mask, labels, hidden?, attn?) -> (loss, logits, outputs)
-LANGUAGE_FORWARD = {"opt": _opt_forward, "t5": _t5_forward}
 
 
 class Blip2Model(_Blip2Base):
@@ -380,9 +385,10 @@ class Blip2Model(_Blip2Base):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = self.language_model.embed(input_ids)
-        _, _, out = self._language_forward(
+        # Labels only mean something to an encoder-decoder here (the reference ignores them otherwise).
+        _, _, out = self.language_forward(
             embeds, attention_mask, decoder_input_ids, decoder_attention_mask,
-            labels if not self.config.use_decoder_only_language_model else None, hidden, attn,
+            None if family_of(self.config).decoder_only else labels, need_hidden=hidden, need_weights=attn,
         )
         return out if as_dict else out.to_tuple()
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .families import family_of
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -169,12 +171,9 @@ def t5_rules(cfg, prefix: str = "language_model") -> KeyTable:
     return KeyTable(rules, tied)
 
 
-TEXT_RULES = {"opt": opt_rules, "t5": t5_rules}
-
-
 def blip2_table(config) -> KeyTable:
     """The full table for Blip2Model / Blip2ForConditionalGeneration."""
-    text = TEXT_RULES[config.text_config.model_type](config.text_config)
+    text = family_of(config).key_table(config.text_config)
     rules = [
         Rule("query_tokens", ("query_tokens",)),
         *vision_rules(config.vision_config),

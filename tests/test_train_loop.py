@@ -345,11 +345,8 @@ def test_stage2_starts_from_stage1(tmp_path):
 @torch.no_grad()
 def test_stage2_loss_is_the_models_own_loss(lm):
     """What stage 2 minimises is what Blip2ForConditionalGeneration(labels=...) reports."""
-    from blip2.hf_compat import LANGUAGE_FORWARD
     from blip2.train.data import Seq2SeqLMCollate
 
-    if lm not in LANGUAGE_FORWARD:
-        pytest.skip(f"{lm} language models are not built yet")
     config = stage2_config()
     if lm == "t5":
         config = type(config).from_dict({**config.to_dict(), "text_config": dict(

@@ -2,30 +2,27 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
-from .opt import OPTLanguageModel
+from ..families import family_of
 from .qformer import QFormer, QFormerOutput
 from .vision import VisionEncoder, VisionOutput
 
-LANGUAGE_MODELS: dict[str, type[nn.Module]] = {"opt": OPTLanguageModel}
-
-
-def register_language_model(model_type: str, cls: type[nn.Module]) -> None:
-    LANGUAGE_MODELS[model_type] = cls
-
 
 def language_model_for(text_config) -> nn.Module:
-    if text_config.model_type == "t5" and "t5" not in LANGUAGE_MODELS:
-        from .t5 import T5LanguageModel  # imported lazily: OPT users never pay for it
+    """The core language model of `text_config`'s family (see `blip2.families`)."""
+    return family_of(text_config).module_class(text_config)
 
-        register_language_model("t5", T5LanguageModel)
-    try:
-        cls = LANGUAGE_MODELS[text_config.model_type]
-    except KeyError:
-        raise ValueError(f"no language model for model_type {text_config.model_type!r}") from None
-    return cls(text_config)
+
+class GenerationStart(NamedTuple):
+    """What generation starts from, checked before any model work."""
+
+    input_ids: Tensor  # (B, T) prompts (the BOS token alone when none were given)
+    start_ids: Tensor  # (B, L0) the history generation returns first (BOS, or T5's decoder start)
+    new_tokens: int  # the most tokens generation may add
 
 
 def check_pixel_values(pixel_values, vc, interpolate_pos_encoding: bool = False) -> None:
@@ -59,7 +56,7 @@ class Blip2(nn.Module):
         super().__init__()
         self.config = config
         text = config.text_config
-        if text.model_type == "opt" and text.word_embed_proj_dim != text.hidden_size:
+        if getattr(text, "word_embed_proj_dim", text.hidden_size) != text.hidden_size:  # OPT-350m's kind
             raise ValueError(
                 "BLIP-2 needs text_config.word_embed_proj_dim == hidden_size "
                 f"(got {text.word_embed_proj_dim} and {text.hidden_size}): the projected queries "
@@ -161,44 +158,64 @@ class Blip2(nn.Module):
         One image with several prompts (several questions about it) is encoded once and shared.
         """
         self.check_pixel_values(pixel_values, interpolate_pos_encoding)
-        images = B = pixel_values.shape[0]
+        start = self.generation_start(pixel_values.shape[0], input_ids, config, pixel_values.device)
+        lm_inputs = self.language_inputs(pixel_values, interpolate_pos_encoding)  # (images, Q, D): once per image
+        return self._stepper(lm_inputs, start, attention_mask)
+
+    def stepper_from_language_inputs(self, lm_inputs: Tensor, input_ids: Tensor | None,
+                                     attention_mask: Tensor | None, config):
+        """`stepper` from language inputs computed earlier (`language_inputs`, e.g. a server's cache):
+        lm_inputs (images, Q, D), one image per prompt row or one for all."""
+        start = self.generation_start(lm_inputs.shape[0], input_ids, config, lm_inputs.device)
+        return self._stepper(lm_inputs, start, attention_mask)
+
+    def generation_start(self, images: int, input_ids: Tensor | None, config, device) -> GenerationStart:
+        """Checks the prompts and the generation config against the model; fills in the BOS prompt."""
+        B = images
         if images == 1 and isinstance(input_ids, Tensor) and input_ids.dim() == 2:
             B = input_ids.shape[0]
         text = self.config.text_config
-        decoder_only = self.config.use_decoder_only_language_model
+        decoder_only = family_of(self.config).decoder_only
         start_token = config.bos_token_id if decoder_only else config.decoder_start_token_id
         if start_token is None:
             what = "bos_token_id" if decoder_only else "decoder_start_token_id"
             raise ValueError(f"generation needs {what}: set it in the text config or pass it to generate()")
-        start_ids = torch.full((B, 1), start_token, dtype=torch.long, device=pixel_values.device)
+        start_ids = torch.full((B, 1), start_token, dtype=torch.long, device=device)
         new_tokens = config.new_token_limit(start_ids.shape[1])  # before any model work: fail fast
         if input_ids is None:
             if text.bos_token_id is None:
                 raise ValueError("without input_ids the prompt is the BOS token, but text_config.bos_token_id is None")
-            input_ids = torch.full((B, 1), text.bos_token_id, dtype=torch.long, device=pixel_values.device)
+            input_ids = torch.full((B, 1), text.bos_token_id, dtype=torch.long, device=device)
         self.check_input_ids(input_ids, B)
-        lm_inputs = self.language_inputs(pixel_values, interpolate_pos_encoding)  # (images, Q, D): once per image
-        lm_inputs = lm_inputs.expand(B, -1, -1)
-        embeds, mask = self.merge(lm_inputs, input_ids, attention_mask)
-        if decoder_only:
-            _check_positions(mask, new_tokens, text.max_position_embeddings)
+        return GenerationStart(input_ids, start_ids, new_tokens)
+
+    def _stepper(self, lm_inputs: Tensor, start: GenerationStart, attention_mask: Tensor | None):
+        images = lm_inputs.shape[0]
+        B = start.input_ids.shape[0]
+        embeds, mask = self.merge(lm_inputs.expand(B, -1, -1), start.input_ids, attention_mask)
+        family = family_of(self.config)
+        shared = 0
+        if family.decoder_only:
+            check_positions(int(mask.sum(dim=1).max()), start.new_tokens,
+                            self.config.text_config.max_position_embeddings)
             # Several prompts about one image, queries in front: every row starts with the same
             # query tokens at the same positions, so their keys and values are computed once.
-            shared = lm_inputs.shape[1] if images == 1 and B > 1 and not self.has_image_tokens(input_ids) else 0
-            return DecoderStepper(self.language_model, embeds, mask, new_tokens, shared), start_ids
-        from .t5 import T5Stepper
+            if images == 1 and B > 1 and not self.has_image_tokens(start.input_ids):
+                shared = lm_inputs.shape[1]
+        stepper = family.stepper_class(self.language_model, embeds, mask, start.new_tokens,
+                                       start_ids=start.start_ids, shared_prefix=shared)
+        return stepper, start.start_ids
 
-        return T5Stepper(self.language_model, embeds, mask, new_tokens, start_ids), start_ids
 
+def check_positions(prompt: int, new_tokens: int, max_positions: int) -> None:
+    """Learned positions run out: say so before generating rather than failing on an index.
 
-def _check_positions(mask: Tensor, new_tokens: int, max_positions: int) -> None:
-    """Learned positions run out: say so before generating rather than failing on an index."""
-    prompt = int(mask.sum(dim=1).max())  # positions count only unmasked tokens
+    `prompt` counts the unmasked positions of the longest row (query tokens + text)."""
     if prompt + new_tokens - 1 > max_positions:  # the last new token is never fed back
         raise ValueError(
             f"the prompt takes {prompt} positions (query tokens + text) and generation may add {new_tokens}, "
-            f"but the language model has max_position_embeddings={max_positions}; "
-            "shorten the prompt or lower max_new_tokens / max_length"
+            f"but the language model has max_position_embeddings={max_positions}, room for "
+            f"{max(max_positions - prompt + 1, 0)} new tokens; shorten the prompt or lower max_new_tokens / max_length"
         )
 
 
@@ -208,11 +225,12 @@ class DecoderStepper:
     The prompt (queries + text) is prefilled once per image; beams then share it by
     repeating cache rows, and each step feeds one token into a preallocated cache. With
     `shared_prefix=n`, the first n positions are the same in every row (one image's queries,
-    several prompts): they are run for one row and copied into all.
+    several prompts): they are run for one row and copied into all. `start_ids` is not fed:
+    a decoder-only prompt already begins with it.
     """
 
     def __init__(self, lm, inputs_embeds: Tensor, attention_mask: Tensor, max_new_tokens: int,
-                 shared_prefix: int = 0) -> None:
+                 start_ids: Tensor | None = None, shared_prefix: int = 0) -> None:
         self.lm = lm
         self.embeds = inputs_embeds
         self.mask = attention_mask

@@ -515,7 +515,8 @@ class T5Stepper:
     """
 
     def __init__(self, lm: T5LanguageModel, inputs_embeds: Tensor, attention_mask: Tensor | None,
-                 max_new_tokens: int, start_ids: Tensor | None = None) -> None:
+                 max_new_tokens: int, start_ids: Tensor | None = None, shared_prefix: int = 0) -> None:
+        # shared_prefix (rows that begin alike) is not used: the encoder reads each row whole.
         B = inputs_embeds.shape[0]
         if start_ids is None:
             start_ids = torch.full((B, 1), lm.config.decoder_start_token_id, dtype=torch.long,

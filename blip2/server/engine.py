@@ -19,8 +19,9 @@ from typing import Any, Callable, Hashable, Sequence
 import torch
 from torch import Tensor
 
+from ..families import family_of
 from ..generation import CallbackStreamer, GenerationConfig, generate, resolve_config
-from ..modeling.blip2 import DecoderStepper
+from ..modeling.blip2 import check_positions
 from .limits import ApiError, ImageData, Settings
 
 
@@ -125,33 +126,6 @@ class FeatureCache:
             return {"entries": len(self.entries), "capacity": self.capacity, "hits": self.hits, "misses": self.misses}
 
 
-# ---------------------------------------------------------------- generation from cached features
-def generate_from_language_inputs(model, lm_inputs: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                                  config: GenerationConfig, streamer=None) -> Tensor:
-    """`Blip2ForConditionalGeneration.generate` from the point where the image side is done.
-
-    The model's own `stepper()` starts from pixels; this starts from cached (B, Q, D) language
-    inputs (`model.language_inputs(pixel_values)`) and otherwise builds the same stepper.
-    input_ids / attention_mask: (B, T) left-padded prompts. Returns the start token followed by
-    the new tokens, (B * num_return_sequences, L), as the documented 4.37 `generate` does.
-    """
-    decoder_only = model.config.use_decoder_only_language_model
-    first = config.bos_token_id if decoder_only else config.decoder_start_token_id
-    if first is None:
-        raise ValueError("generation needs bos_token_id (decoder start token for T5) in the generation config")
-    B = input_ids.shape[0]
-    start = torch.full((B, 1), first, dtype=torch.long, device=input_ids.device)
-    new_tokens = config.new_token_limit(1)
-    embeds, mask = model.merge(lm_inputs, input_ids, attention_mask)
-    if decoder_only:
-        stepper = DecoderStepper(model.language_model, embeds, mask, new_tokens)
-    else:
-        from ..modeling.t5 import T5Stepper  # only encoder-decoder models need it
-
-        stepper = T5Stepper(model.language_model, embeds, mask, max_new_tokens=new_tokens, start_ids=start)
-    return generate(stepper, start, config, streamer)
-
-
 # ---------------------------------------------------------------- the engine
 class Engine:
     """Owns the models and processors; every public method runs in the batcher's model thread."""
@@ -207,12 +181,12 @@ class Engine:
         return self.retriever is not None
 
     @property
-    def is_encoder_decoder(self) -> bool:
-        return self.model is not None and not self.model.config.use_decoder_only_language_model
+    def decoder_only(self) -> bool:
+        return self.model is not None and family_of(self.model.config).decoder_only
 
     def question_template(self) -> str:
-        """The paper's VQA prompt for this language model."""
-        return "Question: {} Short answer:" if self.is_encoder_decoder else "Question: {} Answer:"
+        """The paper's VQA prompt for this language model (its family's, see `blip2.families`)."""
+        return family_of(self.model.config).question_template if self.model is not None else "Question: {} Answer:"
 
     def feature_kind(self, task: str) -> str:
         """The cache entry a task reads: language inputs for generation, image-encoder states for retrieval."""
@@ -260,13 +234,13 @@ class Engine:
         # Decoder-only: pad on the left so every row continues from its last token (OPT counts
         # positions over the mask). T5: on the right, so padding never sits between the queries
         # and the text and changes their relative positions.
-        input_ids, mask = _pad(prompts, self._pad_id(), left=not self.is_encoder_decoder)
+        input_ids, mask = _pad(prompts, self._pad_id(), left=self.decoder_only)
         device = self.model.device
         config = self.generation_defaults.updated(settings.generate_kwargs())
         streamer = self._streamer(jobs[live[0]]) if jobs[live[0]].on_text is not None else None
-        out = generate_from_language_inputs(
-            self.model, torch.stack(features).to(device), input_ids.to(device), mask.to(device), config, streamer
-        )
+        stepper, start_ids = self.model.stepper_from_language_inputs(
+            torch.stack(features).to(device), input_ids.to(device), mask.to(device), config)
+        out = generate(stepper, start_ids, config, streamer)
         for row, i in enumerate(live):
             results[i] = self._result(out[row, 1:], config, len(prompts[row]), cached[row])
         return results
@@ -285,13 +259,13 @@ class Engine:
             raise ApiError(400, "the prompt must not contain the image token; the server adds the image", "prompt")
         if max(ids) >= text.vocab_size:
             raise ApiError(400, f"the prompt has token id {max(ids)}, outside the model's vocabulary", "prompt")
-        if self.model.config.use_decoder_only_language_model:
-            # OPT has learned positions: the queries, the prompt and the answer must all fit
-            # (the last new token is never fed back, hence the + 1).
-            room = text.max_position_embeddings - self.model.config.num_query_tokens - len(ids) + 1
-            if settings.max_new_tokens > room:
-                raise ApiError(400, f"max_new_tokens={settings.max_new_tokens} does not fit: with this prompt the "
-                               f"model has room for {max(room, 0)} new tokens", "max_new_tokens")
+        if self.decoder_only:
+            # Checked per request, so one long request fails alone rather than its whole batch.
+            try:
+                check_positions(self.model.config.num_query_tokens + len(ids), settings.max_new_tokens,
+                                text.max_position_embeddings)
+            except ValueError as err:
+                raise ApiError(400, str(err), "max_new_tokens") from None
         return ids
 
     def _language_inputs(self, pixel_values: Tensor) -> Tensor:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from ..families import family
 from .losses import lm_labels
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -193,7 +194,7 @@ class PromptedText:
     """What stage 2 reads for one record: a prompt (not learned) and the text to learn."""
 
     prompt: str = ""  # for captions, e.g. "a photo of"
-    question_template: str = "Question: {} Answer:"  # for question-answer records
+    question_template: str = family("opt").question_template  # for question-answer records
     suffix: str = "\n"  # OPT's end of text; T5 appends its own eos
 
     def __call__(self, example: dict) -> tuple[str, str]:
@@ -233,7 +234,8 @@ class Seq2SeqLMCollate:
     tokenize: Tokenize
     pad_id: int
     max_len: int = 64
-    text: PromptedText = field(default_factory=lambda: PromptedText(suffix=""))
+    text: PromptedText = field(
+        default_factory=lambda: PromptedText(question_template=family("t5").question_template, suffix=""))
 
     def __call__(self, examples: list[dict]) -> dict:
         pairs = [self.text(e) for e in examples]

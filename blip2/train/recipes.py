@@ -8,7 +8,8 @@ The file is JSON (or YAML when PyYAML is installed) with four sections:
                "seed": 0, "train_vision_layernorm": true, "recompute_lm": false (stage 2)
       "data":  {"train": PATH, "eval": PATH, "tokenizer": tokenizer.json or its folder,
                 "max_len": 32, "pad_token_id": ..., "dec_token_id": ... (stage 1),
-                "prompt": "", "question_template": "Question: {} Answer:", "suffix": "\\n" (stage 2),
+                "prompt": "", "question_template": the LM family's ("Question: {} Answer:" for OPT),
+                "suffix": "\\n" (stage 2, OPT; "" for T5),
                 "feature_cache": null | "memory" | DIR},
       "losses": {"itc": 1.0, "itm": 1.0, "itg": 1.0, "label_smoothing": 0.1}   (stage 1),
       "train": {...TrainConfig...}
@@ -28,6 +29,7 @@ from torch.utils.data import Dataset
 
 from .. import checkpoint as ckpt
 from ..config import Blip2Config
+from ..families import family_of
 from ..keymap import KeyTable, vision_rules
 from .data import DecoderLMCollate, ImageTextDataset, PromptedText, Seq2SeqLMCollate, Stage1Collate, Tokenizer
 from .frozen import FeatureCache
@@ -160,8 +162,9 @@ def stage2_job(spec: dict) -> Job:
     tokenizer = _tokenizer(data)
     text_cfg = model.config.text_config
     pad_id = _token_id(data, "pad_token_id", tokenizer, ("<pad>", "[PAD]"), default=text_cfg.pad_token_id)
-    decoder_only = model.config.use_decoder_only_language_model
-    prompted = PromptedText(data.get("prompt", ""), data.get("question_template", "Question: {} Answer:"),
+    family = family_of(model.config)
+    decoder_only = family.decoder_only
+    prompted = PromptedText(data.get("prompt", ""), data.get("question_template", family.question_template),
                             data.get("suffix", "\n" if decoder_only else ""))
     collate_cls = DecoderLMCollate if decoder_only else Seq2SeqLMCollate
     collate = collate_cls(tokenizer, pad_id, data.get("max_len", 64), prompted)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..families import family_of
 from ..hf_compat import Blip2ForConditionalGeneration
 from ..retrieval import Blip2ForImageTextRetrieval
 from .frozen import FeatureCache, freeze, image_features, keep_frozen_in_eval
@@ -47,7 +48,7 @@ class Stage2Objective(nn.Module):
         soft_prompt = m.language_projection(queries)  # (B, Q, D_lm)
         embeds, mask = m.merge(soft_prompt, batch["input_ids"], batch["attention_mask"])
         labels = batch["labels"]
-        if m.config.use_decoder_only_language_model:
+        if family_of(m.config).decoder_only:
             logits = self._decoder_logits(embeds, mask)[:, -labels.shape[1]:]  # (B, T, V): the text part
             loss_sum, count = next_token_loss_sum(logits, labels)
         else:
@@ -64,7 +65,7 @@ class Stage2Objective(nn.Module):
 
     def _seq2seq_logits(self, embeds, mask, decoder_mask, labels) -> Tensor:
         def run(e):
-            _, logits, _ = self.model._language_forward(e, mask, None, decoder_mask, labels, False, False)
+            _, logits, _ = self.model.language_forward(e, mask, decoder_attention_mask=decoder_mask, labels=labels)
             return logits
 
         return checkpoint(run, embeds, use_reentrant=False) if self.recompute_lm else run(embeds)
