@@ -147,7 +147,7 @@ class PreTrainedModel(PeftAdapterMixin, nn.Module):
         if self._hf_peft_config_loaded:
             self._save_active_adapter(directory, safe_serialization)
             return
-        self.save_base_pretrained(directory, safe_serialization, max_shard_size)
+        self.save_base_pretrained(directory, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
 
     def save_base_pretrained(self, directory: str | os.PathLike, safe_serialization: bool = True,
                              max_shard_size: int | str | None = "5GB") -> None:
@@ -423,8 +423,8 @@ class Blip2ForConditionalGeneration(_Blip2Base):
             model.generation_config = resolve_config(model.config.text_config, found)
         return model
 
-    def save_pretrained(self, directory: str | os.PathLike, **kwargs) -> None:
-        super().save_pretrained(directory, **kwargs)
+    def save_base_pretrained(self, directory: str | os.PathLike, **kwargs) -> None:
+        super().save_base_pretrained(directory, **kwargs)
         self.generation_config.save(Path(directory) / GENERATION_CONFIG_NAME)
 
     def generate(self, pixel_values: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,

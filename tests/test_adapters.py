@@ -110,7 +110,7 @@ def test_adapter_trained_on_ours_loads_onto_the_reference(opt_case, targets, tmp
     want = logits(ours, inputs)
     ours.save_pretrained(tmp_path / "adapter")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "generation_config.json"]
+        "adapter_config.json", "adapter_model.safetensors"]
     ref = fresh_ref(base)
     ref.load_adapter(str(tmp_path / "adapter"))  # transformers' own adapter API
     assert_close(logits(ref, inputs), want, "reference logits with our adapter (load_adapter)", atol=ATOL)
@@ -251,3 +251,49 @@ def test_bad_adapters_are_clear_errors(opt_case, t5_case, tmp_path):
     with pytest.raises(ValueError, match="only LoRA"):
         ours.load_adapter(peft_config=config, adapter_state_dict={})
     assert not hasattr(ours, "peft_config")  # nothing half-added
+
+
+def test_stage2_cli_trains_a_lora_and_saves_the_adapter(tmp_path):
+    from blip2.cli import main
+    from blip2.train.recipes import parse_lora, stage2_job
+    from train_helpers import stage2_config, write_dataset, write_tokenizer
+
+    data = write_dataset(tmp_path / "data", n=4)
+    spec = {
+        "model": {"config": stage2_config().to_dict()},
+        "data": {"train": str(data), "tokenizer": str(write_tokenizer(tmp_path / "tokenizer.json")),
+                 "prompt": "a photo of"},
+        "train": {"out_dir": str(tmp_path / "out"), "batch_size": 2, "max_steps": 3, "progress": False, "lr": 1e-2},
+    }
+    (tmp_path / "stage2.json").write_text(json.dumps(spec))
+    lora = "r=4,alpha=8,targets=q_proj+v_proj+query"
+    assert main(["train", "stage2", "--config", str(tmp_path / "stage2.json"), "--lora", lora]) == 0
+    final = tmp_path / "out" / "final"
+    saved = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    assert saved["r"] == 4 and saved["target_modules"] == ["q_proj", "v_proj", "query"]
+
+    start = stage2_job({**spec, "losses": {}, "model": {**spec["model"], "lora": parse_lora(lora)}}).model  # same start
+    trainable = sorted({n.split(".")[0] for n, p in start.named_parameters() if p.requires_grad})
+    assert trainable == ["language_model", "language_projection", "qformer", "query_tokens", "vision_model"]
+    assert not any(p.requires_grad for n, p in start.language_model.named_parameters() if "lora_" not in n)
+    assert not any(p.requires_grad for n, p in start.qformer.named_parameters() if "lora_" not in n)
+    model = Blip2ForConditionalGeneration.from_pretrained(final)
+    for name, value in model.language_model.state_dict().items():  # the frozen LM is unchanged
+        assert torch.equal(value, start.language_model.state_dict()[name.replace("attn.qkv.", "attn.qkv.base.")]), name
+    model.load_adapter(final / "adapter")
+    state = model.get_adapter_state_dict()
+    assert any(k.endswith("q_proj.lora_B.weight") for k in state)
+    assert all(v.abs().max() > 0 for k, v in state.items() if "lora_B" in k)  # trained away from zero
+
+
+def test_lora_option_errors():
+    from blip2.train.recipes import parse_lora
+
+    assert parse_lora("r=8,alpha=16,dropout=0.1,targets=q_proj+v_proj") == {
+        "r": 8, "lora_alpha": 16.0, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
+    with pytest.raises(ValueError, match="needs targets"):
+        parse_lora("r=8")
+    with pytest.raises(ValueError, match="cannot read 'rank=8'"):
+        parse_lora("rank=8,targets=q_proj")
+    with pytest.raises(ValueError, match="r must be a number"):
+        parse_lora("r=eight,targets=q_proj")

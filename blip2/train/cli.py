@@ -35,6 +35,10 @@ def add_train_parser(subparsers) -> None:
         p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: torchrun's GPU for this process, else CPU)")
         p.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in the output folder")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name == "stage2":
+            p.add_argument("--lora", metavar="r=8,alpha=16,targets=q_proj+v_proj",
+                           help="fine-tune with LoRA on these modules (the reference's names, or ours); "
+                                "saves the adapter to OUT/final/adapter (overrides model.lora)")
         p.set_defaults(run=run)
 
 
@@ -47,6 +51,10 @@ def _apply_overrides(spec: dict, args) -> dict:
         spec["train"]["resume"] = False
     if args.no_progress:
         spec["train"]["progress"] = False
+    if getattr(args, "lora", None):
+        from .recipes import parse_lora
+
+        spec["model"]["lora"] = parse_lora(args.lora)
     return spec
 
 
@@ -63,8 +71,13 @@ def run(args) -> int:
         trainer.fit()
         if info.is_main:
             final = Path(job.train.out_dir) / "final"
-            job.model.save_pretrained(final)
-            print(f"saved {final}")
+            if getattr(job.model, "_hf_peft_config_loaded", False):  # the model without, then the adapter
+                job.model.save_base_pretrained(final)
+                job.model.save_adapter(final / "adapter")
+                print(f"saved {final} and its LoRA adapter {final / 'adapter'}")
+            else:
+                job.model.save_pretrained(final)
+                print(f"saved {final}")
         dist.barrier()
     finally:
         dist.teardown()

@@ -5,7 +5,9 @@ The file is JSON (or YAML when PyYAML is installed) with four sections:
     {
       "model": {"pretrained": DIR} or {"config": {...Blip2Config...}, "vision_from": DIR},
                stage 2 also "qformer_from": DIR (a stage-1 / retrieval checkpoint),
-               "seed": 0, "train_vision_layernorm": true, "recompute_lm": false (stage 2)
+               "seed": 0, "train_vision_layernorm": true, "recompute_lm": false (stage 2),
+               "lora": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], ...} (stage 2:
+               peft's LoraConfig fields; `--lora r=8,alpha=16,targets=q_proj+v_proj` on the command line)
       "data":  {"train": PATH, "eval": PATH, "tokenizer": tokenizer.json or its folder,
                 "max_len": 32, "pad_token_id": ..., "dec_token_id": ... (stage 1),
                 "prompt": "", "question_template": the LM family's ("Question: {} Answer:" for OPT),
@@ -169,8 +171,50 @@ def stage2_job(spec: dict) -> Job:
     collate_cls = DecoderLMCollate if decoder_only else Seq2SeqLMCollate
     collate = collate_cls(tokenizer, pad_id, data.get("max_len", 64), prompted)
     objective = Stage2Objective(model, _cache(data), m.get("train_vision_layernorm", True), m.get("recompute_lm", False))
+    if m.get("lora"):
+        add_stage2_lora_(model, m["lora"], m.get("train_vision_layernorm", True))
     train, evaluation = _datasets(data, model.config.vision_config.image_size)
     return Job(model, objective, train, evaluation, collate, TrainConfig.from_dict(spec["train"]))
+
+
+def add_stage2_lora_(model, lora: dict, train_vision_layernorm: bool = True) -> None:
+    """Adds a trainable LoRA (peft's LoraConfig fields) to a stage-2 model. The adapter trains;
+    so do the parts stage 2 always trains (queries, projection, the image encoder's last norm),
+    and the Q-Former in full unless the LoRA reaches into it (then only its adapter does)."""
+    from ..modeling.lora import LoraLinear
+
+    model.add_adapter(dict(lora))  # every other parameter stops requiring gradients
+    qformer_has_lora = any(isinstance(m, LoraLinear) for m in model.qformer.modules())
+    if not qformer_has_lora:
+        model.qformer.requires_grad_(True)
+    model.query_tokens.requires_grad_(True)
+    model.language_projection.requires_grad_(True)
+    model.vision_model.post_layernorm.requires_grad_(train_vision_layernorm)
+
+
+def parse_lora(text: str) -> dict:
+    """`r=8,alpha=16,dropout=0.05,targets=q_proj+v_proj` -> LoraConfig fields."""
+    names = {"r": "r", "alpha": "lora_alpha", "lora_alpha": "lora_alpha", "dropout": "lora_dropout",
+             "lora_dropout": "lora_dropout", "targets": "target_modules", "target_modules": "target_modules",
+             "rslora": "use_rslora"}
+    fields = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in names:
+            raise ValueError(f"--lora: cannot read {item!r}; expected key=value with keys {sorted(set(names))}")
+        key, value = names[key.strip()], value.strip()
+        if key == "target_modules":
+            fields[key] = [t for t in value.split("+") if t]
+        elif key == "use_rslora":
+            fields[key] = value.lower() in ("1", "true", "yes")
+        else:
+            try:
+                fields[key] = int(value) if key == "r" else float(value)
+            except ValueError:
+                raise ValueError(f"--lora: {key} must be a number, got {value!r}") from None
+    if "target_modules" not in fields:
+        raise ValueError("--lora needs targets=NAME+NAME (e.g. targets=q_proj+v_proj)")
+    return fields
 
 
 JOBS = {"stage1": stage1_job, "stage2": stage2_job}
