@@ -1,6 +1,6 @@
 """BLIP-2 in plain PyTorch: the transformers Blip2 API and checkpoint format, leaner and faster."""
 
-from .config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig, T5Config
+from .config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, LlamaConfig, OPTConfig, T5Config
 from .hf_compat import (
     Blip2ForConditionalGeneration,
     Blip2Model,
@@ -33,6 +33,7 @@ __all__ = [
     "Blip2QFormerConfig",
     "OPTConfig",
     "T5Config",
+    "LlamaConfig",
     "Blip2VisionModel",
     "Blip2QFormerModel",
     "Blip2Model",

@@ -285,6 +285,8 @@ def _check_shape(shapes: list[torch.Size], rule, shape: torch.Size, where: str) 
         fused = torch.Size([sum(s[0] for s in shapes), *shapes[0][1:]])
     else:
         fused = None  # parts that cannot be concatenated
+    if getattr(rule, "sizes", None) and [s[0] if len(s) else None for s in shapes] != list(rule.sizes):
+        fused = None  # the right total split the wrong way
     if fused != shape:
         sizes = ", ".join(f"{k} {tuple(s)}" for k, s in zip(rule.hf, shapes))
         raise CheckpointError(
@@ -323,7 +325,8 @@ def ours_to_hf(state: Mapping[str, Tensor], table: KeyTable) -> dict[str, Tensor
         if len(rule.hf) == 1:
             out[rule.hf[0]] = tensor.contiguous()
             continue
-        for key, part in zip(rule.hf, tensor.chunk(len(rule.hf), dim=0)):
+        parts = tensor.split(list(rule.sizes), dim=0) if rule.sizes else tensor.chunk(len(rule.hf), dim=0)
+        for key, part in zip(rule.hf, parts):
             out[key] = part.contiguous()
     return out
 

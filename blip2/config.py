@@ -1,4 +1,4 @@
-"""Configurations: the documented Blip2 configs and the OPT / T5 text configs.
+"""Configurations: the documented Blip2 configs and the OPT / T5 / Llama text configs.
 
 Each config is a small object holding a table of known fields with defaults. Keys the
 table does not know (written by another transformers release, or by the user) are kept
@@ -413,6 +413,54 @@ class T5Config(BaseConfig):
         act = self.feed_forward_proj.split("-")[-1]
         # transformers maps "gated-gelu" to the tanh approximation for backwards compatibility.
         return "gelu_new" if self.feed_forward_proj == "gated-gelu" else act
+
+
+ROPE_SCALING_KINDS = ("linear", "dynamic")  # what transformers 4.37's Llama accepts
+
+
+class LlamaConfig(BaseConfig):
+    """Llama-family decoders (Llama 1/2, Vicuna, Mistral-style grouped-query attention)."""
+
+    model_type = "llama"
+    fields = {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": None,
+        "hidden_act": "silu",
+        "max_position_embeddings": 2048,
+        "initializer_range": 0.02,
+        "rms_norm_eps": 1e-6,
+        "use_cache": True,
+        "pad_token_id": None,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pretraining_tp": 1,
+        "tie_word_embeddings": False,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "is_encoder_decoder": False,
+    }
+
+    def validate(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        scaling = self.rope_scaling
+        if scaling is None:
+            return
+        if not isinstance(scaling, dict) or set(scaling) != {"type", "factor"}:
+            raise ValueError(f"LlamaConfig.rope_scaling must be {{'type': ..., 'factor': ...}}, got {scaling!r}")
+        if scaling["type"] not in ROPE_SCALING_KINDS:
+            raise ValueError(
+                f"LlamaConfig.rope_scaling type must be one of {list(ROPE_SCALING_KINDS)}, got {scaling['type']!r}"
+            )
+        factor = scaling["factor"]
+        if not isinstance(factor, float) or factor <= 1.0:
+            raise ValueError(f"LlamaConfig.rope_scaling factor must be a float > 1, got {factor!r}")
 
 
 def _sub_config(cls_: type[BaseConfig], value: Any, what: str) -> BaseConfig:

@@ -35,6 +35,9 @@ class LanguageModelFamily:
     key_rules: str  # (text_config) -> KeyTable for the `language_model.` keys
     forward: str  # the documented classes' call: (lm, embeds, mask, ...) -> (loss, logits, outputs)
     stepper: str  # the generation Stepper over this language model
+    # Positions from a learned table (OPT): a prompt plus new tokens must fit max_position_embeddings.
+    # Rotary (Llama) and relative (T5) positions have no such limit.
+    learned_positions: bool = False
 
     @property
     def config_class(self) -> type:
@@ -72,6 +75,7 @@ FAMILIES: dict[str, LanguageModelFamily] = {
         key_rules="blip2.keymap:opt_rules",
         forward="blip2.hf_compat:decoder_forward",
         stepper="blip2.modeling.blip2:DecoderStepper",
+        learned_positions=True,
     ),
     "t5": LanguageModelFamily(
         model_type="t5",
@@ -83,6 +87,16 @@ FAMILIES: dict[str, LanguageModelFamily] = {
         key_rules="blip2.keymap:t5_rules",
         forward="blip2.hf_compat:t5_forward",
         stepper="blip2.modeling.t5:T5Stepper",
+    ),
+    "llama": LanguageModelFamily(  # Llama 1/2, Vicuna (InstructBLIP's language model), GQA models
+        model_type="llama",
+        decoder_only=True,
+        question_template="Question: {} Answer:",
+        config="blip2.config:LlamaConfig",
+        module="blip2.modeling.llama:LlamaLanguageModel",
+        key_rules="blip2.keymap:llama_rules",
+        forward="blip2.hf_compat:llama_forward",
+        stepper="blip2.modeling.blip2:DecoderStepper",
     ),
 }
 

@@ -268,13 +268,13 @@ def qformer_output(out, as_dict: bool):
 
 
 # ---------------------------------------------------------------- language model calls
-def decoder_lm_outputs(lm, inputs_embeds, attention_mask, hidden: bool, attn: bool) -> CausalLMOutputWithPast:
+def decoder_lm_outputs(lm, inputs_embeds, attention_mask, hidden: bool, attn: bool, **lm_kwargs) -> CausalLMOutputWithPast:
     # The reference returns each layer's keys and values when the config says use_cache (the default).
     cache = None
     if lm.config.use_cache:
         B, T, _ = inputs_embeds.shape
         cache = lm.new_cache(B, T, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
-    out = lm(inputs_embeds, attention_mask, cache, need_hidden=hidden, need_weights=attn)
+    out = lm(inputs_embeds, attention_mask, cache, need_hidden=hidden, need_weights=attn, **lm_kwargs)
     past = tuple(zip(cache.k, cache.v)) if cache is not None else None
     return CausalLMOutputWithPast(logits=out.logits, past_key_values=past, hidden_states=out.hidden_states,
                                   attentions=out.attentions)
@@ -348,13 +348,20 @@ class _Blip2Base(PreTrainedModel, Blip2):
 # The families' forward adapters (see `blip2.families`):
 # (lm, inputs_embeds, mask, decoder ids, decoder mask, labels, *, need_hidden, need_weights) -> (loss, logits, outputs)
 def decoder_forward(lm, embeds, mask, decoder_input_ids, decoder_attention_mask, labels, *,
-                    need_hidden: bool, need_weights: bool):
+                    need_hidden: bool, need_weights: bool, **lm_kwargs):
     """Any decoder-only language model: decoder inputs do not apply; the loss is next-token."""
-    lm_out = decoder_lm_outputs(lm, embeds, mask, need_hidden, need_weights)
+    lm_out = decoder_lm_outputs(lm, embeds, mask, need_hidden, need_weights, **lm_kwargs)
     loss, logits = None, lm_out.logits
     if labels is not None:
         loss, logits = causal_lm_loss(lm_out.logits, labels)
     return loss, logits, lm_out
+
+
+def llama_forward(lm, embeds, mask, *args, **kwargs):
+    """Llama: the reference's forward numbers positions 0..T-1 whatever the padding (its generate
+    counts only unmasked tokens, as our stepper does)."""
+    positions = torch.arange(embeds.shape[1], device=embeds.device)[None].expand(embeds.shape[0], -1)
+    return decoder_forward(lm, embeds, mask, *args, positions=positions, **kwargs)
 
 
 def t5_forward(lm, embeds, mask, decoder_input_ids, decoder_attention_mask, labels, *,

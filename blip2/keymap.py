@@ -17,6 +17,7 @@ from .families import family_of
 class Rule:
     ours: str
     hf: tuple[str, ...]  # concatenated along dim 0, in this order
+    sizes: tuple[int, ...] | None = None  # each part's rows when they differ (grouped-query q/k/v)
 
 
 @dataclass
@@ -34,10 +35,10 @@ def _linear(ours: str, hf: str, bias: bool = True) -> list[Rule]:
     return rules
 
 
-def _fused(ours: str, hfs: list[str], bias: bool = True) -> list[Rule]:
-    rules = [Rule(f"{ours}.weight", tuple(f"{h}.weight" for h in hfs))]
+def _fused(ours: str, hfs: list[str], bias: bool = True, sizes: tuple[int, ...] | None = None) -> list[Rule]:
+    rules = [Rule(f"{ours}.weight", tuple(f"{h}.weight" for h in hfs), sizes)]
     if bias:
-        rules.append(Rule(f"{ours}.bias", tuple(f"{h}.bias" for h in hfs)))
+        rules.append(Rule(f"{ours}.bias", tuple(f"{h}.bias" for h in hfs), sizes))
     return rules
 
 
@@ -169,6 +170,35 @@ def t5_rules(cfg, prefix: str = "language_model") -> KeyTable:
     else:
         rules.append(Rule(f"{p}lm_head.weight", (f"{p}lm_head.weight",)))
     return KeyTable(rules, tied)
+
+
+def llama_rules(cfg, prefix: str = "language_model") -> KeyTable:
+    """Llama decoders. `prefix=""` gives the table of a bare LlamaForCausalLM."""
+    p = f"{prefix}." if prefix else ""
+    hf_p = f"{p}model"
+    rules = [Rule(f"{p}embed_tokens.weight", (f"{hf_p}.embed_tokens.weight",))]
+    accepted = {}
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    qkv_rows = (cfg.num_attention_heads * head_dim, *[cfg.num_key_value_heads * head_dim] * 2)
+    for n in range(cfg.num_hidden_layers):
+        ours, hf = f"{p}layers.{n}", f"{hf_p}.layers.{n}"
+        sa = f"{hf}.self_attn"
+        rules += _norm(f"{ours}.attn_norm", f"{hf}.input_layernorm", bias=False)
+        rules += _fused(f"{ours}.attn.qkv", [f"{sa}.q_proj", f"{sa}.k_proj", f"{sa}.v_proj"], cfg.attention_bias,
+                         qkv_rows)
+        rules += _linear(f"{ours}.attn.out", f"{sa}.o_proj", cfg.attention_bias)
+        rules += _norm(f"{ours}.mlp_norm", f"{hf}.post_attention_layernorm", bias=False)
+        rules += _fused(f"{ours}.mlp.gate_up", [f"{hf}.mlp.gate_proj", f"{hf}.mlp.up_proj"], bias=False)
+        rules += _linear(f"{ours}.mlp.down", f"{hf}.mlp.down_proj", bias=False)
+        # Checkpoints written before rotary frequencies became non-persistent store them per layer;
+        # they are recomputed from the config, so they are accepted and ignored.
+        accepted[f"{sa}.rotary_emb.inv_freq"] = f"{ours}.attn"
+    rules += _norm(f"{p}final_norm", f"{hf_p}.norm", bias=False)
+    if cfg.tie_word_embeddings:
+        accepted[f"{p}lm_head.weight"] = f"{p}embed_tokens.weight"
+    else:
+        rules.append(Rule(f"{p}lm_head.weight", (f"{p}lm_head.weight",)))
+    return KeyTable(rules, accepted)
 
 
 def blip2_table(config) -> KeyTable:

@@ -12,7 +12,7 @@ from transformers import Blip2QFormerConfig as RefBlip2QFormerConfig
 from transformers import Blip2VisionConfig as RefBlip2VisionConfig
 from transformers import OPTConfig as RefOPTConfig
 
-from blip2 import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig, T5Config
+from blip2 import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, LlamaConfig, OPTConfig, T5Config
 from conftest import BASE_OPT, BASE_QFORMER, BASE_VISION, ref_config
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
@@ -121,8 +121,9 @@ def test_text_config_chosen_by_model_type():
     assert isinstance(Blip2Config(text_config={}).text_config, OPTConfig)  # OPT when absent
     t5 = Blip2Config(text_config={"model_type": "t5"})
     assert t5.is_encoder_decoder and not t5.use_decoder_only_language_model
-    with pytest.raises(ValueError, match="llama"):
-        Blip2Config(text_config={"model_type": "llama"})
+    assert isinstance(Blip2Config(text_config={"model_type": "llama"}).text_config, LlamaConfig)
+    with pytest.raises(ValueError, match="gpt2"):
+        Blip2Config(text_config={"model_type": "gpt2"})
 
 
 # ---------------------------------------------------------------- files of other releases

@@ -195,9 +195,10 @@ class Blip2(nn.Module):
         embeds, mask = self.merge(lm_inputs.expand(B, -1, -1), start.input_ids, attention_mask)
         family = family_of(self.config)
         shared = 0
-        if family.decoder_only:
+        if family.learned_positions:
             check_positions(int(mask.sum(dim=1).max()), start.new_tokens,
                             self.config.text_config.max_position_embeddings)
+        if family.decoder_only:
             # Several prompts about one image, queries in front: every row starts with the same
             # query tokens at the same positions, so their keys and values are computed once.
             if images == 1 and B > 1 and not self.has_image_tokens(start.input_ids):

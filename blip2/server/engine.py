@@ -259,7 +259,7 @@ class Engine:
             raise ApiError(400, "the prompt must not contain the image token; the server adds the image", "prompt")
         if max(ids) >= text.vocab_size:
             raise ApiError(400, f"the prompt has token id {max(ids)}, outside the model's vocabulary", "prompt")
-        if self.decoder_only:
+        if family_of(self.model.config).learned_positions:
             # Checked per request, so one long request fails alone rather than its whole batch.
             try:
                 check_positions(self.model.config.num_query_tokens + len(ids), settings.max_new_tokens,
