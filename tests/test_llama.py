@@ -123,8 +123,9 @@ def test_decoder_cache_matches_reference_positions(lm_pair):
 
 
 def test_config_is_checked():
-    with pytest.raises(ValueError, match="num_key_value_heads"):
-        LlamaConfig(num_attention_heads=4, num_key_value_heads=3, hidden_size=32)
+    with pytest.raises(ValueError, match="num_key_value_heads"):  # when the model is built, as the reference
+        LlamaLanguageModel(LlamaConfig(num_attention_heads=4, num_key_value_heads=3, hidden_size=32,
+                                       num_hidden_layers=1, vocab_size=8, intermediate_size=8))
     with pytest.raises(ValueError, match="rope_scaling type"):
         LlamaConfig(rope_scaling={"type": "yarn", "factor": 2.0})
     with pytest.raises(ValueError, match="factor must be a float > 1"):

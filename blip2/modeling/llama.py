@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import activation
-from .attention import KVCache, attend, causal_padding_mask, merge_heads, split_heads
+from .attention import KVCache, attend, causal_padding_mask, check_heads, merge_heads, split_heads
 from .opt import LMOutput
 from .t5 import RMSNorm
 
@@ -129,6 +129,18 @@ class LlamaLanguageModel(nn.Module):
 
     def __init__(self, cfg) -> None:
         super().__init__()
+        check_heads(cfg, cfg.hidden_size, cfg.num_attention_heads)
+        if cfg.num_key_value_heads < 1 or cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise ValueError(
+                f"LlamaConfig: num_attention_heads {cfg.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {cfg.num_key_value_heads}"
+            )
+        head_dim = getattr(cfg, "head_dim", None)  # newer releases may write it; 4.37 derives it
+        if head_dim is not None and head_dim != cfg.hidden_size // cfg.num_attention_heads:
+            raise ValueError(
+                f"LlamaConfig: head_dim {head_dim} differs from hidden_size / num_attention_heads "
+                f"({cfg.hidden_size // cfg.num_attention_heads}); only the derived head size is supported"
+            )
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         self.layers = nn.ModuleList(LlamaLayer(cfg) for _ in range(cfg.num_hidden_layers))
