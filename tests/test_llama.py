@@ -108,13 +108,13 @@ def test_decoder_cache_matches_reference_positions(lm_pair):
         ours_steps = [ours(ours.embed(ids), mask, cache, last_logits=1).logits[:, -1]]
         positions = mask.cumsum(1) - 1
         positions = positions.masked_fill(mask == 0, 1)
-        out = quiet(ref, input_ids=ids, attention_mask=mask, positions=positions, use_cache=True)
+        out = quiet(ref, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         ref_steps, past = [out.logits[:, -1]], out.past_key_values
         for t in range(4):
             mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
             ours_steps.append(ours(ours.embed(extra[:, t:t + 1]), mask, cache).logits[:, -1])
             pos = mask.sum(1, keepdim=True) - 1
-            out = quiet(ref, input_ids=extra[:, t:t + 1], attention_mask=mask, positions=pos,
+            out = quiet(ref, input_ids=extra[:, t:t + 1], attention_mask=mask, position_ids=pos,
                         past_key_values=past, use_cache=True)
             ref_steps.append(out.logits[:, -1])
             past = out.past_key_values
