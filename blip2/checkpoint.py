@@ -361,17 +361,21 @@ def build_on_meta(model_factory) -> nn.Module:
         return model_factory()
 
 
-def load_into(model_factory, directory: Path, table: KeyTable, dtype: torch.dtype | None,
-              keep_fp32: tuple[str, ...] = ()) -> nn.Module:
-    """Builds the model on the meta device and fills it from the checkpoint in `directory`.
+def load_into(model_factory, directory: Path | None, table: KeyTable, dtype: torch.dtype | None,
+              keep_fp32: tuple[str, ...] = (), state: Mapping[str, Tensor] | None = None) -> nn.Module:
+    """Builds the model on the meta device and fills it from the checkpoint in `directory`
+    (or from `state`, tensors under the checkpoint's names, when given).
 
     `model_factory` may also return a model already built on the meta device.
     """
     model = build_on_meta(model_factory)
     expected = {k: v.shape for k, v in model.state_dict(keep_vars=True).items()}
-    files = find_weights(directory)
-    hf = read_state_dict(files)
-    where = str(files[0] if len(files) == 1 else directory)
+    if state is not None:
+        hf, where = _check_state(state), "state_dict"
+    else:
+        files = find_weights(directory)
+        hf = read_state_dict(files)
+        where = str(files[0] if len(files) == 1 else directory)
 
     def dtype_for(name: str) -> torch.dtype | None:
         if dtype is None:
@@ -389,6 +393,25 @@ def load_into(model_factory, directory: Path, table: KeyTable, dtype: torch.dtyp
     if dtype is not None:
         _cast_rest(model, dtype)
     return model
+
+
+def _check_state(state) -> Mapping[str, Tensor]:
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state).__name__}")
+    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise TypeError(f"state_dict: {_short(sorted(bad))} are not tensors")
+    return state
+
+
+def stored_float_dtype(directory: Path | None, state: Mapping[str, Tensor] | None = None) -> torch.dtype | None:
+    """The dtype of the first floating tensor of a checkpoint (what torch_dtype='auto' falls back to)."""
+    hf = state if state is not None else read_state_dict(find_weights(directory))
+    for key in hf:
+        dtype = hf.dtype(key) if isinstance(hf, LazyStateDict) else hf[key].dtype
+        if dtype.is_floating_point:
+            return dtype
+    return None
 
 
 def _fill_tied(model: nn.Module, ours: dict[str, Tensor], where: str) -> None:

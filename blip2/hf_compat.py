@@ -32,7 +32,7 @@ from .outputs import (
     Seq2SeqLMOutput,
 )
 
-HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token")
+HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "subfolder")
 
 
 def fast_dtype(device: str | torch.device | None = None) -> torch.dtype:
@@ -81,6 +81,81 @@ def checkpoint_dir(name_or_path, **hub) -> Path:
     return folder
 
 
+# from_pretrained's keyword arguments: name -> (default, what it does). Other features add rows
+# here; a name neither here nor a config field is an error that lists these.
+FROM_PRETRAINED_KWARGS: dict[str, tuple[object, str]] = {
+    "config": (None, "a config to build the model from instead of the checkpoint's config.json"),
+    "torch_dtype": (None, "a torch.dtype or its name; 'auto': the dtype config.json records (else the weights'); "
+                          "'fast': bfloat16 where the hardware computes it natively, else float32; "
+                          "default float32 (torch's default dtype), whatever the file holds, as the reference"),
+    "device": (None, "where to put the model (default CPU)"),
+    "device_map": (None, "None, a device, or {'': device}: the whole model on one device"),
+    "quantize": (None, "'int8': the language model's linear layers as int8 weights with per-channel scales"),
+    "state_dict": (None, "tensors under the checkpoint's names, loaded instead of the weight files"),
+    "output_loading_info": (False, "also return {'missing_keys', 'unexpected_keys', 'mismatched_keys', "
+                                   "'error_msgs'}: always empty lists, since loading is strict and raises instead"),
+    "low_cpu_mem_usage": (None, "accepted for compatibility: the model is always built on the meta device "
+                                "and filled from lazily read tensors"),
+    "use_safetensors": (None, "accepted: safetensors files are preferred when both formats are present"),
+    "revision": (None, "hub revision (branch, tag or commit)"),
+    "cache_dir": (None, "the hub cache folder"),
+    "local_files_only": (False, "never download"),
+    "token": (None, "hub access token"),
+    "subfolder": (None, "the folder inside the checkpoint that holds config.json and the weights"),
+}
+
+
+def _from_pretrained_options(cls, kwargs: dict) -> tuple[dict, dict]:
+    """(options with defaults filled in, config-field overrides); raises on any other name."""
+    opts = {name: kwargs.pop(name, default) for name, (default, _) in FROM_PRETRAINED_KWARGS.items()}
+    fields = cls.config_class._table() if hasattr(cls.config_class, "_table") else {}
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
+    if kwargs:
+        raise TypeError(
+            f"{cls.__name__}.from_pretrained got unknown keyword argument(s) {sorted(kwargs)}; it takes "
+            f"{', '.join(FROM_PRETRAINED_KWARGS)} (see blip2.hf_compat.FROM_PRETRAINED_KWARGS) or a config field"
+        )
+    return opts, overrides
+
+
+def _load_dtype(torch_dtype, config, folder: Path | None, state, device) -> torch.dtype:
+    """The dtype to load into: float32 (torch's default) unless asked, as the reference does."""
+    if torch_dtype is None:
+        return torch.get_default_dtype()
+    if torch_dtype == "auto":
+        # 4.x writes "torch_dtype", 5.x writes "dtype"; without either, the weights' own dtype.
+        recorded = config.torch_dtype or config.extra.get("dtype")
+        if recorded is not None:
+            return _dtype(recorded, device)
+        return ckpt.stored_float_dtype(folder, state) or torch.get_default_dtype()
+    return _dtype(torch_dtype, device)
+
+
+def _device_from_map(device_map, device) -> torch.device | None:
+    """device_map as the reference spells a single device; maps over several devices are refused."""
+    if device_map is None:
+        return torch.device(device) if device is not None else None
+    target = device_map
+    if isinstance(device_map, dict):
+        places = set(device_map.values())
+        if len(places) != 1:
+            raise ValueError(f"device_map {device_map!r} spreads the model over several devices, which this "
+                             "build does not support yet; put it on one device (device_map={'': 'cuda:0'})")
+        target = places.pop()
+    if isinstance(target, int):
+        target = torch.device("cuda", target)
+    if isinstance(target, str) and target in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise ValueError(f"device_map={target!r} (placement by available memory over several devices) is not "
+                         "supported yet; pass device_map='cpu', {'': 'cuda:0'} or device=")
+    try:
+        target = torch.device(target)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map: cannot read {device_map!r} as a device") from None
+    if device is not None and torch.device(device) != target:
+        raise ValueError(f"device={device!r} and device_map={device_map!r} disagree; pass one of them")
+    return target
+
+
 class PreTrainedModel(PeftAdapterMixin, nn.Module):
     """from_pretrained / save_pretrained through the key table, dtype and device, and LoRA adapters."""
 
@@ -103,40 +178,46 @@ class PreTrainedModel(PeftAdapterMixin, nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, config=None, torch_dtype=None,
-                        device: str | torch.device | None = None, quantize: str | None = None, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None = None, *model_args, **kwargs):
         """Loads a transformers-format checkpoint: a local directory or a hub id.
 
-        Args:
-            torch_dtype: a torch dtype, its name, "auto" (the dtype recorded in config.json), or
-                "fast": bfloat16 where the hardware computes it natively (CPUs with AVX512-BF16
-                or AMX, recent GPUs), float32 elsewhere.
-            device: where to put the model (default CPU).
-            quantize: "int8" stores the language model's linear layers as int8 weights with
-                per-channel scales (weight-only; about twice as fast to decode on CPU).
+        The keyword arguments are those of `FROM_PRETRAINED_KWARGS` (which says what each does),
+        plus any config field (`output_hidden_states=True`, ...), which overrides the file's.
         """
-        hub = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
-        if kwargs:
-            raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments: {sorted(kwargs)}")
-        folder = checkpoint_dir(name_or_path, **hub)
+        if model_args:
+            raise TypeError(f"{cls.__name__}.from_pretrained takes the path and keyword arguments only; "
+                            f"got extra positional arguments {model_args!r}")
+        opts, overrides = _from_pretrained_options(cls, kwargs)
+        hub = {k: opts[k] for k in HUB_KWARGS if opts[k] is not None}
+        name = pretrained_model_name_or_path
+        config, state = opts["config"], opts["state_dict"]
+        if name is None and (config is None or state is None):
+            raise ValueError(f"{cls.__name__}.from_pretrained needs a path or hub id (or both config= and state_dict=)")
+        folder = None
+        if name is not None:
+            folder = resolve_file(name, "config.json", **hub).parent if state is not None else checkpoint_dir(name, **hub)
         if config is None:
             config = cls.config_class.from_json_file(folder / "config.json")
-        if torch_dtype == "auto":
-            # 4.x writes "torch_dtype", 5.x writes "dtype"
-            torch_dtype = config.torch_dtype or config.extra.get("dtype")
-        dtype = _dtype(torch_dtype, device)
-        if quantize not in (None, "int8"):
-            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        dtype = _load_dtype(opts["torch_dtype"], config, folder, state, opts["device"])
+        device = _device_from_map(opts["device_map"], opts["device"])
+        if opts["quantize"] not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {opts['quantize']!r}")
         skeleton = ckpt.build_on_meta(lambda: cls(config))
-        model = ckpt.load_into(lambda: skeleton, folder, skeleton.key_table(), dtype, skeleton.keep_in_fp32)
+        model = ckpt.load_into(lambda: skeleton, folder, skeleton.key_table(), dtype, skeleton.keep_in_fp32, state=state)
         model.eval()
         if device is not None:
             model.to(device)
-        if quantize == "int8":
+        if opts["quantize"] == "int8":
             from .modeling.quant import quantize_language_model
 
             quantize_language_model(model)
-        model.name_or_path = str(name_or_path)
+        model.name_or_path = str(name) if name is not None else ""
+        config.name_or_path = model.name_or_path
+        if opts["output_loading_info"]:
+            # Loading is strict: anything missing, unexpected or misshapen raised above.
+            return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
         return model
 
     def save_pretrained(self, directory: str | os.PathLike, safe_serialization: bool = True,
@@ -422,13 +503,16 @@ class Blip2ForConditionalGeneration(_Blip2Base):
         self.generation_config = resolve_config(config.text_config)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs):
-        hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-        model = super().from_pretrained(name_or_path, **kwargs)
-        found = resolve_file(name_or_path, GENERATION_CONFIG_NAME, required=False, **hub)
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None = None, *model_args, **kwargs):
+        hub = {k: kwargs[k] for k in HUB_KWARGS if kwargs.get(k) is not None}
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        found = None
+        if pretrained_model_name_or_path is not None:
+            found = resolve_file(pretrained_model_name_or_path, GENERATION_CONFIG_NAME, required=False, **hub)
         if found is not None:
             model.generation_config = resolve_config(model.config.text_config, found)
-        return model
+        return loaded
 
     def save_base_pretrained(self, directory: str | os.PathLike, **kwargs) -> None:
         super().save_base_pretrained(directory, **kwargs)

@@ -315,9 +315,11 @@ def test_half_precision_checkpoint_round_trip(setup: Setup, tmp_path: Path):
     assert {t.dtype for t in load_file(str(tmp_path / SAFE)).values()} == {torch.float16}
     auto = Blip2ForConditionalGeneration.from_pretrained(tmp_path, torch_dtype="auto")
     assert auto.dtype == torch.float16
-    assert Blip2ForConditionalGeneration.from_pretrained(tmp_path).dtype == torch.float16  # as stored
     ref = RefBlip2ForConditionalGeneration.from_pretrained(str(tmp_path), torch_dtype="auto")
     assert ref.dtype == torch.float16
+    # Without torch_dtype both load float32, whatever the file holds.
+    assert Blip2ForConditionalGeneration.from_pretrained(tmp_path).dtype == torch.float32
+    assert RefBlip2ForConditionalGeneration.from_pretrained(str(tmp_path)).dtype == torch.float32
     # float16 weights up-cast to float32 on request.
     up = Blip2ForConditionalGeneration.from_pretrained(tmp_path, torch_dtype=torch.float32)
     assert up.dtype == torch.float32 and torch.equal(up.query_tokens, ours.query_tokens.float())

@@ -215,3 +215,105 @@ def test_label2id_is_the_inverse_of_a_given_id2label(tmp_path: Path):
     config.save_pretrained(tmp_path)
     again = blip2.OPTConfig.from_pretrained(tmp_path)
     assert again.id2label == {0: "no", 1: "yes"} and again.label2id == {"no": 0, "yes": 1}
+
+
+# ---------------------------------------------------------------- 4, 5. from_pretrained's arguments and dtype
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One tiny reference model saved in float32, in float16, and in a subfolder; and its tensors
+    (checkpoint names) with the projection doubled, for state_dict=."""
+    from conftest import make_ref, ref_config
+
+    root = tmp_path_factory.mktemp("compat-ckpt")
+    ref = make_ref(transformers.Blip2ForConditionalGeneration, ref_config())
+    ref.save_pretrained(str(root / "fp32"))
+    ref.save_pretrained(str(root / "nested" / "inner"))
+    ref.half().save_pretrained(str(root / "fp16"))
+    state = {k: v.float().clone() for k, v in ref.state_dict().items()}
+    state["language_projection.weight"] *= 2
+    return root, state
+
+
+def fingerprint(loaded):
+    """What a load gave, comparable across implementations: class, dtype, device, two tensors' sums."""
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    return (type(model).__name__, model.dtype, model.device.type, round(float(model.query_tokens.detach().double().sum()), 4),
+            round(float(model.language_projection.weight.detach().double().sum()), 4))
+
+
+LOADS = {
+    "positional path": lambda cls, root, sd: cls.from_pretrained(str(root / "fp32")),
+    "pretrained_model_name_or_path=": lambda cls, root, sd: cls.from_pretrained(pretrained_model_name_or_path=str(root / "fp32")),
+    "state_dict=": lambda cls, root, sd: cls.from_pretrained(str(root / "fp32"), state_dict=sd),
+    "subfolder=": lambda cls, root, sd: cls.from_pretrained(str(root / "nested"), subfolder="inner"),
+    "low_cpu_mem_usage=True": lambda cls, root, sd: cls.from_pretrained(str(root / "fp32"), low_cpu_mem_usage=True),
+    "low_cpu_mem_usage=False": lambda cls, root, sd: cls.from_pretrained(str(root / "fp32"), low_cpu_mem_usage=False),
+    "float16 file, no torch_dtype": lambda cls, root, sd: cls.from_pretrained(str(root / "fp16")),
+    "float16 file, torch_dtype='auto'": lambda cls, root, sd: cls.from_pretrained(str(root / "fp16"), torch_dtype="auto"),
+    "float32 file, torch_dtype='auto'": lambda cls, root, sd: cls.from_pretrained(str(root / "fp32"), torch_dtype="auto"),
+    "float16 file, torch_dtype=float32": lambda cls, root, sd: cls.from_pretrained(str(root / "fp16"), torch_dtype=torch.float32),
+    "float32 file, torch_dtype=bfloat16": lambda cls, root, sd: cls.from_pretrained(str(root / "fp32"), torch_dtype=torch.bfloat16),
+    "device_map='cpu'": lambda cls, root, sd: cls.from_pretrained(str(root / "fp32"), device_map="cpu"),
+    "device_map={'': 'cpu'}": lambda cls, root, sd: cls.from_pretrained(str(root / "fp32"), device_map={"": "cpu"}),
+    "use_safetensors=True": lambda cls, root, sd: cls.from_pretrained(str(root / "fp32"), use_safetensors=True),
+    "output_loading_info=True": lambda cls, root, sd: (lambda out: (fingerprint(out), {k: list(v) for k, v in out[1].items()}))(
+        cls.from_pretrained(str(root / "fp32"), output_loading_info=True)),
+    "config field override": lambda cls, root, sd: (lambda m: (m.config.output_hidden_states, m.config.num_query_tokens))(
+        cls.from_pretrained(str(root / "fp32"), output_hidden_states=True)),
+    "config=": lambda cls, root, sd: (lambda m: m.config.output_attentions)(cls.from_pretrained(
+        str(root / "fp32"), config=type(cls.from_pretrained(str(root / "fp32")).config).from_pretrained(
+            str(root / "fp32"), output_attentions=True))),
+    "unknown keyword": lambda cls, root, sd: _raises(lambda: cls.from_pretrained(str(root / "fp32"), not_an_option=1)),
+}
+
+
+def _raises(call):
+    try:
+        call()
+    except Exception as err:  # the type is compared; the message is checked separately
+        return type(err).__name__
+    return "no error"
+
+
+@pytest.mark.parametrize("cls_name", ["Blip2ForConditionalGeneration", "Blip2Model"])
+@pytest.mark.parametrize("name", LOADS)
+def test_from_pretrained_arguments(name, cls_name, checkpoints):
+    root, state = checkpoints
+    results = {}
+    for api_name, api in APIS.items():
+        out = LOADS[name](getattr(api, cls_name), root, state)
+        results[api_name] = fingerprint(out) if hasattr(out, "parameters") or (
+            isinstance(out, tuple) and hasattr(out[0], "parameters")) else out
+    assert results["ours"] == results["reference"], f"{name}: ours {results['ours']}, reference {results['reference']}"
+
+
+def test_unknown_from_pretrained_keyword_names_it_and_the_valid_ones(checkpoints):
+    root, _ = checkpoints
+    with pytest.raises(TypeError) as err:
+        blip2.Blip2ForConditionalGeneration.from_pretrained(root / "fp32", torch_dtpye=torch.float16)
+    assert "torch_dtpye" in str(err.value) and "torch_dtype" in str(err.value) and "device_map" in str(err.value)
+
+
+@pytest.mark.parametrize("device_map", ["auto", "balanced", {"vision_model": "cpu", "language_model": 0}])
+def test_device_maps_over_several_devices_are_refused_clearly(device_map, checkpoints):
+    root, _ = checkpoints
+    with pytest.raises(ValueError, match="device_map"):
+        blip2.Blip2ForConditionalGeneration.from_pretrained(root / "fp32", device_map=device_map)
+
+
+def test_state_dict_without_a_folder(checkpoints):
+    """config= and state_dict= alone build the model (no files), with the tensors given."""
+    root, state = checkpoints
+    config = blip2.Blip2Config.from_pretrained(root / "fp32")
+    model = blip2.Blip2ForConditionalGeneration.from_pretrained(None, config=config, state_dict=state)
+    assert torch.equal(model.language_projection.weight, state["language_projection.weight"])
+    with pytest.raises(Exception, match="language_model"):
+        blip2.Blip2ForConditionalGeneration.from_pretrained(
+            None, config=config, state_dict={k: v for k, v in state.items() if not k.startswith("language_model")})
+
+
+def test_training_from_a_float16_file_starts_in_float32(checkpoints):
+    """The default dtype is float32 whatever the file holds, so an optimiser step stays finite."""
+    root, _ = checkpoints
+    model = blip2.Blip2ForConditionalGeneration.from_pretrained(root / "fp16")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -438,7 +438,8 @@ def _load_one(path, device: str | None, dtype: str | None):
     from ..processing import Blip2Processor
 
     cls = Blip2ForImageTextRetrieval if _is_retrieval_checkpoint(path) else Blip2ForConditionalGeneration
-    model = cls.from_pretrained(path, torch_dtype=dtype, device=device)
+    # No --dtype: serve in the checkpoint's own dtype (from_pretrained alone would give float32).
+    model = cls.from_pretrained(path, torch_dtype=dtype or "auto", device=device)
     return model, Blip2Processor.from_pretrained(path)
 
 
