@@ -112,7 +112,7 @@ def _from_pretrained_options(cls, kwargs: dict) -> tuple[dict, dict]:
     overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
     if kwargs:
         raise TypeError(
-            f"{cls.__name__}.from_pretrained got unknown keyword argument(s) {sorted(kwargs)}; it takes "
+            f"{cls.__name__}.from_pretrained got unexpected keyword argument(s) {sorted(kwargs)}; it takes "
             f"{', '.join(FROM_PRETRAINED_KWARGS)} (see blip2.hf_compat.FROM_PRETRAINED_KWARGS) or a config field"
         )
     return opts, overrides
