@@ -73,10 +73,14 @@ def test_serve_loads_checkpoints_and_drains_in_flight_requests_on_sigterm(checkp
         with concurrent.futures.ThreadPoolExecutor(n) as pool:
             futures = [pool.submit(httpx.post, f"{url}/v1/caption", json=body, timeout=60) for _ in range(n)]
             deadline = time.monotonic() + 30
+            # Signal only once every request has reached the server (answered, queued or running):
+            # on a loaded machine a request still connecting would rightly be refused after SIGTERM.
             while time.monotonic() < deadline:
                 b = httpx.get(f"{url}/metrics").json()["batcher"]
-                if b["queued"] + b["running"] >= 2:
+                arrived = b["queued"] + b["running"] + sum(f.done() for f in futures)
+                if arrived >= n and b["queued"] + b["running"] >= 2:
                     break
+                time.sleep(0.05)
             assert b["queued"] + b["running"] >= 2, b  # work was still pending when the signal came
             proc.send_signal(signal.SIGTERM)
             responses = [f.result() for f in futures]
