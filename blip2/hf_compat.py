@@ -89,7 +89,11 @@ FROM_PRETRAINED_KWARGS: dict[str, tuple[object, str]] = {
                           "'fast': bfloat16 where the hardware computes it natively, else float32; "
                           "default float32 (torch's default dtype), whatever the file holds, as the reference"),
     "device": (None, "where to put the model (default CPU)"),
-    "device_map": (None, "None, a device, or {'': device}: the whole model on one device"),
+    "device_map": (None, "a device or {'': device}: the whole model there; 'auto', 'balanced', 'balanced_low_0', "
+                         "'sequential' or a dict of module -> device: placement over several devices through "
+                         "accelerate (blip2.device_map), as the reference places it"),
+    "max_memory": (None, "with a device_map strategy: the most each device may hold, {0: '10GiB', 'cpu': '30GiB'}"),
+    "offload_folder": (None, "where modules a device_map puts on 'disk' are written and read back from"),
     "quantize": (None, "'int8': the language model's linear layers as int8 weights with per-channel scales"),
     "state_dict": (None, "tensors under the checkpoint's names, loaded instead of the weight files"),
     "output_loading_info": (False, "also return {'missing_keys', 'unexpected_keys', 'mismatched_keys', "
@@ -131,22 +135,20 @@ def _load_dtype(torch_dtype, config, folder: Path | None, state, device) -> torc
     return _dtype(torch_dtype, device)
 
 
+def _places_over_devices(device_map) -> bool:
+    """A placement strategy or a dict naming modules: accelerate's work (`blip2.device_map`)."""
+    if isinstance(device_map, str) and device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return True
+    return isinstance(device_map, dict) and set(device_map) != {""}
+
+
 def _device_from_map(device_map, device) -> torch.device | None:
-    """device_map as the reference spells a single device; maps over several devices are refused."""
-    if device_map is None:
+    """device_map as the reference spells a single device (a device, or {'': device})."""
+    if device_map is None or _places_over_devices(device_map):
         return torch.device(device) if device is not None else None
-    target = device_map
-    if isinstance(device_map, dict):
-        places = set(device_map.values())
-        if len(places) != 1:
-            raise ValueError(f"device_map {device_map!r} spreads the model over several devices, which this "
-                             "build does not support yet; put it on one device (device_map={'': 'cuda:0'})")
-        target = places.pop()
+    target = device_map[""] if isinstance(device_map, dict) else device_map
     if isinstance(target, int):
         target = torch.device("cuda", target)
-    if isinstance(target, str) and target in ("auto", "balanced", "balanced_low_0", "sequential"):
-        raise ValueError(f"device_map={target!r} (placement by available memory over several devices) is not "
-                         "supported yet; pass device_map='cpu', {'': 'cuda:0'} or device=")
     try:
         target = torch.device(target)
     except (RuntimeError, TypeError):
@@ -162,6 +164,8 @@ class PreTrainedModel(PeftAdapterMixin, nn.Module):
     config_class: type[BaseConfig] = BaseConfig
     main_input_name = "pixel_values"
     keep_in_fp32: tuple[str, ...] = ()  # module names kept in float32 when loading float16
+    # Classes a device map never splits across devices (their residual sums need one device).
+    _no_split_modules: list[str] = ["VisionBlock", "QFormerLayer", "OPTLayer", "EncoderLayer", "DecoderLayer"]
 
     def key_table(self) -> KeyTable:
         raise NotImplementedError
@@ -207,6 +211,14 @@ class PreTrainedModel(PeftAdapterMixin, nn.Module):
         skeleton = ckpt.build_on_meta(lambda: cls(config))
         model = ckpt.load_into(lambda: skeleton, folder, skeleton.key_table(), dtype, skeleton.keep_in_fp32, state=state)
         model.eval()
+        if _places_over_devices(opts["device_map"]):
+            if opts["device"] is not None or opts["quantize"] is not None:
+                raise ValueError("a device_map over several devices cannot be combined with device or quantize")
+            from .device_map import dispatch
+
+            dispatch(model, opts["device_map"], opts["max_memory"], opts["offload_folder"], dtype)
+        elif opts["max_memory"] is not None or opts["offload_folder"] is not None:
+            raise ValueError("max_memory and offload_folder need a device_map (e.g. device_map='auto')")
         if device is not None:
             model.to(device)
         if opts["quantize"] == "int8":
