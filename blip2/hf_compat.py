@@ -537,11 +537,14 @@ class Blip2ForConditionalGeneration(_Blip2Base):
 
         Args:
             pixel_values: (batch, 3, height, width) images.
-            input_ids: (batch, length) prompts, left-padded; None for captioning.
+            input_ids: (batch, length) prompts, padded on either side; None for captioning.
+                Every row generates what it generates alone: padding is moved to the side where
+                it cannot change the result (before the text for OPT, after it for T5).
             attention_mask: (batch, length), 0 on padding.
             generation_config: replaces the model's `generation_config` for this call.
             streamer: receives tokens as they are produced (e.g. `blip2.generation.TextIteratorStreamer`).
-            generator: a torch.Generator for sampling (or pass `seed=`).
+            generator: a torch.Generator for sampling, one stream for the whole batch; `seed=`
+                instead gives every input its own stream, so it draws what it draws alone.
             generate_kwargs: any `GenerationConfig` field (`max_new_tokens`, `num_beams`, `do_sample`, ...).
 
         Returns:

@@ -147,7 +147,15 @@ def scale_of(value) -> float:
                default=0.0)
 
 
+# Rows of batched generation equal to their solo run, per "model dtype": [equal, rows] (test_row_independence).
+AGREEMENT: dict[str, list[int]] = {}
+
+
 def pytest_terminal_summary(terminalreporter):
+    if AGREEMENT:
+        terminalreporter.section("batched rows equal to their solo run")
+        for name, (equal, total) in sorted(AGREEMENT.items()):
+            terminalreporter.write_line(f"{name:20s} {equal}/{total} ({equal / total:.1%})")
     if not MAX_DIFFS:
         return
     per_config: dict[str, float] = {}

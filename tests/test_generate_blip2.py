@@ -57,7 +57,8 @@ def pair(request, tmp_path_factory):
 
 
 def inputs(model, batch=3, seed=0):
-    """Images and left-padded prompts that start with BOS (T5: no BOS), lengths 1..5."""
+    """Images and prompts of lengths 1..5: OPT's left-padded and starting with BOS, T5's right-padded
+    (the layouts in which the reference's rows do not depend on each other)."""
     g = torch.Generator().manual_seed(seed)
     text = model.config.text_config
     size = model.config.vision_config.image_size
@@ -69,8 +70,9 @@ def inputs(model, batch=3, seed=0):
         body = torch.randint(4, text.vocab_size, (n,), generator=g)
         if text.model_type == "opt":
             body[0] = BOS
-        ids[row, 5 - n:] = body
-        mask[row, 5 - n:] = 1
+        span = slice(5 - n, 5) if text.model_type == "opt" else slice(0, n)
+        ids[row, span] = body
+        mask[row, span] = 1
     return pixel_values, ids, mask
 
 
@@ -124,6 +126,30 @@ def test_generate_matches_transformers_4_37(pair, prompted):
         expected = reference_generate(ref, pixel_values, ids, mask, **kwargs)
         got = ours.generate(pixel_values, ids, mask, **kwargs)
         assert torch.equal(got, expected), f"{name} {kwargs}\nours\n{got}\nreference\n{expected}"
+
+
+def flip_padding(ids, mask, pad):
+    """The same prompts padded on the other side."""
+    flipped_ids, flipped_mask = torch.full_like(ids, pad), torch.zeros_like(mask)
+    width = ids.shape[1]
+    for row in range(ids.shape[0]):
+        body = ids[row][mask[row] == 1]
+        span = slice(0, len(body)) if mask[row, -1] == 1 else slice(width - len(body), width)
+        flipped_ids[row, span] = body
+        flipped_mask[row, span] = 1
+    return flipped_ids, flipped_mask
+
+
+def test_padding_on_the_other_side_gives_the_reference_tokens(pair):
+    """OPT prompts padded on the right (T5: on the left) give what the reference gives for the
+    layout in which its rows are independent: ours moves the padding there."""
+    ours, ref, name = pair
+    pixel_values, ids, mask = inputs(ours)
+    flipped = flip_padding(ids, mask, ours.config.text_config.pad_token_id)
+    assert not torch.equal(flipped[1], mask)
+    for kwargs in (dict(max_new_tokens=8), dict(max_new_tokens=6, num_beams=3, num_return_sequences=2)):
+        expected = reference_generate(ref, pixel_values, ids, mask, **kwargs)
+        assert torch.equal(ours.generate(pixel_values, *flipped, **kwargs), expected), f"{name} {kwargs}"
 
 
 def test_defaults_and_sampling_match(pair):

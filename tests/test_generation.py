@@ -294,10 +294,17 @@ def test_seed_and_generator_make_sampling_reproducible():
     kw = dict(max_new_tokens=12, pad_token_id=PAD, do_sample=True, top_k=0, temperature=2.0)
     a, _ = ours(model, embeds, mask, seed=7, **kw)
     b, _ = ours(model, embeds, mask, seed=7, **kw)
-    c, _ = ours(model, embeds, mask, generator=torch.Generator().manual_seed(7), **kw)
     d, _ = ours(model, embeds, mask, seed=8, **kw)
-    assert torch.equal(a, b) and torch.equal(a, c)
+    assert torch.equal(a, b)
     assert not torch.equal(a, d)  # at temperature 2 over 24 tokens a collision is vanishingly unlikely
+    # seed=: every input draws from its own stream, as it would alone (the first row of a is row 0 alone).
+    for row in range(2):
+        c, _ = ours(model, embeds[row : row + 1], mask[row : row + 1], generator=torch.Generator().manual_seed(7), **kw)
+        assert torch.equal(a[row, : c.shape[1]], c[0]) and bool((a[row, c.shape[1]:] == PAD).all())
+    # generator=: one stream for the whole batch, drawn as the reference draws from the global RNG.
+    e, _ = ours(model, embeds, mask, generator=torch.Generator().manual_seed(7), **kw)
+    torch.manual_seed(7)
+    assert torch.equal(e, ours(model, embeds, mask, **kw)[0])
 
 
 class FixedLogits:

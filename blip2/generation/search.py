@@ -54,11 +54,11 @@ def sample(
 ) -> Tensor:
     """Draws each token from the softmax of the filtered scores; num_return_sequences draws per input."""
 
+    draw = _sampler(config, generator, groups=start_ids.shape[0])
+
     def choose(scores: Tensor) -> Tensor:
-        nonlocal generator
-        generator = generator or _seeded(config, scores.device)
         probs = torch.softmax(warp(scores, config), dim=-1)
-        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+        return draw(probs, 1).squeeze(1)
 
     return _token_loop(stepper, start_ids, config, choose, streamer, copies=config.num_return_sequences)
 
@@ -184,6 +184,7 @@ def beam_search(
     else:
         k = max(2, 1 + len(eos_ids)) * nb  # enough candidates that nb of them do not end
     processing = is_active(config)
+    draw = _sampler(config, generator, groups=B) if config.do_sample else None
     cur = L0
     while True:
         scores = torch.log_softmax(logits, dim=-1)  # (N, V)
@@ -191,9 +192,8 @@ def beam_search(
             scores = process(scores, ids[:, :cur], config, L0)
         V = scores.shape[-1]
         if config.do_sample:
-            generator = generator or _seeded(config, device)
             flat = (warp(scores, config, min_keep) + beam_scores[:, None]).view(B, nb * V)
-            picks = torch.multinomial(torch.softmax(flat, dim=-1), num_samples=k, generator=generator)
+            picks = draw(torch.softmax(flat, dim=-1), k)
             top_scores, order = torch.sort(flat.gather(1, picks), descending=True, dim=1)
             picks = picks.gather(1, order)
         else:
@@ -295,11 +295,25 @@ def _eos_tensor(config: GenerationConfig, device) -> Tensor | None:
     return torch.tensor(eos, dtype=torch.long, device=device) if eos else None
 
 
-def _seeded(config: GenerationConfig, device) -> torch.Generator | None:
-    """A private generator when the config carries a seed; otherwise the global RNG (None)."""
-    if config.seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(config.seed)
+def _sampler(config: GenerationConfig, generator: torch.Generator | None, groups: int):
+    """`draw(probs, n)`: n draws per row of probs (R, V), R = groups * copies.
+
+    With `config.seed` every input (a group of consecutive rows: its samples or beams) draws
+    from its own generator seeded with it, so an input draws what it draws alone, in any
+    batch. Otherwise one stream serves the whole batch: the given generator, or the global RNG
+    (what the reference does, so `torch.manual_seed` reproduces its draws).
+    """
+    if config.seed is None or generator is not None:
+        return lambda probs, n: torch.multinomial(probs, num_samples=n, generator=generator)
+    streams: list[torch.Generator] = []
+
+    def draw(probs: Tensor, n: int) -> Tensor:
+        if not streams:
+            streams.extend(torch.Generator(device=probs.device).manual_seed(config.seed) for _ in range(groups))
+        parts = probs.chunk(groups)  # consecutive rows belong to one input
+        return torch.cat([torch.multinomial(p, num_samples=n, generator=g) for p, g in zip(parts, streams)])
+
+    return draw
 
 
 def _check_start_ids(start_ids: Tensor) -> None:

@@ -192,8 +192,9 @@ class Blip2(nn.Module):
     def _stepper(self, lm_inputs: Tensor, start: GenerationStart, attention_mask: Tensor | None):
         images = lm_inputs.shape[0]
         B = start.input_ids.shape[0]
-        embeds, mask = self.merge(lm_inputs.expand(B, -1, -1), start.input_ids, attention_mask)
         family = family_of(self.config)
+        input_ids, attention_mask = pack_padding(start.input_ids, attention_mask, pad_first=family.decoder_only)
+        embeds, mask = self.merge(lm_inputs.expand(B, -1, -1), input_ids, attention_mask)
         shared = 0
         if family.learned_positions:
             check_positions(int(mask.sum(dim=1).max()), start.new_tokens,
@@ -206,6 +207,35 @@ class Blip2(nn.Module):
         stepper = family.stepper_class(self.language_model, embeds, mask, start.new_tokens,
                                        start_ids=start.start_ids, shared_prefix=shared)
         return stepper, start.start_ids
+
+
+def pack_padding(input_ids: Tensor, attention_mask: Tensor | None, pad_first: bool) -> tuple[Tensor, Tensor | None]:
+    """Moves each row's padding to one side of its prompt, keeping the order of its tokens.
+
+    Padding must not change what a row generates (every caller's batch goes through here). A
+    decoder-only model continues each row from its last position and counts positions over the
+    mask, so its padding belongs in front (`pad_first`): a right-padded row would continue from
+    a pad. T5 measures relative distances over all positions, so padding there belongs at the
+    end, where it sits between nothing. Rows already laid out that way are returned untouched
+    (left-padded OPT and right-padded T5 prompts give exactly what the reference gives).
+    input_ids, attention_mask: (B, T).
+    """
+    if attention_mask is None:
+        return input_ids, attention_mask
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids {tuple(input_ids.shape)}")
+    real = attention_mask != 0
+    if pad_first:
+        misplaced = ~real[:, -1]  # the row ends in padding
+    else:
+        misplaced = (real[:, 1:] & ~real[:, :-1]).any(dim=1)  # a token follows padding
+    if not bool(misplaced.any()):
+        return input_ids, attention_mask
+    key = real if pad_first else ~real  # a stable sort on it moves padding to one end, tokens keep their order
+    order = torch.sort(key.to(torch.int8), dim=1, stable=True).indices  # (B, T)
+    same = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(order)
+    order = torch.where(misplaced[:, None], order, same)  # rows laid out well are not touched at all
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
 
 
 def check_positions(prompt: int, new_tokens: int, max_positions: int) -> None:

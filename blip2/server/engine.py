@@ -193,11 +193,9 @@ class Engine:
         return "lm" if task in ("generate", "stream") else "vision"
 
     def batch_limit(self, key: Hashable) -> int:
-        task, *rest = key
-        if task == "stream":
+        """A seeded request may share a batch: every row draws from its own stream (see `generate`)."""
+        if key[0] == "stream":
             return 1  # a streamer follows one sequence
-        if task == "generate" and rest and rest[0].do_sample and rest[0].seed is not None:
-            return 1  # a seeded request must draw the same numbers however it is batched
         return self.settings.max_batch
 
     def describe(self) -> dict[str, Any]:
