@@ -21,6 +21,7 @@ from .families import family_of
 from .generation import GENERATION_CONFIG_NAME, GenerationConfig, resolve_config
 from .hub import resolve_file
 from .keymap import KeyTable, blip2_table, qformer_rules, vision_rules
+from .modeling.attention import Positions
 from .modeling.blip2 import Blip2, check_pixel_values
 from .modeling.qformer import QFormer
 from .modeling.vision import VisionEncoder
@@ -453,8 +454,9 @@ def decoder_forward(lm, embeds, mask, decoder_input_ids, decoder_attention_mask,
 def llama_forward(lm, embeds, mask, *args, **kwargs):
     """Llama: the reference's forward numbers positions 0..T-1 whatever the padding (its generate
     counts only unmasked tokens, as our stepper does)."""
-    positions = torch.arange(embeds.shape[1], device=embeds.device)[None].expand(embeds.shape[0], -1)
-    return decoder_forward(lm, embeds, mask, *args, positions=positions, **kwargs)
+    B, T, _ = embeds.shape
+    at = Positions.after_cache(None, mask, embeds)._replace(ids=torch.arange(T, device=embeds.device).expand(B, T))
+    return decoder_forward(lm, embeds, mask, *args, positions=at, **kwargs)
 
 
 def t5_forward(lm, embeds, mask, decoder_input_ids, decoder_attention_mask, labels, *,

@@ -36,7 +36,7 @@ def test_cache_reorder_in_place_equals_index_select():
     cache = KVCache(num_layers=2, batch=4, heads=2, max_len=9, head_dim=3, dtype=torch.float32)
     k, v = torch.randn(4, 2, 5, 3), torch.randn(4, 2, 5, 3)
     for layer in range(2):
-        cache.write(layer, k, v)
+        cache.write(layer, k, v, torch.arange(5), window=5)
     cache.advance(5)
     index = torch.tensor([2, 2, 0, 3])
     cache.reorder(index)  # same batch size: in place

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from blip2 import Blip2Config, Blip2ForConditionalGeneration
-from blip2.modeling.graphed import graphed_generate
+from blip2.modeling.graphed import _DECODERS, graphed_generate
 from conftest import BASE_OPT, BASE_QFORMER, BASE_VISION, redraw_
 
 T5_TEXT = dict(model_type="t5", vocab_size=40, d_model=32, d_kv=8, num_heads=4, d_ff=37, num_layers=1,
@@ -106,14 +106,27 @@ def test_post_layer_norm_model():
     same(m, prompts(m, (3, 5)), max_new_tokens=10, eos_token_id=None)
 
 
+def test_any_decoder_only_family_gets_the_static_step():
+    """Llama (rotary positions, grouped keys and values) runs the same static step, through its own forward."""
+    llama = dict(model_type="llama", intermediate_size=40, num_key_value_heads=2, max_position_embeddings=64,
+                 pad_token_id=BASE_OPT["pad_token_id"], bos_token_id=BASE_OPT["bos_token_id"],
+                 eos_token_id=BASE_OPT["eos_token_id"])
+    config = Blip2Config(vision_config=dict(BASE_VISION), qformer_config=dict(BASE_QFORMER),
+                         text_config=dict(llama, vocab_size=40, hidden_size=32, num_hidden_layers=2,
+                                          num_attention_heads=4), num_query_tokens=3)
+    torch.manual_seed(2)
+    m = redraw_(Blip2ForConditionalGeneration(config), std=0.3, seed=2).eval()
+    same(m, prompts(m, (4, 2)), max_new_tokens=10, eos_token_id=None)
+
+
 def test_cached_decoder_is_reused_and_rebuilt_when_shapes_change(model):
     inputs = prompts(model, (4, 2))
     same(model, inputs, max_new_tokens=10, eos_token_id=None)
-    decoder = model.language_model.__dict__["_static_decoder"]
+    decoder = _DECODERS[model.language_model]
     same(model, prompts(model, (3, 3), seed=1), max_new_tokens=12)  # same batch and bucket: stale slots hidden
-    assert model.language_model.__dict__["_static_decoder"] is decoder
+    assert _DECODERS[model.language_model] is decoder
     same(model, prompts(model, (4,)), max_new_tokens=10)  # another batch size: a new decoder
-    assert model.language_model.__dict__["_static_decoder"] is not decoder
+    assert _DECODERS[model.language_model] is not decoder
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -140,5 +153,5 @@ def test_training_mode_and_t5_raise(model):
     config = Blip2Config(vision_config=dict(BASE_VISION), qformer_config=dict(BASE_QFORMER),
                          text_config=T5_TEXT, num_query_tokens=3)
     t5 = Blip2ForConditionalGeneration(config).eval()
-    with pytest.raises(ValueError, match="OPT"):
+    with pytest.raises(ValueError, match="decoder-only"):
         graphed_generate(t5, torch.randn(1, 3, 16, 16), max_new_tokens=4)

@@ -16,6 +16,7 @@ from transformers import LlamaForCausalLM as RefLlamaForCausalLM
 from blip2 import Blip2ForConditionalGeneration, LlamaConfig
 from blip2 import checkpoint as ckpt
 from blip2.keymap import llama_rules
+from blip2.modeling.attention import Positions
 from blip2.modeling.llama import LlamaLanguageModel
 from blip2.modeling.packed import optimize_for_inference
 from conftest import BASE_QFORMER, BASE_VISION, assert_close, make_ref, save_ref, scale_of
@@ -92,7 +93,8 @@ def test_decoder_forward_matches_reference(lm_pair):
         assert_close(got.attentions, expected.attentions, "attentions", record=f"llama {name}")
         # Left-padded, positions 0..T-1 as the reference's forward numbers them: the real tokens agree.
         expected = quiet(fresh(ref), input_ids=ids, attention_mask=mask).logits
-        got = ours(ours.embed(ids), mask, positions=arange).logits
+        numbered = Positions.after(mask, ids.shape[1], torch.float32)._replace(ids=arange)
+        got = ours(ours.embed(ids), positions=numbered).logits
         assert_close(got[mask.bool()], expected[mask.bool()], "padded logits", record=f"llama {name}")
 
 

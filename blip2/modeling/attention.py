@@ -7,6 +7,8 @@ masks (rather than booleans) keep rows with no visible key finite, as the refere
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -91,10 +93,47 @@ def causal_padding_mask(keep: Tensor, q_len: int, dtype: torch.dtype) -> Tensor:
     return mask[:, None]
 
 
+class Positions(NamedTuple):
+    """Where the new tokens of one forward sit, as tensors.
+
+    Because nothing here is a Python int, one forward serves prefill, eager decoding and a
+    static step replayed as a CUDA graph (which reads these from fixed buffers), and each row
+    may sit at its own length (as continuous batching needs).
+    """
+
+    ids: Tensor  # (B, T) each new token's position: how many unmasked tokens precede it (padding: -1)
+    slots: Tensor  # the cache slots the new keys and values go to: (T,) the same for every row, or (B, T)
+    mask: Tensor  # additive (B, 1 or H, T, S): which of the first S cache slots each new token sees
+
+    @classmethod
+    def after(cls, keep: Tensor, q_len: int, dtype: torch.dtype) -> "Positions":
+        """The eager case: the new tokens follow what is filled, in every row alike.
+
+        keep: (B, filled + T) of 1/0 over the cache and the new tokens.
+        """
+        S = keep.shape[1]
+        ids = torch.cumsum(keep, dim=1) * keep - 1  # (B, S): positions count only unmasked tokens
+        slots = torch.arange(S - q_len, S, device=keep.device)  # (T,)
+        return cls(ids[:, S - q_len:].long(), slots, causal_padding_mask(keep, q_len, dtype))
+
+    @classmethod
+    def after_cache(cls, cache: "KVCache | None", attention_mask: Tensor | None, inputs_embeds: Tensor) -> "Positions":
+        """`after` for a forward of inputs_embeds (B, T, E) following what `cache` holds; the mask
+        (B, filled + T) defaults to all ones and must have that shape."""
+        B, T, _ = inputs_embeds.shape
+        S = T + (cache.length if cache is not None else 0)
+        if attention_mask is None:
+            attention_mask = torch.ones(B, S, dtype=torch.long, device=inputs_embeds.device)
+        if attention_mask.shape != (B, S):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({B}, {S})")
+        return cls.after(attention_mask, T, inputs_embeds.dtype)
+
+
 class KVCache:
     """Keys and values for every layer, preallocated to `max_len` and written in place.
 
-    k[layer], v[layer]: (B, H, max_len, D). `length` is how many positions are filled.
+    k[layer], v[layer]: (B, H, max_len, D). Forwards write at the slots `Positions` names;
+    `length` is how many slots eager forwards (those given no positions) have filled.
     """
 
     def __init__(self, num_layers: int, batch: int, heads: int, max_len: int, head_dim: int,
@@ -105,14 +144,19 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
 
-    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Stores (B, H, T, D) at positions [length, length + T); returns all filled keys and values."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def write(self, layer: int, k: Tensor, v: Tensor, slots: Tensor, window: int) -> tuple[Tensor, Tensor]:
+        """Stores (B, H, T, D) at `slots` ((T,) or (B, T), as in `Positions`); returns the keys and
+        values of the first `window` slots (the width of the attention mask, which hides the rest)."""
+        if window > self.max_len:
+            raise ValueError(f"KV cache full: {window} positions needed, {self.max_len} allocated")
+        if slots.dim() == 1:  # every row alike: one copy along the slot dimension
+            self.k[layer].index_copy_(2, slots, k)
+            self.v[layer].index_copy_(2, slots, v)
+        else:  # each row its own slots: (B, 1) rows x (B, T) slots pick (B, T, H, D)
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[layer][rows, :, slots] = k.transpose(1, 2)
+            self.v[layer][rows, :, slots] = v.transpose(1, 2)
+        return self.k[layer][:, :, :window], self.v[layer][:, :, :window]
 
     def fill_from(self, prefix: "KVCache") -> None:
         """Starts every row with the one row of `prefix` (a prompt head all rows share)."""

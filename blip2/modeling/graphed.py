@@ -11,22 +11,25 @@ step runs eagerly, which is how the tests check it against `generate`.
     from blip2.modeling.graphed import graphed_generate
     ids = graphed_generate(model, pixel_values, input_ids, max_new_tokens=30)
 
-Greedy search with OPT only: the tokens of `model.generate(...)` with num_beams=1 and
+The step is the language model's own forward (`positions=` instead of the cache's count), so
+any decoder-only family of `blip2.families` whose forward takes `Positions` runs here (OPT,
+Llama). Greedy search only: the tokens of `model.generate(...)` with num_beams=1 and
 do_sample=False, with eos, min_length / min_new_tokens and padding of finished rows as there.
-Other settings raise ValueError.
+Other settings, and encoder-decoder models (T5), raise ValueError.
 """
 
 from __future__ import annotations
 
 import itertools
+import weakref
 
 import torch
 from torch import Tensor
 
+from ..families import family_of
 from ..generation import GenerationConfig, generate, resolve_config
-from .attention import KVCache, padding_mask
+from .attention import KVCache, Positions, padding_mask
 from .blip2 import DecoderStepper
-from .opt import POSITION_OFFSET, OPTLanguageModel
 
 BUCKET = 64  # cache lengths round up to this, so prompts of similar length share one graph
 WARMUP_STEPS = 2  # real steps run eagerly on a side stream before capture (cuBLAS sets up there)
@@ -52,7 +55,7 @@ def graphed_generate(model, pixel_values: Tensor, input_ids: Tensor | None = Non
     base = generation_config or getattr(model, "generation_config", None) or resolve_config(model.config.text_config)
     config = base.updated(generate_kwargs)
     lm = model.language_model
-    _check_supported(lm, config)
+    _check_supported(model, config)
     on_cuda = pixel_values.device.type == "cuda"
     if cuda_graph and not on_cuda:
         raise ValueError("cuda_graph=True needs the model and pixel_values on a CUDA device")
@@ -63,27 +66,28 @@ def graphed_generate(model, pixel_values: Tensor, input_ids: Tensor | None = Non
         if new_tokens == 1:  # no step to replay
             return generate(stepper, start_ids, config)
         logits = stepper.prefill()  # (B, V): the same prompt pass as generate's
-        decoder = StaticDecoder.cached(lm, stepper.cache, new_tokens)
+        decoder = static_decoder(lm, stepper.cache, new_tokens)
         decoder.start(stepper, config, start_ids.shape[1])
         stepper = None  # its cache was copied; free it before decoding
         decoder.choose(logits)  # the first new token, from the prompt's logits
         done = 1
         if use_graph and decoder.graph is None:
-            done += decoder.capture(min(WARMUP_STEPS, new_tokens - 1))
+            done += decoder.capture(lm, min(WARMUP_STEPS, new_tokens - 1))
         while done < new_tokens:
             if use_graph:
                 decoder.replay()
             else:
-                decoder.step()
+                decoder.step(lm)
             done += 1
             if decoder.may_stop(done) and not bool(decoder.unfinished.any()):
                 break
         return torch.cat([start_ids, decoder.result(done)], dim=1)
 
 
-def _check_supported(lm, config: GenerationConfig) -> None:
-    if not isinstance(lm, OPTLanguageModel):
-        raise ValueError(f"graphed_generate supports OPT language models only, not {type(lm).__name__}")
+def _check_supported(model, config: GenerationConfig) -> None:
+    lm = model.language_model
+    if not family_of(model.config).decoder_only:
+        raise ValueError(f"graphed_generate supports decoder-only language models only, not {type(lm).__name__}")
     if lm.training:
         raise ValueError("graphed_generate needs the model in eval mode (dropout would differ per step): "
                          "call model.eval()")
@@ -101,35 +105,42 @@ def _check_supported(lm, config: GenerationConfig) -> None:
                              f"(only {default!r}); use model.generate")
 
 
+# The decoder of each language model's last call, for the next call of the same shape. Kept
+# beside the model rather than on it; weak, so it goes when the language model does.
+_DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, StaticDecoder]" = weakref.WeakKeyDictionary()
+
+
+def static_decoder(lm, prompt_cache: KVCache, new_tokens: int) -> "StaticDecoder":
+    """The decoder kept for `lm` if it fits this call (same batch, bucket, weights), else a new one."""
+    B = prompt_cache.k[0].shape[0]
+    max_len = -(-(prompt_cache.length + new_tokens) // BUCKET) * BUCKET
+    key = (B, max_len, prompt_cache.k[0].dtype, prompt_cache.k[0].device,
+           # a graph reads weights by address: moved or replaced weights need a new one
+           tuple(t.data_ptr() for t in itertools.chain(lm.parameters(), lm.buffers())))
+    decoder = _DECODERS.get(lm)
+    if decoder is None or decoder.key != key:
+        _DECODERS.pop(lm, None)  # free the old graph and cache first
+        decoder = _DECODERS[lm] = StaticDecoder(lm, key)
+    return decoder
+
+
 class StaticDecoder:
     """Static buffers for one (batch, cache length) and the one-token step over them.
 
-    Also the cache object OPTAttention writes through (`write`), so the layers run unchanged.
+    The step is the language model's own forward, given `Positions` read from these buffers
+    (per row: each row has its own slot and position), so nothing in it is a Python int and a
+    CUDA graph of it stays valid from one token to the next. It keeps no reference to the
+    language model (see `_DECODERS`): each call is handed it.
     """
-
-    @classmethod
-    def cached(cls, lm, prompt_cache: KVCache, new_tokens: int) -> "StaticDecoder":
-        """The decoder kept on `lm` if it fits this call (same batch, bucket, weights), else a new one."""
-        B = prompt_cache.k[0].shape[0]
-        max_len = -(-(prompt_cache.length + new_tokens) // BUCKET) * BUCKET
-        key = (B, max_len, prompt_cache.k[0].dtype, prompt_cache.k[0].device,
-               # a graph reads weights by address: moved or replaced weights need a new one
-               tuple(t.data_ptr() for t in itertools.chain(lm.parameters(), lm.buffers())))
-        decoder = lm.__dict__.get("_static_decoder")
-        if decoder is None or decoder.key != key:
-            lm.__dict__.pop("_static_decoder", None)  # free the old graph and cache first
-            decoder = lm.__dict__["_static_decoder"] = cls(lm, key)
-        return decoder
 
     def __init__(self, lm, key) -> None:
         B, max_len, dtype, device, _ = key
-        self.lm, self.key, self.graph = lm, key, None
-        cache = lm.new_cache(B, max_len, dtype=dtype, device=device)
-        self.k, self.v = cache.k, cache.v  # [layers] of (B, H, max_len, D)
+        self.key, self.graph = key, None
+        self.cache = lm.new_cache(B, max_len, dtype=dtype, device=device)  # k, v: [layers] of (B, H, max_len, D)
         self.mask = torch.zeros(B, 1, 1, max_len, dtype=dtype, device=device)  # additive, over the whole cache
         self.token = torch.zeros(B, dtype=torch.long, device=device)  # the token fed next
-        self.position = torch.zeros(B, dtype=torch.long, device=device)  # its learned-position index
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the cache slot it is written to
+        self.position = torch.zeros(B, 1, dtype=torch.long, device=device)  # its position (unmasked tokens before it)
+        self.slot = torch.zeros(B, 1, dtype=torch.long, device=device)  # the cache slot it is written to
         self.count = torch.zeros(1, dtype=torch.long, device=device)  # new tokens chosen so far
         self.new_ids = torch.zeros(B, max_len, dtype=torch.long, device=device)  # (B, max_len) chosen tokens
         self.unfinished = torch.ones(B, dtype=torch.bool, device=device)
@@ -141,13 +152,13 @@ class StaticDecoder:
         """Takes over a prefilled stepper: copies its cache and sets every buffer for this call."""
         prompt = stepper.mask  # (B, T) 1/0 over queries + text
         T = prompt.shape[1]
-        for mine, theirs in zip(self.k + self.v, stepper.cache.k + stepper.cache.v):
+        for mine, theirs in zip(self.cache.k + self.cache.v, stepper.cache.k + stepper.cache.v):
             mine[:, :, :T] = theirs[:, :, :T]
         # Slots past the prompt are hidden until written; stale values from an earlier call stay hidden.
         self.mask.fill_(torch.finfo(self.mask.dtype).min)
         self.mask[..., :T] = padding_mask(prompt, self.mask.dtype)
-        # As OPTLanguageModel.positions: the next token's position counts the unmasked tokens before it.
-        self.position.copy_(prompt.sum(dim=1) + POSITION_OFFSET)
+        # As Positions.after: the next token's position counts the unmasked tokens before it.
+        self.position.copy_(prompt.sum(dim=1, keepdim=True))
         self.slot.fill_(T)
         self.count.zero_()
         self.unfinished.fill_(True)
@@ -162,12 +173,6 @@ class StaticDecoder:
         self.min_new.fill_(self.min_new_host)
 
     # ---- the step: everything below reads and writes the static buffers only ----
-    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """The KVCache interface: stores (B, H, 1, D) at the current slot; returns the whole cache."""
-        self.k[layer].index_copy_(2, self.slot, k)
-        self.v[layer].index_copy_(2, self.slot, v)
-        return self.k[layer], self.v[layer]  # (B, H, max_len, D); the mask hides unwritten slots
-
     def choose(self, logits: Tensor) -> None:
         """Greedy choice from logits (B, V), with generate's eos rules; appends it to new_ids."""
         banned = self.is_eos & (self.count < self.min_new)  # (V,)
@@ -178,36 +183,27 @@ class StaticDecoder:
         self.token.copy_(tokens)
         self.count += 1
 
-    def step(self) -> None:
-        """Feeds `token` at `position` into slot `slot`, then chooses the next token."""
-        lm = self.lm
-        x = lm.embed(self.token[:, None])  # (B, 1, E)
-        if lm.project_in is not None:
-            x = lm.project_in(x)
-        x = x + lm.embed_positions(self.position[:, None])  # (B, 1, D)
-        self.mask.index_fill_(3, self.slot, 0.0)  # the new token sees itself
-        for n, layer in enumerate(lm.layers):
-            x, _ = layer(x, self.mask, n, self, False)
-        if lm.final_norm is not None:
-            x = lm.final_norm(x)
-        if lm.project_out is not None:
-            x = lm.project_out(x)
-        self.choose(lm.lm_head(x)[:, -1])  # (B, V)
+    def step(self, lm) -> None:
+        """Feeds each row's `token` at its `position` into its `slot`, then chooses the next token."""
+        self.mask.scatter_(3, self.slot[:, None, None, :], 0.0)  # each new token sees itself
+        at = Positions(ids=self.position, slots=self.slot, mask=self.mask)
+        logits = lm(lm.embed(self.token[:, None]), cache=self.cache, positions=at, last_logits=1).logits
+        self.choose(logits[:, -1])  # (B, V)
         self.position += 1
         self.slot += 1
 
     # ---- CUDA graph ----
-    def capture(self, warmup: int) -> int:
+    def capture(self, lm, warmup: int) -> int:
         """Runs `warmup` real steps on a side stream, then records one step; returns the steps run."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):
-                self.step()
+                self.step(lm)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):  # records only: the buffers are left as they were
-            self.step()
+            self.step(lm)
         self.graph = graph
         return warmup
 

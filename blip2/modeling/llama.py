@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import activation
-from .attention import KVCache, attend, causal_padding_mask, check_heads, merge_heads, split_heads
+from .attention import KVCache, Positions, attend, check_heads, merge_heads, split_heads
 from .opt import LMOutput
 from .t5 import RMSNorm
 
@@ -75,15 +75,16 @@ class LlamaAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, q_width + 2 * kv_width, bias=cfg.attention_bias)
         self.out = nn.Linear(q_width, cfg.hidden_size, bias=cfg.attention_bias)
 
-    def forward(self, x, rope: tuple[Tensor, Tensor], mask, layer: int, cache: KVCache | None, need_weights: bool):
+    def forward(self, x, rope: tuple[Tensor, Tensor], at: Positions, layer: int, cache: KVCache | None,
+                need_weights: bool):
         q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = rotate(split_heads(q, self.heads), *rope)  # (B, H, T, d)
         k = rotate(split_heads(k, self.kv_heads), *rope)  # (B, H_kv, T, d)
         v = split_heads(v, self.kv_heads)
         if cache is not None:
-            k, v = cache.write(layer, k, v)  # (B, H_kv, filled + T, d): keys are stored rotated
+            k, v = cache.write(layer, k, v, at.slots, at.mask.shape[-1])  # (B, H_kv, S, d): keys stored rotated
         dropout = self.dropout if self.training else 0.0
-        out, weights = grouped_attend(q, k, v, mask, dropout, need_weights)
+        out, weights = grouped_attend(q, k, v, at.mask, dropout, need_weights)
         return self.out(merge_heads(out)), weights
 
 
@@ -109,21 +110,14 @@ class LlamaLayer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, rope, mask, layer: int, cache: KVCache | None, need_weights: bool):
-        h, weights = self.attn(self.attn_norm(x), rope, mask, layer, cache, need_weights)
+    def forward(self, x, rope, at: Positions, layer: int, cache: KVCache | None, need_weights: bool):
+        h, weights = self.attn(self.attn_norm(x), rope, at, layer, cache, need_weights)
         x = x + h
         x = x + self.mlp(self.mlp_norm(x))
         return x, weights
 
 
 # ---------------------------------------------------------------- the model
-def mask_positions(attention_mask: Tensor) -> Tensor:
-    """(B, S) 1/0 -> position of each token counting only unmasked ones; padding gets 1 (as the
-    reference's generation does: its value never matters, the token is masked)."""
-    positions = attention_mask.long().cumsum(dim=1) - 1
-    return positions.masked_fill(attention_mask == 0, 1)
-
-
 class LlamaLanguageModel(nn.Module):
     """Same interface as `OPTLanguageModel`: embed, new_cache, forward(inputs_embeds, mask, cache, ...)."""
 
@@ -172,36 +166,33 @@ class LlamaLanguageModel(nn.Module):
         need_hidden: bool = False,
         need_weights: bool = False,
         last_logits: int | None = None,
-        positions: Tensor | None = None,
+        positions: Positions | None = None,
     ) -> LMOutput:
         """inputs_embeds (B, T, D); attention_mask (B, filled + T) of 1/0 over cache and new tokens.
 
-        Positions count unmasked tokens (left padding does not shift the text) unless
-        `positions` (B, T) are given. `last_logits=n` computes logits for the last n positions.
+        Without `positions` the new tokens follow what the cache holds, positions counting
+        unmasked tokens (left padding does not shift the text), and the cache counts them. With
+        `positions` (a static step, or the reference forward's numbering) `attention_mask` is not
+        read and the caller keeps count. `last_logits=n` computes logits for the last n positions.
         """
-        B, T, _ = inputs_embeds.shape
-        start = cache.length if cache is not None else 0
-        if attention_mask is None:
-            attention_mask = torch.ones(B, start + T, dtype=torch.long, device=inputs_embeds.device)
-        if attention_mask.shape != (B, start + T):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({B}, {start + T})"
-            )
-        if positions is None:
-            positions = mask_positions(attention_mask)[:, start:]  # (B, T)
+        T = inputs_embeds.shape[1]
+        eager = positions is None
+        if eager:
+            positions = Positions.after_cache(cache, attention_mask, inputs_embeds)
         x = inputs_embeds
-        rope = rotary_tables(self.config, positions, start + T, x.dtype)
-        mask = causal_padding_mask(attention_mask, T, x.dtype)  # (B, 1, T, start + T)
+        # Padding's position never matters (the token is masked); the reference's generation gives it 1.
+        ids = positions.ids.masked_fill(positions.ids < 0, 1)
+        rope = rotary_tables(self.config, ids, positions.mask.shape[-1], x.dtype)
 
         hidden = [] if need_hidden else None
         weights = [] if need_weights else None
         for n, layer in enumerate(self.layers):
             if need_hidden:
                 hidden.append(x)
-            x, w = layer(x, rope, mask, n, cache, need_weights)
+            x, w = layer(x, rope, positions, n, cache, need_weights)
             if need_weights:
                 weights.append(w)
-        if cache is not None:
+        if cache is not None and eager:
             cache.advance(T)
         x = self.final_norm(x)
         if need_hidden:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import activation
-from .attention import KVCache, attend, causal_padding_mask, check_heads, merge_heads, split_heads
+from .attention import KVCache, Positions, attend, check_heads, merge_heads, split_heads
 
 # OPT's learned position table starts with two unused rows (a fairseq legacy).
 POSITION_OFFSET = 2
@@ -33,12 +33,12 @@ class OPTAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.enable_bias)
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.enable_bias)
 
-    def forward(self, x, mask, layer: int, cache: KVCache | None, need_weights: bool):
+    def forward(self, x, at: Positions, layer: int, cache: KVCache | None, need_weights: bool):
         q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, T, d)
         if cache is not None:
-            k, v = cache.write(layer, k, v)  # (B, H, filled + T, d)
+            k, v = cache.write(layer, k, v, at.slots, at.mask.shape[-1])  # (B, H, S, d): what the mask covers
         dropout = self.dropout if self.training else 0.0
-        out, weights = attend(q, k, v, mask, dropout_p=dropout, need_weights=need_weights)
+        out, weights = attend(q, k, v, at.mask, dropout_p=dropout, need_weights=need_weights)
         return self.out(merge_heads(out)), weights
 
 
@@ -46,7 +46,7 @@ class OPTLayer(nn.Module):
     def __init__(self, cfg) -> None:
         super().__init__()
         self.pre_norm = cfg.do_layer_norm_before  # OPT-350m alone normalises after each block
-        self.p = cfg.dropout
+        self.dropout = cfg.dropout
         self.attn_norm = _norm(cfg, cfg.hidden_size)
         self.attn = OPTAttention(cfg)
         self.mlp_norm = _norm(cfg, cfg.hidden_size)
@@ -54,15 +54,15 @@ class OPTLayer(nn.Module):
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.hidden_size, bias=cfg.enable_bias)
         self.act = activation(cfg.activation_function)
 
-    def forward(self, x, mask, layer: int, cache: KVCache | None, need_weights: bool):
+    def forward(self, x, at: Positions, layer: int, cache: KVCache | None, need_weights: bool):
         h = self.attn_norm(x) if self.pre_norm else x
-        h, weights = self.attn(h, mask, layer, cache, need_weights)
-        x = x + F.dropout(h, self.p, self.training)
+        h, weights = self.attn(h, at, layer, cache, need_weights)
+        x = x + F.dropout(h, self.dropout, self.training)
         if not self.pre_norm:
             x = self.attn_norm(x)
         h = self.mlp_norm(x) if self.pre_norm else x
         h = self.fc2(self.act(self.fc1(h)))
-        x = x + F.dropout(h, self.p, self.training)
+        x = x + F.dropout(h, self.dropout, self.training)
         if not self.pre_norm:
             x = self.mlp_norm(x)
         return x, weights
@@ -102,11 +102,6 @@ class OPTLanguageModel(nn.Module):
             cfg.hidden_size // cfg.num_attention_heads, dtype or weight.dtype, device or weight.device,
         )
 
-    def positions(self, attention_mask: Tensor, start: int, length: int) -> Tensor:
-        """Position ids count only unmasked tokens, so left padding does not shift the text."""
-        pos = torch.cumsum(attention_mask, dim=1) * attention_mask - 1  # (B, S); padding -> -1
-        return pos[:, start : start + length].long() + POSITION_OFFSET
-
     def forward(
         self,
         inputs_embeds: Tensor,
@@ -115,31 +110,22 @@ class OPTLanguageModel(nn.Module):
         need_hidden: bool = False,
         need_weights: bool = False,
         last_logits: int | None = None,
+        positions: Positions | None = None,
     ) -> LMOutput:
         """inputs_embeds (B, T, E); attention_mask (B, filled + T) of 1/0 over cache and new tokens.
 
+        Without `positions` the new tokens follow what the cache holds (`cache.length`), and the
+        cache counts them. With `positions` (a static step: see `graphed.py`) the mask and the
+        slots come from there, `attention_mask` is not read and the caller keeps count.
         `last_logits=n` computes logits for the last n positions only (a prefill needs one).
         """
-        B, T, _ = inputs_embeds.shape
-        start = cache.length if cache is not None else 0
-        if attention_mask is None:
-            attention_mask = torch.ones(B, start + T, dtype=torch.long, device=inputs_embeds.device)
-        if attention_mask.shape != (B, start + T):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({B}, {start + T})"
-            )
+        T = inputs_embeds.shape[1]
+        eager = positions is None
+        if eager:
+            positions = self._positions_after(cache, attention_mask, inputs_embeds)
         x = self.project_in(inputs_embeds) if self.project_in is not None else inputs_embeds
-        positions = self.positions(attention_mask, start, T)
-        limit = self.config.max_position_embeddings
-        # Only long inputs can run past the table; checking the values syncs, so only then.
-        if start + T > limit and positions.max().item() >= limit + POSITION_OFFSET:
-            raise ValueError(
-                f"the sequence has {positions.max().item() - POSITION_OFFSET + 1} tokens (image queries "
-                f"included) but the language model has only {limit} positions (max_position_embeddings)"
-            )
-        x = x + self.embed_positions(positions)
+        x = x + self.embed_positions(positions.ids + POSITION_OFFSET)
         x = F.dropout(x, self.config.dropout, self.training)
-        mask = causal_padding_mask(attention_mask, T, x.dtype)  # (B, 1, T, start + T)
 
         hidden = [] if need_hidden else None
         weights = [] if need_weights else None
@@ -148,10 +134,10 @@ class OPTLanguageModel(nn.Module):
                 hidden.append(x)
             if self.training and self.config.layerdrop > 0 and torch.rand(()) < self.config.layerdrop:
                 continue
-            x, w = layer(x, mask, n, cache, need_weights)
+            x, w = layer(x, positions, n, cache, need_weights)
             if need_weights:
                 weights.append(w)
-        if cache is not None:
+        if cache is not None and eager:
             cache.advance(T)
         if self.final_norm is not None:
             x = self.final_norm(x)
@@ -161,3 +147,16 @@ class OPTLanguageModel(nn.Module):
             hidden.append(x)
         logits = self.lm_head(x if last_logits is None else x[:, -last_logits:])
         return LMOutput(logits, tuple(hidden) if need_hidden else None, tuple(weights) if need_weights else None)
+
+    def _positions_after(self, cache: KVCache | None, attention_mask: Tensor | None,
+                         inputs_embeds: Tensor) -> Positions:
+        """Positions of the new tokens after what the cache holds, checked against the position table."""
+        positions = Positions.after_cache(cache, attention_mask, inputs_embeds)
+        limit = self.config.max_position_embeddings
+        # Only long inputs can run past the table; checking the values syncs, so only then.
+        if positions.mask.shape[-1] > limit and positions.ids.max().item() >= limit:
+            raise ValueError(
+                f"the sequence has {positions.ids.max().item() + 1} tokens (image queries "
+                f"included) but the language model has only {limit} positions (max_position_embeddings)"
+            )
+        return positions

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import activation
-from .attention import KVCache, attend, causal_padding_mask, merge_heads, padding_mask, split_heads
+from .attention import KVCache, Positions, attend, merge_heads, padding_mask, split_heads
 
 # Labels with this value do not count towards the loss (the reference's convention).
 IGNORE_INDEX = -100
@@ -138,10 +138,12 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(inner, cfg.d_model, bias=False)
         self.rel_bias = rel_bias
 
-    def forward(self, x: Tensor, mask: Tensor, layer: int, cache: KVCache | None, need_weights: bool):
+    def forward(self, x: Tensor, mask: Tensor, layer: int, cache: KVCache | None, need_weights: bool,
+                slots: Tensor | None = None):
+        """`slots`: where the cache takes the new keys and values (see `Positions`)."""
         q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, T, d_kv)
         if cache is not None:
-            k, v = cache.write(layer, k, v)  # (B, H, filled + T, d_kv)
+            k, v = cache.write(layer, k, v, slots, mask.shape[-1])  # (B, H, filled + T, d_kv)
         dropout = self.dropout if self.training else 0.0
         # T5 does not scale attention scores.
         out, weights = attend(q, k, v, mask, scale=1.0, dropout_p=dropout, need_weights=need_weights)
@@ -235,9 +237,9 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.mlp = feed_forward(cfg)
 
-    def forward(self, x: Tensor, self_mask: Tensor, cross_kv: tuple[Tensor, Tensor], cross_mask: Tensor,
+    def forward(self, x: Tensor, at: Positions, cross_kv: tuple[Tensor, Tensor], cross_mask: Tensor,
                 layer: int, cache: KVCache | None, need_weights: bool):
-        h, self_weights = self.attn(self.attn_norm(x), self_mask, layer, cache, need_weights)
+        h, self_weights = self.attn(self.attn_norm(x), at.mask, layer, cache, need_weights, at.slots)
         x = clamp_inf(x + F.dropout(h, self.p, self.training))
         h, cross_weights = self.cross_attn(self.cross_norm(x), *cross_kv, cross_mask, need_weights)
         x = clamp_inf(x + F.dropout(h, self.p, self.training))
@@ -340,7 +342,8 @@ class T5Decoder(nn.Module):
         # Relative positions count from the first decoder token, so a cached step at
         # position `start` sees the same bias as row `start` of a full forward.
         bias = self.layers[0].attn.rel_bias(start, T, start + T)  # (1, H, T, start + T)
-        self_mask = bias + causal_padding_mask(keep, T, bias.dtype)  # (B, H, T, start + T)
+        at = Positions.after(keep, T, bias.dtype)
+        at = at._replace(mask=bias + at.mask)  # (B, H, T, start + T)
         x = F.dropout(x, self.p, self.training)
         hidden = [] if need_hidden else None
         weights = [] if need_weights else None
@@ -348,7 +351,7 @@ class T5Decoder(nn.Module):
         for n, layer in enumerate(self.layers):
             if need_hidden:
                 hidden.append(x)
-            x, w, cw = layer(x, self_mask, cross_kv[n], cross_mask, n, cache, need_weights)
+            x, w, cw = layer(x, at, cross_kv[n], cross_mask, n, cache, need_weights)
             if need_weights:
                 weights.append(w)
                 cross_weights.append(cw)
