@@ -1,11 +1,26 @@
 """BLIP-2 in plain PyTorch: the transformers Blip2 API and checkpoint format, leaner and faster."""
 
-from .config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, LlamaConfig, OPTConfig, T5Config
+from .config import (
+    Blip2Config,
+    Blip2QFormerConfig,
+    Blip2VisionConfig,
+    InstructBlipConfig,
+    InstructBlipQFormerConfig,
+    InstructBlipVisionConfig,
+    LlamaConfig,
+    OPTConfig,
+    T5Config,
+)
 from .hf_compat import (
     Blip2ForConditionalGeneration,
     Blip2Model,
     Blip2QFormerModel,
     Blip2VisionModel,
+)
+from .instructblip import (
+    InstructBlipForConditionalGeneration,
+    InstructBlipQFormerModel,
+    InstructBlipVisionModel,
 )
 from .retrieval import (
     Blip2ForImageTextRetrieval,
@@ -34,6 +49,12 @@ __all__ = [
     "OPTConfig",
     "T5Config",
     "LlamaConfig",
+    "InstructBlipConfig",
+    "InstructBlipVisionConfig",
+    "InstructBlipQFormerConfig",
+    "InstructBlipVisionModel",
+    "InstructBlipQFormerModel",
+    "InstructBlipForConditionalGeneration",
     "Blip2VisionModel",
     "Blip2QFormerModel",
     "Blip2Model",

@@ -94,8 +94,10 @@ class BaseConfig:
     fields: ClassVar[dict[str, Any]] = {}
     # Alternative names transformers accepts for some fields (e.g. T5's hidden_size).
     aliases: ClassVar[dict[str, str]] = {}
-    # Where this config sits inside a whole BLIP-2 config.json ("vision_config", ...), if it does.
+    # Where this config sits inside a whole BLIP-2 config.json ("vision_config", ...), if it does,
+    # and that whole config's model_type.
     section: ClassVar[str | None] = None
+    composite_type: ClassVar[str] = "blip-2"
     is_composition: ClassVar[bool] = False
 
     def __init__(self, **kwargs: Any) -> None:
@@ -242,7 +244,7 @@ class BaseConfig:
         hub = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
         file = resolve_file(path, CONFIG_NAME, **hub)
         data = _read_config_file(file)
-        if cls.section and data.get("model_type") == Blip2Config.model_type:
+        if cls.section and data.get("model_type") == cls.composite_type:
             data = data.get(cls.section) or {}
         config = cls.from_dict(data)
         unused = {}
@@ -506,10 +508,14 @@ class Blip2Config(BaseConfig):
         "tie_word_embeddings": True,
     }
 
+    vision_class: ClassVar[type[BaseConfig]] = Blip2VisionConfig
+    qformer_class: ClassVar[type[BaseConfig]] = Blip2QFormerConfig
+
     def __init__(self, vision_config=None, qformer_config=None, text_config=None, num_query_tokens=32, **kwargs):
         # The parts first: validate() derives fields from them.
-        object.__setattr__(self, "vision_config", _sub_config(Blip2VisionConfig, _plain(vision_config), "vision_config"))
-        object.__setattr__(self, "qformer_config", _sub_config(Blip2QFormerConfig, _plain(qformer_config), "qformer_config"))
+        parts = type(self)
+        object.__setattr__(self, "vision_config", _sub_config(parts.vision_class, _plain(vision_config), "vision_config"))
+        object.__setattr__(self, "qformer_config", _sub_config(parts.qformer_class, _plain(qformer_config), "qformer_config"))
         object.__setattr__(self, "text_config", text_config_from(text_config))
         super().__init__(num_query_tokens=num_query_tokens, **kwargs)
 
@@ -540,6 +546,32 @@ class Blip2Config(BaseConfig):
         if self.image_text_hidden_size == 256 and "image_text_hidden_size" not in self.given:
             del out["image_text_hidden_size"]  # likewise: only newer files carry it, and readers default it
         return out
+
+
+# ---------------------------------------------------------------- InstructBLIP
+class InstructBlipVisionConfig(Blip2VisionConfig):
+    """The same image encoder as BLIP-2's, under InstructBLIP's model_type."""
+
+    model_type = "instructblip_vision_model"
+    composite_type = "instructblip"
+
+
+class InstructBlipQFormerConfig(Blip2QFormerConfig):
+    """BLIP-2's Q-Former fields; this Q-Former always reads the instruction (word and position
+    embeddings, a text feed-forward per layer), so there is no switch for it."""
+
+    model_type = "instructblip_qformer"
+    composite_type = "instructblip"
+    fields = {k: v for k, v in Blip2QFormerConfig.fields.items() if k != "use_qformer_text_input"}
+    use_qformer_text_input: ClassVar[bool] = True
+
+
+class InstructBlipConfig(Blip2Config):
+    """InstructBLIP (Dai et al., 2023): BLIP-2 whose Q-Former also reads the instruction."""
+
+    model_type = "instructblip"
+    vision_class = InstructBlipVisionConfig
+    qformer_class = InstructBlipQFormerConfig
 
 
 def _plain(value: Any) -> Any:

@@ -159,6 +159,27 @@ def _device_from_map(device_map, device) -> torch.device | None:
     return target
 
 
+# model_type of a whole checkpoint -> the class that generates with it
+WHOLE_MODELS = {"blip-2": "Blip2ForConditionalGeneration", "instructblip": "InstructBlipForConditionalGeneration"}
+
+
+def check_model_family(cls, config_file: Path) -> None:
+    """A BLIP-2 checkpoint given to an InstructBLIP class (or the reverse) is named as such,
+    rather than failing later on a list of unexpected keys."""
+    import json
+
+    expected = cls.config_class.model_type
+    try:
+        found = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # the config reader reports unreadable files itself
+    if expected in WHOLE_MODELS and found in WHOLE_MODELS and found != expected:
+        raise ValueError(
+            f"{config_file.parent} holds a {found!r} checkpoint, but {cls.__name__} loads {expected!r} ones: "
+            f"use {WHOLE_MODELS[found]} (or blip2.load_model, which picks the class from config.json)"
+        )
+
+
 class PreTrainedModel(PeftAdapterMixin, nn.Module):
     """from_pretrained / save_pretrained through the key table, dtype and device, and LoRA adapters."""
 
@@ -202,6 +223,7 @@ class PreTrainedModel(PeftAdapterMixin, nn.Module):
         if name is not None:
             folder = resolve_file(name, "config.json", **hub).parent if state is not None else checkpoint_dir(name, **hub)
         if config is None:
+            check_model_family(cls, folder / "config.json")
             config = cls.config_class.from_json_file(folder / "config.json")
         for key, value in overrides.items():
             setattr(config, key, value)
@@ -256,7 +278,8 @@ class PreTrainedModel(PeftAdapterMixin, nn.Module):
 
     @classmethod
     def _check_config(cls, config) -> None:
-        if not isinstance(config, cls.config_class):
+        whole = cls.config_class.model_type in WHOLE_MODELS  # BLIP-2 and InstructBLIP configs are not interchangeable
+        if not isinstance(config, cls.config_class) or (whole and config.model_type != cls.config_class.model_type):
             raise TypeError(
                 f"{cls.__name__} needs a {cls.config_class.__name__}, got {type(config).__name__}"
             )
@@ -416,19 +439,26 @@ class _Blip2Base(PreTrainedModel, Blip2):
     def forward(self, pixel_values, input_ids, attention_mask=None, decoder_input_ids=None,
                 decoder_attention_mask=None, output_attentions=None, output_hidden_states=None,
                 labels=None, return_dict=None, interpolate_pos_encoding: bool = False):
-        attn, hidden, as_dict = self._flags(output_attentions, output_hidden_states, return_dict)
+        flags = self._flags(output_attentions, output_hidden_states, return_dict)
+        return self._conditional_forward(pixel_values, input_ids, attention_mask, decoder_input_ids,
+                                         decoder_attention_mask, labels, flags, interpolate_pos_encoding)
+
+    def _conditional_forward(self, pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                             labels, flags, interpolate_pos_encoding: bool = False, output_class=None,
+                             **query_inputs):
+        """Image -> Q-Former (with `query_inputs`: InstructBLIP's instruction) -> language model."""
+        attn, hidden, as_dict = flags
         self.check_pixel_values(pixel_values, interpolate_pos_encoding)  # first: its batch size is used next
         self.check_input_ids(input_ids, pixel_values.shape[0])
         vis = self.image_features(pixel_values, interpolate_pos_encoding, hidden, attn)
-        qf = self.query_features(vis.last_hidden_state, hidden, attn)
-        lm_inputs = self.language_projection(qf.last_hidden_state)
+        qf = self.query_features(vis.last_hidden_state, hidden, attn, **query_inputs)
+        lm_inputs = self.language_projection(qf.last_hidden_state[:, : self.config.num_query_tokens])
         embeds, mask = self.merge(lm_inputs, input_ids, attention_mask)
         loss, logits, lm_out = self.language_forward(
             embeds, mask, decoder_input_ids, decoder_attention_mask, labels, need_hidden=hidden, need_weights=attn
         )
-        result = Blip2ForConditionalGenerationModelOutput(
-            loss, logits, vision_output(vis, True), qformer_output(qf, True), lm_out
-        )
+        output_class = output_class or Blip2ForConditionalGenerationModelOutput
+        result = output_class(loss, logits, vision_output(vis, True), qformer_output(qf, True), lm_out)
         return result if as_dict else result.to_tuple()
 
     def language_forward(self, embeds, mask, decoder_input_ids=None, decoder_attention_mask=None, labels=None,

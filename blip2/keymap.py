@@ -76,11 +76,13 @@ def vision_rules(cfg, prefix: str = "vision_model") -> list[Rule]:
     return rules
 
 
-def qformer_rules(cfg, prefix: str = "qformer") -> list[Rule]:
+def qformer_rules(cfg, prefix: str = "qformer", input_norm: str = "layernorm") -> list[Rule]:
+    """`input_norm`: where the checkpoint keeps the input LayerNorm under the prefix
+    (InstructBLIP's sits in its `embeddings`)."""
     if not prefix:
-        return _unprefixed(qformer_rules(cfg, "_"))
+        return _unprefixed(qformer_rules(cfg, "_", input_norm))
     p = prefix
-    rules = _norm(f"{p}.layernorm", f"{p}.layernorm")
+    rules = _norm(f"{p}.layernorm", f"{p}.{input_norm}")
     for n in range(cfg.num_hidden_layers):
         ours, hf = f"{p}.layers.{n}", f"{p}.encoder.layer.{n}"
         sa = f"{hf}.attention"
@@ -201,13 +203,22 @@ def llama_rules(cfg, prefix: str = "language_model") -> KeyTable:
     return KeyTable(rules, accepted)
 
 
-def blip2_table(config) -> KeyTable:
-    """The full table for Blip2Model / Blip2ForConditionalGeneration."""
+def instruct_qformer_rules(cfg, prefix: str = "qformer") -> list[Rule]:
+    """InstructBLIP's Q-Former: BLIP-2's layers with text feed-forwards, and the instruction's
+    embeddings, whose LayerNorm is the Q-Former's input norm."""
+    if not prefix:
+        return _unprefixed(instruct_qformer_rules(cfg, "_"))
+    return [*text_embedding_rules(f"{prefix}.embeddings"),
+            *qformer_rules(cfg, prefix, input_norm="embeddings.layernorm")]
+
+
+def blip2_table(config, qformer_part=qformer_rules) -> KeyTable:
+    """The full table for Blip2Model / Blip2ForConditionalGeneration (InstructBLIP: its Q-Former's rules)."""
     text = family_of(config).key_table(config.text_config)
     rules = [
         Rule("query_tokens", ("query_tokens",)),
         *vision_rules(config.vision_config),
-        *qformer_rules(config.qformer_config),
+        *qformer_part(config.qformer_config),
         *_linear("language_projection", "language_projection"),
         *text.rules,
     ]

@@ -95,3 +95,8 @@ class Blip2ForConditionalGenerationModelOutput(ModelOutput):
     vision_outputs: Any = None
     qformer_outputs: Any = None
     language_model_outputs: Any = None
+
+
+@dataclass
+class InstructBlipForConditionalGenerationModelOutput(Blip2ForConditionalGenerationModelOutput):
+    """The same fields; InstructBLIP's qformer_outputs cover the queries and the instruction."""

@@ -182,7 +182,8 @@ class GenerationConfig:
         for name in ("bos_token_id", "pad_token_id", "decoder_start_token_id", "forced_bos_token_id"):
             value = getattr(self, name)
             if value is not None:
-                _check_int(name, value, minimum=0)
+                # The original InstructBLIP-Vicuna configs say pad_token_id -1 (the reference accepts it).
+                _check_int(name, value, minimum=None if name == "pad_token_id" else 0)
         for name in ("eos_token_id", "forced_eos_token_id"):
             ids = getattr(self, name)
             if isinstance(ids, (list, tuple)):

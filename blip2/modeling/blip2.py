@@ -52,6 +52,8 @@ class Blip2(nn.Module):
     """The composed model. Attribute names are those of the reference so user code that
     freezes or inspects parts (`model.vision_model.requires_grad_(False)`) keeps working."""
 
+    qformer_class: type[nn.Module] = QFormer  # InstructBLIP composes its own (see modeling/instructblip.py)
+
     def __init__(self, config) -> None:
         super().__init__()
         self.config = config
@@ -67,7 +69,7 @@ class Blip2(nn.Module):
         qf = config.qformer_config
         self.vision_model = VisionEncoder(config.vision_config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qf.hidden_size))
-        self.qformer = QFormer(qf)
+        self.qformer = self.qformer_class(qf)
         self.language_projection = nn.Linear(qf.hidden_size, text.hidden_size)
         self.language_model = language_model_for(text)
 
@@ -85,10 +87,13 @@ class Blip2(nn.Module):
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)  # (B, Q, Dq)
         return self.qformer(queries, image_embeds, need_hidden=need_hidden, need_weights=need_weights)
 
-    def language_inputs(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Tensor:
-        """(B, 3, H, W) -> (B, Q, D_lm): what the language model sees of each image."""
+    def language_inputs(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False, **query_inputs) -> Tensor:
+        """(B, 3, H, W) -> (B, Q, D_lm): what the language model sees of each image.
+
+        `query_inputs` go to `query_features` (InstructBLIP's instruction); BLIP-2 takes none."""
         image = self.image_features(pixel_values, interpolate_pos_encoding).last_hidden_state
-        return self.language_projection(self.query_features(image).last_hidden_state)
+        queries = self.query_features(image, **query_inputs).last_hidden_state[:, : self.config.num_query_tokens]
+        return self.language_projection(queries)
 
     # ---- joining image and text ----
     def check_input_ids(self, input_ids: Tensor, batch: int | None = None) -> None:
@@ -140,7 +145,8 @@ class Blip2(nn.Module):
     # ---- generation ----
     @torch.inference_mode()
     def generate_tokens(self, pixel_values: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None,
-                        config, streamer=None, generator=None, interpolate_pos_encoding: bool = False) -> Tensor:
+                        config, streamer=None, generator=None, interpolate_pos_encoding: bool = False,
+                        **query_inputs) -> Tensor:
         """Token ids for each image (and prompt): the start token(s), then the new tokens.
 
         `config` is a `blip2.generation.GenerationConfig`. The image encoder, Q-Former and prompt
@@ -148,18 +154,19 @@ class Blip2(nn.Module):
         """
         from ..generation import generate
 
-        stepper, start_ids = self.stepper(pixel_values, input_ids, attention_mask, config, interpolate_pos_encoding)
+        stepper, start_ids = self.stepper(pixel_values, input_ids, attention_mask, config, interpolate_pos_encoding,
+                                          **query_inputs)
         return generate(stepper, start_ids, config, streamer=streamer, generator=generator)
 
     def stepper(self, pixel_values: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None, config,
-                interpolate_pos_encoding: bool = False):
+                interpolate_pos_encoding: bool = False, **query_inputs):
         """The language model primed with the images and prompts, and the history generation starts from.
 
         One image with several prompts (several questions about it) is encoded once and shared.
         """
         self.check_pixel_values(pixel_values, interpolate_pos_encoding)
         start = self.generation_start(pixel_values.shape[0], input_ids, config, pixel_values.device)
-        lm_inputs = self.language_inputs(pixel_values, interpolate_pos_encoding)  # (images, Q, D): once per image
+        lm_inputs = self.language_inputs(pixel_values, interpolate_pos_encoding, **query_inputs)  # (images, Q, D)
         return self._stepper(lm_inputs, start, attention_mask)
 
     def stepper_from_language_inputs(self, lm_inputs: Tensor, input_ids: Tensor | None,
