@@ -1,4 +1,4 @@
-"""The `blip2` command: caption, ask, match, embed, serve, train, convert.
+"""The `blip2` command: caption, ask, match, embed, serve, train, eval, convert.
 
 Each subcommand lives beside the code it drives and registers itself through an
 `add_*_parser(subparsers)` function, so this file stays a table of contents.
@@ -15,6 +15,7 @@ def _registrars():
     return [
         ("blip2.commands", "add_inference_parsers"),
         ("blip2.train.cli", "add_train_parser"),
+        ("blip2.evaluation.cli", "add_eval_parser"),
         ("blip2.server.cli", "add_serve_parser"),
     ]
 

@@ -61,28 +61,36 @@ def _read_jsonl(path: Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{n}: not JSON: {err}") from None
-        records.append(_normalise(record, path.parent, f"{path}:{n}"))
+        records += _normalise(record, path.parent, f"{path}:{n}")
     if not records:
         raise ValueError(f"{path} has no records")
     return records
 
 
-def _normalise(record: dict, root: Path, where: str) -> dict:
+def _normalise(record, root: Path, where: str) -> list[dict]:
+    """One input record -> its training records: one per caption when it lists several.
+
+    A question's "answer" may be a list (VQAv2 has ten): training reads the first, evaluation
+    scores against all of them ("answers")."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
     image = record.get("image", record.get("image_path", record.get("file_name")))
     if image is None:
         raise ValueError(f"{where}: a record needs an 'image' path")
     out = {"image": str(root / image)}
     if "question" in record:
-        if "answer" not in record:
-            raise ValueError(f"{where}: a question needs an 'answer'")
-        answer = record["answer"]
-        out.update(question=record["question"], answer=answer[0] if isinstance(answer, list) else answer)
-    else:
-        caption = record.get("caption", record.get("text"))
-        if caption is None:
-            raise ValueError(f"{where}: a record needs a 'caption' (or 'question' and 'answer')")
-        out["caption"] = caption
-    return out
+        answer = record.get("answers", record.get("answer"))
+        answers = answer if isinstance(answer, list) else [answer]
+        if answer is None or not answers or not all(isinstance(a, str) for a in answers):
+            raise ValueError(f"{where}: a question needs an 'answer' (a text or a list of texts)")
+        return [{**out, "question": record["question"], "answer": answers[0], "answers": answers}]
+    caption = record.get("caption", record.get("captions", record.get("text")))
+    if caption is None:
+        raise ValueError(f"{where}: a record needs a 'caption' (or 'question' and 'answer')")
+    captions = caption if isinstance(caption, list) else [caption]
+    if not captions or not all(isinstance(c, str) for c in captions):
+        raise ValueError(f"{where}: 'caption' must be a text or a non-empty list of texts")
+    return [{**out, "caption": c} for c in captions]
 
 
 # ---------------------------------------------------------------- images
