@@ -72,7 +72,7 @@ def run_eval(args) -> int:
     from ..commands import generation_kwargs, load
     from .data import read_eval_set
     from .predict import EvalSettings, TextCodec, caption_results, retrieval_results, vqa_results
-    from ..prompts import question_template
+    from ..families import question_template
 
     try:
         ev = read_eval_set(args.data, args.images)
