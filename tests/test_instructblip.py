@@ -74,7 +74,7 @@ def pair(request, tmp_path_factory):
 
 
 def inputs(model, batch=3, seed=0):
-    """Images, right-padded instructions (lengths 6, 3, 1) and left-padded prompts (5, 2, 1; BOS first
+    """Images, right-padded instructions (lengths 6, 3, 1) and prompts of 5, 2, 1 tokens (BOS first
     for decoder-only language models)."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
@@ -92,10 +92,13 @@ def inputs(model, batch=3, seed=0):
     mask = torch.zeros(batch, 5, dtype=torch.long)
     for row, n in enumerate([5, 2, 1, 4][:batch]):
         body = torch.randint(4, text.vocab_size, (n,), generator=g)
+        # Decoder-only prompts are left-padded, T5's right-padded (where padding changes no row; ours
+        # moves it there, see Blip2._stepper, so left-padded T5 rows differ from the reference's).
+        cols = slice(5 - n, 5) if decoder_only else slice(0, n)
         if decoder_only:
             body[0] = text.bos_token_id
-        ids[row, 5 - n:] = body
-        mask[row, 5 - n:] = 1
+        ids[row, cols] = body
+        mask[row, cols] = 1
     return dict(pixel_values=pixel_values, qformer_input_ids=q_ids, qformer_attention_mask=q_mask,
                 input_ids=ids, attention_mask=mask)
 
