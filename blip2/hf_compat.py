@@ -95,6 +95,11 @@ FROM_PRETRAINED_KWARGS: dict[str, tuple[object, str]] = {
                          "accelerate (blip2.device_map), as the reference places it"),
     "max_memory": (None, "with a device_map strategy: the most each device may hold, {0: '10GiB', 'cpu': '30GiB'}"),
     "offload_folder": (None, "where modules a device_map puts on 'disk' are written and read back from"),
+    "quantization_config": (None, "transformers' BitsAndBytesConfig (or a dict of its fields): 8-bit or 4-bit "
+                                  "linear layers on a CUDA GPU through bitsandbytes, chosen as the reference "
+                                  "chooses them (blip2.bnb)"),
+    "load_in_8bit": (False, "the reference's shortcut for quantization_config=BitsAndBytesConfig(load_in_8bit=True)"),
+    "load_in_4bit": (False, "the reference's shortcut for quantization_config=BitsAndBytesConfig(load_in_4bit=True)"),
     "quantize": (None, "'int8': the language model's linear layers as int8 weights with per-channel scales"),
     "state_dict": (None, "tensors under the checkpoint's names, loaded instead of the weight files"),
     "output_loading_info": (False, "also return {'missing_keys', 'unexpected_keys', 'mismatched_keys', "
@@ -180,6 +185,42 @@ def check_model_family(cls, config_file: Path) -> None:
         )
 
 
+def _bnb_settings(opts: dict):
+    """bitsandbytes settings when 8/4-bit loading is asked for (checked before any weight is read)."""
+    if opts["quantization_config"] is None and not (opts["load_in_8bit"] or opts["load_in_4bit"]):
+        return None
+    from .bnb import BnbSettings, check_environment
+
+    if opts["quantize"] is not None:
+        raise ValueError("quantize= (CPU int8) and bitsandbytes 8/4-bit loading exclude each other; pass one")
+    settings = BnbSettings.from_config(opts["quantization_config"], opts["load_in_8bit"], opts["load_in_4bit"])
+    if _places_over_devices(opts["device_map"]):
+        raise ValueError("8/4-bit loading with a device_map over several devices is not supported here; "
+                         "load onto one GPU (device_map=None or {'': 0})")
+    check_environment()
+    return settings
+
+
+def _place(model, opts: dict, dtype, device, bnb) -> None:
+    """After loading on the CPU: 8/4-bit layers on the GPU, or a device map through accelerate,
+    or one device."""
+    if bnb is not None:
+        from .bnb import load_quantized_
+
+        load_quantized_(model, bnb, device)
+        return
+    if _places_over_devices(opts["device_map"]):
+        if opts["device"] is not None or opts["quantize"] is not None:
+            raise ValueError("a device_map over several devices cannot be combined with device or quantize")
+        from .device_map import dispatch
+
+        dispatch(model, opts["device_map"], opts["max_memory"], opts["offload_folder"], dtype)
+    elif opts["max_memory"] is not None or opts["offload_folder"] is not None:
+        raise ValueError("max_memory and offload_folder need a device_map (e.g. device_map='auto')")
+    if device is not None:
+        model.to(device)
+
+
 class PreTrainedModel(PeftAdapterMixin, nn.Module):
     """from_pretrained / save_pretrained through the key table, dtype and device, and LoRA adapters."""
 
@@ -227,6 +268,9 @@ class PreTrainedModel(PeftAdapterMixin, nn.Module):
             config = cls.config_class.from_json_file(folder / "config.json")
         for key, value in overrides.items():
             setattr(config, key, value)
+        bnb = _bnb_settings(opts)
+        if bnb is not None and opts["torch_dtype"] is None:
+            opts["torch_dtype"] = torch.float16  # the reference's default for 8/4-bit loading
         dtype = _load_dtype(opts["torch_dtype"], config, folder, state, opts["device"])
         device = _device_from_map(opts["device_map"], opts["device"])
         if opts["quantize"] not in (None, "int8"):
@@ -234,16 +278,7 @@ class PreTrainedModel(PeftAdapterMixin, nn.Module):
         skeleton = ckpt.build_on_meta(lambda: cls(config))
         model = ckpt.load_into(lambda: skeleton, folder, skeleton.key_table(), dtype, skeleton.keep_in_fp32, state=state)
         model.eval()
-        if _places_over_devices(opts["device_map"]):
-            if opts["device"] is not None or opts["quantize"] is not None:
-                raise ValueError("a device_map over several devices cannot be combined with device or quantize")
-            from .device_map import dispatch
-
-            dispatch(model, opts["device_map"], opts["max_memory"], opts["offload_folder"], dtype)
-        elif opts["max_memory"] is not None or opts["offload_folder"] is not None:
-            raise ValueError("max_memory and offload_folder need a device_map (e.g. device_map='auto')")
-        if device is not None:
-            model.to(device)
+        _place(model, opts, dtype, device, bnb)
         if opts["quantize"] == "int8":
             from .modeling.quant import quantize_language_model
 
