@@ -22,6 +22,7 @@ from blip2.processing.image import (
     Blip2ImageProcessor,
     ImageInputError,
     ImageTooLargeError,
+    to_rgb,
 )
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -83,7 +84,11 @@ def test_real_photographs_equal_reference(photo_files):
         modes.add(image.mode)
         sizes.add(image.size)
         got = ours()(path, return_tensors="pt")  # ours reads the file itself
-        want = reference()(Image.open(path), return_tensors="pt")
+        # Deliberate difference: the reference clips 16-bit, 32-bit and float images to 8 bits (a 16-bit
+        # PNG comes out white); ours scales them (tests/test_faults_images.py). The rest of the pipeline
+        # must still match, so the reference gets ours' 8-bit picture of those modes.
+        deep = image.mode in ("I", "F") or image.mode.startswith("I;16")
+        want = reference()(to_rgb(Image.open(path)) if deep else Image.open(path), return_tensors="pt")
         diff = _compare(got, want)
         assert diff <= 1e-6, f"{name} ({image.mode} {image.size}): max abs diff {diff:.2e}"
         worst = max(worst, diff)
@@ -255,8 +260,7 @@ def test_pixel_limit_applies_to_arrays_and_loaded_images():
 
 
 def test_unsupported_modes_and_arrays():
-    with pytest.raises(ImageInputError, match="image 0: cannot convert mode 'La' to RGB"):
-        ours()(Image.new("La", (8, 8)))
+    assert ours()(Image.new("La", (8, 8)), return_tensors="pt")["pixel_values"].shape == (1, 3, 224, 224)
     with pytest.raises(ImageInputError, match="cannot tell the channel axis of shape"):
         ours()(np.zeros((8, 8, 2), np.uint8))
     with pytest.raises(ImageInputError, match="unsupported array dtype bool"):

@@ -170,15 +170,19 @@ def free_port() -> int:
 class ServerThread:
     """uvicorn serving `app` on 127.0.0.1 in a background thread (a real socket, real HTTP)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, settings=None) -> None:
+        """With `settings`, uvicorn gets the socket limits `blip2 serve` gives it (header deadline...)."""
         import uvicorn
+
+        from blip2.server.sockets import uvicorn_options
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10)
+        extra = uvicorn_options(settings) if settings is not None else {}
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10, **extra)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

@@ -63,6 +63,27 @@ def sample(
     return _token_loop(stepper, start_ids, config, choose, streamer, copies=config.num_return_sequences)
 
 
+# The history buffer starts this many positions past the start tokens and doubles when full,
+# so max_new_tokens=10**9 costs what is generated, not what is allowed.
+FIRST_HISTORY_LEN = 64
+
+
+def _history(start: Tensor, total: int, pad: int | None) -> Tensor:
+    """(N, min(total, L0 + FIRST_HISTORY_LEN)) filled with pad, the start ids in front."""
+    N, L0 = start.shape
+    ids = start.new_full((N, min(total, L0 + FIRST_HISTORY_LEN)), pad if pad is not None else 0)
+    ids[:, :L0] = start
+    return ids
+
+
+def _room(ids: Tensor, cur: int, total: int, pad: int | None) -> Tensor:
+    """`ids` with room at position `cur`: doubled (at most to `total`) when full."""
+    if cur < ids.shape[1]:
+        return ids
+    size = min(total, max(cur + 1, 2 * ids.shape[1]))
+    return torch.cat([ids, ids.new_full((ids.shape[0], size - ids.shape[1]), pad if pad is not None else 0)], dim=1)
+
+
 def _token_loop(
     stepper: Stepper,
     start_ids: Tensor,
@@ -78,8 +99,7 @@ def _token_loop(
     total = config.total_length(L0)
     eos = _eos_tensor(config, logits.device)
     pad = config.resolved_pad_token_id
-    ids = start.new_full((N, total), pad if pad is not None else 0)  # the whole history, written in place
-    ids[:, :L0] = start
+    ids = _history(start, total, pad)  # the history, written in place (grown as needed)
     unfinished = torch.ones(N, dtype=torch.bool, device=ids.device)
     processing = is_active(config)
     cur = L0
@@ -91,6 +111,7 @@ def _token_loop(
         if eos is not None:
             tokens = torch.where(unfinished, tokens, pad)
             unfinished &= ~torch.isin(tokens, eos)
+        ids = _room(ids, cur, total, pad)
         ids[:, cur] = tokens
         cur += 1
         if streamer is not None:
@@ -167,8 +188,7 @@ def beam_search(
     eos_ids = config.eos_ids
     eos = _eos_tensor(config, device)
     pad = config.resolved_pad_token_id
-    ids = start.new_full((N, total), pad if pad is not None else 0)
-    ids[:, :L0] = start
+    ids = _history(start, total, pad)
     beam_scores = torch.zeros(B, nb, dtype=torch.float, device=device)
     if not config.do_sample:
         # Only the first beam of each input is live at the start; ranking the copies would repeat it.
@@ -204,7 +224,8 @@ def beam_search(
         beam_scores, next_tokens, next_rows = _advance(
             hyps, done, ids[:, :cur], L0, top_scores, tokens, rows, eos, pad, nb
         )
-        ids[:, :cur] = ids.index_select(0, next_rows)[:, :cur]
+        ids = _room(ids, cur, total, pad)
+        ids[:, :cur] = ids[:, :cur].index_select(0, next_rows)
         ids[:, cur] = next_tokens
         cur += 1
         if all(done) or cur >= total:

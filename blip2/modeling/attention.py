@@ -166,6 +166,19 @@ class KVCache:
                 t[:, :, :n] = p[:, :, :n]  # (1, H, n, D) broadcast over the batch
         self.length = n
 
+    def reserve(self, n: int, limit: int) -> None:
+        """Room for `n` more positions, growing the buffers (doubling, at most to `limit`) when short:
+        for models without a position limit, so a large max_new_tokens costs only what is used."""
+        need = self.length + n
+        if need <= self.max_len:
+            return
+        size = min(max(need, 2 * self.max_len), max(limit, need))
+        grow = size - self.max_len
+        for cache in (self.k, self.v):
+            for i, t in enumerate(cache):
+                cache[i] = torch.cat([t, t.new_zeros(*t.shape[:2], grow, t.shape[3])], dim=2)
+        self.max_len = size
+
     def advance(self, n: int) -> None:
         """Marks `n` more positions filled; called once per forward, after every layer wrote."""
         self.length += n

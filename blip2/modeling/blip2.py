@@ -37,6 +37,11 @@ def check_pixel_values(pixel_values, vc, interpolate_pos_encoding: bool = False)
         raise ValueError(f"pixel_values must have 3 channels (RGB), got {pixel_values.shape[1]}")
     if not pixel_values.is_floating_point():
         raise TypeError(f"pixel_values must be a floating tensor, got {pixel_values.dtype}")
+    if pixel_values.shape[0] == 0:
+        raise ValueError("pixel_values holds no images (batch size 0): give at least one")
+    if not bool(torch.isfinite(pixel_values).all()):
+        bad = sorted({int(i) for i in (~torch.isfinite(pixel_values)).flatten(1).any(dim=1).nonzero()[:, 0]})
+        raise ValueError(f"pixel_values of image(s) {bad[:10]} hold NaN or infinite values; check how they were made")
     h, w = pixel_values.shape[2:]
     if interpolate_pos_encoding:
         if h < vc.patch_size or w < vc.patch_size:

@@ -531,13 +531,19 @@ class T5Stepper:
         self.max_len = start_ids.shape[1] + max_new_tokens
         self.cache: T5Cache | None = None
 
+    # T5's relative positions set no length limit, so max_new_tokens alone could ask for any cache
+    # size (10**9 tokens = terabytes): start with this many positions and grow as generation goes.
+    FIRST_CACHE_LEN = 64
+
     def prefill(self) -> Tensor:
         encoded = self.lm.encode(self.embeds, self.mask).last_hidden_state
-        self.cache = self.lm.new_cache(encoded, self.mask, self.max_len)
+        first = min(self.max_len, self.start_ids.shape[1] + self.FIRST_CACHE_LEN)
+        self.cache = self.lm.new_cache(encoded, self.mask, first)
         self.embeds = self.mask = None  # the cache holds all the encoder's output that is needed
         return self.lm.decode(self.start_ids, cache=self.cache).logits[:, -1]  # (B, V)
 
     def step(self, tokens: Tensor) -> Tensor:
+        self.cache.self_kv.reserve(1, self.max_len)
         return self.lm.decode(tokens[:, None], cache=self.cache).logits[:, -1]
 
     def select(self, index: Tensor) -> None:

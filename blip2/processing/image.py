@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..io import atomic_write_text
 from .batch import BatchFeature, as_tensor  # noqa: F401  (as_tensor: importable from here as before)
@@ -90,10 +90,59 @@ def _load_pixels(image: Image.Image, what: str, max_pixels: int | None) -> Image
 
 
 def _pil_to_rgb(image: Image.Image, what: str) -> np.ndarray:
+    return np.asarray(to_rgb(image, what))
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation tag says (how cameras store portrait photos).
+
+    The reference's processor ignores the tag, so a phone photo reaches its model on its side;
+    this one turns it as every image viewer does (a deliberate difference, see the README).
+    """
     try:
-        return np.asarray(image.convert("RGB"))
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to refuse the pixels
+        return image
+    return ImageOps.exif_transpose(image) if orientation not in (1, None) else image
+
+
+def to_rgb(image: Image.Image, what: str = "image") -> Image.Image:
+    """Any mode Pillow opens -> an 8-bit RGB image, upright (EXIF orientation applied).
+
+    16- and 32-bit integer images (I;16 PNGs, I) and float images (F) are scaled to 8 bits rather
+    than clipped (Pillow's own convert turns them all but white); alpha is dropped, as the
+    reference does for RGBA.
+    """
+    image = upright(image)
+    try:
+        if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+            return Image.fromarray(_deep_to_uint8(image, what)).convert("RGB")
+        if image.mode == "RGB":
+            return image
+        if image.mode == "La":  # premultiplied grey + alpha, which Pillow cannot convert: its grey channel
+            return Image.fromarray(np.ascontiguousarray(np.asarray(image)[..., 0])).convert("RGB")
+        if image.mode in ("RGBa", "PA") or (image.mode == "P" and "transparency" in image.info):
+            image = image.convert("RGBA")  # premultiplied / palette alpha: through RGBA, whose alpha is dropped
+        return image.convert("RGB")
     except (ValueError, OSError) as err:
         raise ImageInputError(f"{what}: cannot convert mode {image.mode!r} to RGB ({err})") from None
+
+
+def _deep_to_uint8(image: Image.Image, what: str) -> np.ndarray:
+    """A one-channel image of more than 8 bits as uint8 (H, W): 16-bit ranges scaled by 255/65535,
+    floats in [0, 1] by 255 (other floats taken as 0-255), 32-bit integers holding 8-bit values kept."""
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        if not np.isfinite(array).all():
+            raise ImageInputError(f"{what}: a float image with NaN or infinite pixels")
+        if array.size and array.min() >= 0 and array.max() <= 1:
+            array = array * 255
+    elif image.mode.startswith("I;16") or (array.size and array.max() > 255):
+        array = np.clip(array, 0, 65535) * (255 / 65535)
+    return np.clip(np.rint(array), 0, 255).astype(np.uint8)
 
 
 def _infer_channels_last(array: np.ndarray, what: str) -> np.ndarray:
@@ -211,7 +260,7 @@ class Blip2ImageProcessor:
         if isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(item, "read"):
             item = open_image(item, what, self.max_pixels)
         if isinstance(item, Image.Image):
-            item = _load_pixels(item, what, self.max_pixels)
+            item = upright(_load_pixels(item, what, self.max_pixels))
             array = _pil_to_rgb(item, what) if convert_rgb else np.asarray(item)
         elif isinstance(item, (np.ndarray, torch.Tensor)):
             array = _array_from(item, what)

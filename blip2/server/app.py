@@ -29,13 +29,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .batcher import Batcher
 from .engine import EmbedJob, Engine, GenerateJob, GenerateResult, GenerationSettings, MatchJob
 from .limits import (
-    ApiError, ImageData, Settings, bool_param, decode_base64, decode_image, float_param, image_digest, int_param,
-    text_param, texts_param,
+    ApiError, ImageData, Settings, bool_param, check_text, decode_base64, decode_image, float_param, image_digest,
+    int_param, text_param, texts_param,
 )
 
 log = logging.getLogger("blip2.server")
 
-PROTECTED = ("/v1/", "/metrics")  # what the API key guards; the page and /healthz stay open
+# What the API key guards (the API's own description included); the page and /healthz stay open.
+PROTECTED = ("/v1/", "/metrics", "/docs", "/openapi.json", "/redoc")
 
 
 def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
@@ -141,8 +142,15 @@ class Guard:
                 await _send_error(send, too_big)
                 return None
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.settings.body_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:  # a body sent slowly, or never: free the connection
+                await _send_error(send, ApiError(408, f"the request body did not arrive within "
+                                                      f"{self.settings.body_timeout_s:g} s",
+                                                 headers={"Connection": "close"}))
+                return None
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
@@ -288,6 +296,15 @@ def generation_settings(fields: dict, settings: Settings, max_tokens_names=("max
     )
 
 
+def _stream_param(fields: dict, gen: GenerationSettings) -> bool:
+    """Whether to stream; a stream follows one sequence, so beam search cannot stream."""
+    stream = bool_param(fields, "stream")
+    if stream and gen.num_beams > 1:
+        raise ApiError(400, "streaming follows one sequence: use num_beams=1 with stream=true, or stream=false "
+                       "for beam search", "num_beams")
+    return stream
+
+
 def _require(ok: bool, what: str) -> None:
     if not ok:
         raise ApiError(501, f"this server's model cannot {what}; start it with a model that can")
@@ -325,10 +342,14 @@ class GenerationStream:
         """("piece", text) or ("done", GenerateResult); raises what the generation raised."""
         if self.pieces.empty() and not self.task.done():
             getter = asyncio.ensure_future(self.pieces.get())
-            await asyncio.wait({getter, self.task}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
+            try:
+                await asyncio.wait({getter, self.task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                got = getter.done()
+                if not got:
+                    getter.cancel()  # also when the client left mid-wait: no task may outlive the stream
+            if got:
                 return "piece", getter.result()
-            getter.cancel()
         if not self.pieces.empty():
             return "piece", self.pieces.get_nowait()
         return "done", self.task.result()
@@ -382,7 +403,7 @@ def chat_request(fields: dict, settings: Settings) -> tuple[str, str]:
     for n, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
             raise ApiError(400, f"messages[{n}] must be an object with role system, user or assistant", "messages")
-        text, found = _message_content(message.get("content"), n)
+        text, found = _message_content(message.get("content"), n, settings)
         image = found or image
         if message["role"] == "user" and text:
             parts.append(f"Question: {text} Answer:")
@@ -401,16 +422,16 @@ def chat_request(fields: dict, settings: Settings) -> tuple[str, str]:
     return image, prompt
 
 
-def _message_content(content: Any, n: int) -> tuple[str, Any]:
+def _message_content(content: Any, n: int, settings: Settings) -> tuple[str, Any]:
     if isinstance(content, str):
-        return content.strip(), None
+        return check_text(content, "messages", settings.max_prompt_chars).strip(), None
     if not isinstance(content, list):
         raise ApiError(400, f"messages[{n}].content must be a string or a list of parts", "messages")
     texts, image = [], None
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"].strip())
+            texts.append(check_text(part["text"], "messages", settings.max_prompt_chars).strip())
         elif kind == "image_url":
             url = part.get("image_url")
             image = url.get("url") if isinstance(url, dict) else url
@@ -469,9 +490,10 @@ def _add_routes(app: FastAPI, engine: Engine, batcher: Batcher, settings: Settin
 
     async def run_generation(fields: dict, files: dict, prompt: str, gen: GenerationSettings, body):
         """Shared by caption and answer: `body(image, result)` is the JSON answer (or the stream's last event)."""
+        stream = _stream_param(fields, gen)
         image = await read_image(engine, settings, fields, files, "generate")
         job = GenerateJob(image, prompt, gen)
-        if not bool_param(fields, "stream"):
+        if not stream:
             return body(image, await batcher.submit(("generate", gen), job))
         stream = GenerationStream(batcher, job)
         first = await stream.start()
@@ -522,10 +544,11 @@ def _add_routes(app: FastAPI, engine: Engine, batcher: Batcher, settings: Settin
         fields, _ = await read_fields(request, settings)
         url, prompt = chat_request(fields, settings)
         gen = chat_settings(fields, settings)
+        stream = _stream_param(fields, gen)
         image = await load_image(engine, settings, url, "generate", "image_url")
         job = GenerateJob(image, prompt, gen)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": engine.name}
-        if not bool_param(fields, "stream"):
+        if not stream:
             result = await batcher.submit(("generate", gen), job)
             return {**meta, "object": "chat.completion", "usage": _usage(result),
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},

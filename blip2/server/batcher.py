@@ -127,11 +127,12 @@ class Batcher:
         self.running = len(batch)
         started = time.monotonic()
         try:
-            results = await loop.run_in_executor(self.executor, self.run, batch[0].key, [i.payload for i in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} requests")
-        except Exception as err:  # noqa: BLE001 - a failed batch fails its requests, never the worker
-            results = [err] * len(batch)
+            results = await self._results(loop, batch[0].key, [i.payload for i in batch])
+            if len(batch) > 1 and isinstance(results[0], BaseException) and all(r is results[0] for r in results):
+                # The batch function blamed the whole batch (one error for all): find the culprit by
+                # running each request alone, so a request's failure stays that request's.
+                log.warning("a batch of %d failed; running its requests one by one", len(batch))
+                results = [(await self._results(loop, item.key, [item.payload]))[0] for item in batch]
         finally:
             self.running = 0
             self.stats.record_end(time.monotonic() - started)
@@ -142,6 +143,16 @@ class Batcher:
                 item.future.set_exception(result)
             else:
                 item.future.set_result(result)
+
+    async def _results(self, loop, key: Hashable, payloads: list) -> list:
+        """One result (or exception) per payload; an exception of the batch function is every payload's."""
+        try:
+            results = await loop.run_in_executor(self.executor, self.run, key, payloads)
+            if len(results) != len(payloads):
+                raise RuntimeError(f"batch function returned {len(results)} results for {len(payloads)} requests")
+            return list(results)
+        except Exception as err:  # noqa: BLE001 - a failed batch fails its requests, never the worker
+            return [err] * len(payloads)
 
     async def _collect(self) -> list[_Item]:
         """The oldest request plus same-key ones that arrive within max_wait of it (up to the batch limit)."""

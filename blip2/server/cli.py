@@ -10,7 +10,10 @@ import signal
 import sys
 import threading
 
+from ..cli import device_option, float_option, int_option
 from .limits import Settings
+
+DTYPES = ("float32", "float16", "bfloat16")
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
@@ -28,24 +31,32 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="a retrieval checkpoint (Blip2ForImageTextRetrieval) for /v1/match and /v1/embeddings "
                         "(default with the demo model: the demo's retrieval model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
-    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: the checkpoint's)")
+    p.add_argument("--port", type=int_option(0, 65535), default=8000)
+    p.add_argument("--device", default=None, type=device_option, help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="weights and activations (default: the checkpoint's)")
     p.add_argument("--api-key", default=os.environ.get("BLIP2_API_KEY"),
                    help="require this key as 'Authorization: Bearer KEY' (default: $BLIP2_API_KEY, else none)")
     g = p.add_argument_group("batching")
-    g.add_argument("--max-batch", type=int, default=d.max_batch, help="most requests in one forward pass")
-    g.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+    g.add_argument("--max-batch", type=int_option(1), default=d.max_batch, help="most requests in one forward pass")
+    g.add_argument("--max-wait-ms", type=float_option(0.0), default=d.max_wait_ms,
                    help="how long the first request of a batch waits for company")
-    g.add_argument("--max-queue", type=int, default=d.max_queue, help="queued requests before answering 503")
-    g.add_argument("--timeout", type=float, default=d.request_timeout_s, help="seconds before a request gets 504")
-    g.add_argument("--cache-size", type=int, default=d.cache_size, help="images whose features are kept (LRU)")
+    g.add_argument("--max-queue", type=int_option(1), default=d.max_queue, help="queued requests before answering 503")
+    g.add_argument("--timeout", type=float_option(above=0.0), default=d.request_timeout_s,
+                   help="seconds before a request gets 504")
+    g.add_argument("--cache-size", type=int_option(0), default=d.cache_size, help="images whose features are kept (LRU)")
     g = p.add_argument_group("limits")
-    g.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20)
-    g.add_argument("--max-pixels", type=int, default=d.max_image_pixels)
-    g.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
-    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="the most a request may ask for")
-    g.add_argument("--graceful-timeout", type=float, default=30.0,
+    g.add_argument("--max-body-mb", type=float_option(above=0.0), default=d.max_body_bytes / 2**20)
+    g.add_argument("--max-pixels", type=int_option(1), default=d.max_image_pixels)
+    g.add_argument("--max-prompt-tokens", type=int_option(1), default=d.max_prompt_tokens)
+    g.add_argument("--max-new-tokens", type=int_option(1), default=d.max_new_tokens,
+                   help="the most a request may ask for")
+    g.add_argument("--header-timeout", type=float_option(above=0.0), default=d.header_timeout_s,
+                   help="seconds a connection has to send its request headers (idle connections are closed then)")
+    g.add_argument("--body-timeout", type=float_option(above=0.0), default=d.body_timeout_s,
+                   help="seconds a request has to send its body (408 after)")
+    g.add_argument("--limit-concurrency", type=int_option(1), default=d.limit_concurrency,
+                   help="most open connections and requests; more get 503 (default: no limit)")
+    g.add_argument("--graceful-timeout", type=float_option(0.0), default=30.0,
                    help="seconds in-flight requests get to finish on shutdown")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=run)
@@ -57,7 +68,8 @@ def settings_from_args(args) -> Settings:
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         request_timeout_s=args.timeout, cache_size=args.cache_size, max_body_bytes=int(args.max_body_mb * 2**20),
         max_image_pixels=args.max_pixels, max_prompt_tokens=args.max_prompt_tokens,
-        max_new_tokens=args.max_new_tokens, api_key=args.api_key or None,
+        max_new_tokens=args.max_new_tokens, api_key=args.api_key or None, header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout, limit_concurrency=args.limit_concurrency,
     )
     settings.default_max_new_tokens = min(settings.default_max_new_tokens, settings.max_new_tokens)
     settings.validate()
@@ -93,6 +105,7 @@ def run(args) -> int:
         return 2
     from .app import create_app
     from .engine import Engine
+    from .sockets import uvicorn_options
 
     settings = settings_from_args(args)
     if not is_loopback(args.host) and not settings.api_key:
@@ -106,7 +119,8 @@ def run(args) -> int:
     engine = Engine.load(model, retrieval, settings, device=args.device, dtype=args.dtype, name=name)
     app = create_app(engine, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.graceful_timeout, server_header=False)
+                            timeout_graceful_shutdown=args.graceful_timeout, server_header=False,
+                            **uvicorn_options(settings))
     _exit_cleanly_on_sigterm()
     uvicorn.Server(config).run()
     return 0

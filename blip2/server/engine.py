@@ -245,7 +245,10 @@ class Engine:
 
     def _prompt_ids(self, prompt: str, settings: GenerationSettings) -> list[int]:
         text = self.model.config.text_config
-        ids = _encode(self.processor, prompt) if prompt else []
+        try:
+            ids = _encode(self.processor, prompt) if prompt else []
+        except Exception as err:  # noqa: BLE001 - whatever the tokenizer refuses, it is this prompt's fault
+            raise ApiError(400, f"the prompt cannot be tokenized: {type(err).__name__}: {err}", "prompt") from None
         if not ids:  # no prompt: the start token alone, as the reference's generate does
             ids = [text.bos_token_id if text.bos_token_id is not None else self._pad_id()]
         limit = self.settings.max_prompt_tokens

@@ -18,6 +18,8 @@ from typing import Any
 
 from PIL import Image
 
+from ..processing.image import to_rgb
+
 
 @dataclass
 class Settings:
@@ -41,18 +43,35 @@ class Settings:
     request_timeout_s: float = 60.0
     # the image-feature cache (entries, one per distinct image)
     cache_size: int = 256
-    # access: when set, /v1/* and /metrics need `Authorization: Bearer <key>` (or `X-API-Key`)
+    # access: when set, /v1/*, /metrics and the API docs need `Authorization: Bearer <key>` (or `X-API-Key`)
     api_key: str | None = None
+    # sockets: a connection must send its request headers within header_timeout_s (idle ones are
+    # closed then too), and its body within body_timeout_s; at most limit_concurrency connections
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_s: float = 5.0
+    limit_concurrency: int | None = None
 
     def validate(self) -> None:
+        """Raises ValueError naming the first setting out of range (NaN and infinities included)."""
         for name in ("max_body_bytes", "max_image_pixels", "max_prompt_chars", "max_prompt_tokens",
                      "max_new_tokens", "max_num_beams", "max_texts", "max_text_chars", "max_batch", "max_queue"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+            _check_setting(name, getattr(self, name), 1, integer=True)
+        _check_setting("cache_size", self.cache_size, 0, integer=True)
+        if self.limit_concurrency is not None:
+            _check_setting("limit_concurrency", self.limit_concurrency, 1, integer=True)
         if not 1 <= self.default_max_new_tokens <= self.max_new_tokens:
             raise ValueError("default_max_new_tokens must be between 1 and max_new_tokens")
-        if self.max_wait_ms < 0 or self.request_timeout_s <= 0 or self.cache_size < 0:
-            raise ValueError("max_wait_ms and cache_size must be >= 0, request_timeout_s > 0")
+        _check_setting("max_wait_ms", self.max_wait_ms, 0)
+        for name in ("request_timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            _check_setting(name, getattr(self, name), 1e-3)
+
+
+def _check_setting(name: str, value: Any, minimum: float, integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value < minimum:
+        what = "an integer" if integer else "a finite number"
+        raise ValueError(f"{name} must be {what} >= {minimum:g}, got {value!r}")
 
 
 class ApiError(Exception):
@@ -72,7 +91,7 @@ class ApiError(Exception):
 
 
 _ERROR_TYPES = {
-    401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
+    401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error", 408: "timeout",
     413: "request_too_large", 415: "unsupported_media_type", 429: "rate_limit_error",
     500: "server_error", 501: "not_implemented", 503: "overloaded", 504: "timeout",
 }
@@ -144,6 +163,11 @@ def check_text(value: str, name: str, max_chars: int) -> str:
         raise ApiError(400, f"'{name}' is {len(value)} characters long; the limit is {max_chars}", name)
     if "\x00" in value:
         raise ApiError(400, f"'{name}' must not contain NUL characters", name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate ("\ud800") is valid JSON but not text
+        raise ApiError(400, f"'{name}' is not valid Unicode text: {value[err.start]!r} at position {err.start} "
+                       "is a lone surrogate", name) from None
     return value
 
 
@@ -213,7 +237,7 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> Image.Ima
             if width < 1 or height < 1:
                 raise ApiError(400, f"'{name}' has no pixels ({width}x{height})", name)
             picture.load()
-            return picture.convert("RGB")
+            return to_rgb(picture, f"'{name}'")
     except ApiError:
         raise
     except Image.DecompressionBombError:

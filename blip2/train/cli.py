@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import device_option, int_option
 from . import distributed as dist
 
 STAGES = {
@@ -31,8 +32,8 @@ def add_train_parser(subparsers) -> None:
         p.add_argument("--data", help="training data: a JSONL file or a folder (overrides data.train)")
         p.add_argument("--eval-data", help="evaluation data (overrides data.eval)")
         p.add_argument("--out", help="output folder (overrides train.out_dir)")
-        p.add_argument("--max-steps", type=int, help="optimiser steps (overrides train.max_steps)")
-        p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: torchrun's GPU for this process, else CPU)")
+        p.add_argument("--max-steps", type=int_option(1), help="optimiser steps (overrides train.max_steps)")
+        p.add_argument("--device", type=device_option, help="cpu, cuda, cuda:1 ... (default: torchrun's GPU for this process, else CPU)")
         p.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in the output folder")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         if name == "stage2":

@@ -105,7 +105,9 @@ class ImageTransform:
         import numpy as np
         from PIL import Image
 
-        image = image.convert("RGB").resize((self.size, self.size), Image.BICUBIC)
+        from ..processing.image import to_rgb
+
+        image = to_rgb(image).resize((self.size, self.size), Image.BICUBIC)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
         return (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
 
