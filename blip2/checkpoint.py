@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import mmap
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from .hub import read_json
 from .io import atomic_path, atomic_write_text
 from .keymap import KeyTable
 
@@ -221,10 +222,10 @@ def find_weights(directory: Path) -> list[Path]:
         if name in (SAFE_WEIGHTS, BIN_WEIGHTS):
             return [path]
         try:
-            weight_map = json.loads(path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            weight_map = read_json(path)["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"{path} is not a valid shard index: {err!r}") from None
-        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (directory / s).is_file()]
         if missing:
             raise CheckpointError(f"{path} names shard(s) that are missing: {', '.join(missing)}")
@@ -244,10 +245,11 @@ def read_state_dict(files: list[Path]) -> LazyStateDict:
 
 # ---------------------------------------------------------------- the key table
 def hf_to_ours(hf: Mapping[str, Tensor], table: KeyTable, expected: Mapping[str, torch.Size],
-               where: str = "checkpoint", dtype_for=None) -> dict[str, Tensor]:
+               where: str = "checkpoint", dtype_for=None, floating: Collection[str] = ()) -> dict[str, Tensor]:
     """Renames and fuses checkpoint tensors into our names; raises on any mismatch.
 
-    `expected` maps our names to shapes; `dtype_for(name)` gives the dtype to load each into.
+    `expected` maps our names to shapes; `dtype_for(name)` gives the dtype to load each into;
+    `floating` names the tensors that must be stored as floating point (weights, not counters).
     """
     wanted = {k for rule in table.rules for k in rule.hf}
     missing = sorted(wanted - set(hf))
@@ -265,6 +267,8 @@ def hf_to_ours(hf: Mapping[str, Tensor], table: KeyTable, expected: Mapping[str,
         shape = expected.get(rule.ours)
         if shape is None:
             raise CheckpointError(f"key table names {rule.ours!r}, which the model does not have")
+        if rule.ours in floating:
+            _check_floating(hf, rule, where)
         if lazy:
             out[rule.ours] = _read_fused(hf, rule, shape, where, dtype_for)
             continue
@@ -275,6 +279,16 @@ def hf_to_ours(hf: Mapping[str, Tensor], table: KeyTable, expected: Mapping[str,
             tensor = tensor.to(dtype_for(rule.ours))
         out[rule.ours] = tensor
     return out
+
+
+def _check_floating(hf: Mapping[str, Tensor], rule, where: str) -> None:
+    """Integer or bool tensors where the model has weights: a damaged or foreign file, never a cast."""
+    for key in rule.hf:
+        dtype = hf.dtype(key) if isinstance(hf, LazyStateDict) else hf[key].dtype
+        if not dtype.is_floating_point:
+            source = hf.source(key) if isinstance(hf, LazyStateDict) else where
+            raise CheckpointError(f"{source}: tensor {key!r} is stored as {str(dtype).removeprefix('torch.')}, "
+                                  f"but the model's {rule.ours} is a floating-point weight")
 
 
 def _check_shape(shapes: list[torch.Size], rule, shape: torch.Size, where: str) -> None:
@@ -369,7 +383,9 @@ def load_into(model_factory, directory: Path | None, table: KeyTable, dtype: tor
     `model_factory` may also return a model already built on the meta device.
     """
     model = build_on_meta(model_factory)
-    expected = {k: v.shape for k, v in model.state_dict(keep_vars=True).items()}
+    own = model.state_dict(keep_vars=True)
+    expected = {k: v.shape for k, v in own.items()}
+    floating = {k for k, v in own.items() if v.is_floating_point()}
     if state is not None:
         hf, where = _check_state(state), "state_dict"
     else:
@@ -384,7 +400,7 @@ def load_into(model_factory, directory: Path | None, table: KeyTable, dtype: tor
             return torch.float32  # these layers overflow in float16
         return dtype
 
-    ours = hf_to_ours(hf, table, expected, where, dtype_for)
+    ours = hf_to_ours(hf, table, expected, where, dtype_for, floating)
     _fill_tied(model, ours, where)
     model.load_state_dict(ours, strict=True, assign=True)
     for module in model.modules():

@@ -228,7 +228,18 @@ class BaseConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike):
-        return cls.from_dict(_read_config_file(Path(path)))
+        return cls.from_dict(cls._checked(_read_config_file(Path(path)), path))
+
+    @classmethod
+    def _checked(cls, data: dict[str, Any], file) -> dict[str, Any]:
+        """`data` read from `file`, refused when its model_type names another kind of model (the
+        reference only warns, then fails later or loads weights into the wrong shapes)."""
+        found = data.get("model_type")
+        allowed = {cls.model_type} | ({cls.composite_type} if cls.section else set())
+        if cls.model_type and found is not None and found not in allowed:
+            raise ValueError(f"{file}: model_type {found!r} is not a {cls.__name__} "
+                             f"(expected {' or '.join(repr(a) for a in sorted(allowed))})")
+        return data
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any):
@@ -243,7 +254,7 @@ class BaseConfig:
         unused_wanted = kwargs.pop("return_unused_kwargs", False)
         hub = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
         file = resolve_file(path, CONFIG_NAME, **hub)
-        data = _read_config_file(file)
+        data = cls._checked(_read_config_file(file), file)
         if cls.section and data.get("model_type") == cls.composite_type:
             data = data.get(cls.section) or {}
         config = cls.from_dict(data)
@@ -277,13 +288,9 @@ def _labels(id2label, label2id, num_labels) -> tuple[dict[int, str], dict[str, i
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+    from .hub import read_json
+
+    return read_json(path)
 
 
 HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "subfolder")

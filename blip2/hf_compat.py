@@ -71,9 +71,9 @@ def checkpoint_dir(name_or_path, **hub) -> Path:
     for index in (ckpt.SAFE_INDEX, ckpt.BIN_INDEX):
         found = resolve_file(name_or_path, index, required=False, **hub)
         if found is not None:
-            import json
+            from .hub import read_json
 
-            for shard in sorted(set(json.loads(found.read_text())["weight_map"].values())):
+            for shard in sorted(set(read_json(found).get("weight_map", {}).values())):
                 resolve_file(name_or_path, shard, **hub)
             return folder
     for name in (ckpt.SAFE_WEIGHTS, ckpt.BIN_WEIGHTS):

@@ -136,7 +136,7 @@ def _legacy_added_tokens(config: dict, files: dict[str, Path | None]) -> dict[in
             special = text in specials
             added[int(index)] = AddedToken(text, rstrip=False, lstrip=False, normalized=not special, special=special)
     if files.get(TOKENIZER_FILE):
-        for entry in json.loads(Path(files[TOKENIZER_FILE]).read_text(encoding="utf-8")).get("added_tokens", []):
+        for entry in read_json(files[TOKENIZER_FILE]).get("added_tokens") or []:
             added[int(entry["id"])] = _added_token(entry)
     return added
 
@@ -202,8 +202,10 @@ def _family(config: dict, files: dict[str, Path | None]) -> str | None:
     if files.get(VOCAB_FILE) and files.get(MERGES_FILE):
         return "gpt2"
     if files.get(TOKENIZER_FILE):
-        model = json.loads(Path(files[TOKENIZER_FILE]).read_text(encoding="utf-8")).get("model", {})
-        return {"BPE": "gpt2", "Unigram": "t5"}.get(model.get("type"))
+        from ..hub import read_json
+
+        model = read_json(files[TOKENIZER_FILE]).get("model")
+        return {"BPE": "gpt2", "Unigram": "t5"}.get(model.get("type")) if isinstance(model, dict) else None
     return None
 
 

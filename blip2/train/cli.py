@@ -9,6 +9,7 @@ Run again with the same --out to resume from the latest checkpoint.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -60,6 +61,17 @@ def _apply_overrides(spec: dict, args) -> dict:
 
 
 def run(args) -> int:
+    from .loop import CheckpointError, NonFiniteError
+
+    try:
+        return _train(args)
+    except (NonFiniteError, CheckpointError, ValueError, FileNotFoundError) as err:
+        # Bad data, config or checkpoint, or a diverged run: the message names the culprit.
+        print(f"blip2 train: {err}", file=sys.stderr)
+        return 1
+
+
+def _train(args) -> int:
     from .loop import Trainer
     from .recipes import JOBS, read_spec
 

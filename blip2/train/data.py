@@ -46,7 +46,8 @@ def read_records(path: str | Path) -> list[dict]:
     for image in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         caption = image.with_suffix(".txt")
         if caption.is_file():
-            records.append({"image": str(image), "caption": caption.read_text(encoding="utf-8").strip()})
+            records.append({"image": str(image), "caption": caption.read_text(encoding="utf-8").strip(),
+                            "source": str(caption)})
     if not records:
         raise ValueError(f"{path} holds no metadata.jsonl, data.jsonl or image + .txt caption pairs")
     return records
@@ -77,7 +78,7 @@ def _normalise(record, root: Path, where: str) -> list[dict]:
     image = record.get("image", record.get("image_path", record.get("file_name")))
     if image is None:
         raise ValueError(f"{where}: a record needs an 'image' path")
-    out = {"image": str(root / image)}
+    out = {"image": str(root / image), "source": where}
     if "question" in record:
         answer = record.get("answers", record.get("answer"))
         answers = answer if isinstance(answer, list) else [answer]
@@ -121,7 +122,9 @@ class ImageTextDataset(Dataset):
 
     @classmethod
     def from_path(cls, path: str | Path, image_size: int) -> "ImageTextDataset":
-        return cls(read_records(path), ImageTransform(image_size))
+        records = read_records(path)
+        check_images(records)
+        return cls(records, ImageTransform(image_size))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -130,9 +133,55 @@ class ImageTextDataset(Dataset):
         from PIL import Image
 
         record = self.records[i]
-        with Image.open(record["image"]) as image:
-            pixels = self.transform(image)
+        try:
+            with Image.open(record["image"]) as image:
+                pixels = self.transform(image)
+        except (OSError, ValueError, SyntaxError) as err:  # what Pillow raises for missing or damaged files
+            raise ValueError(f"{_where(record)}: image {record['image']} cannot be read: {err}") from None
         return {**record, "key": record["image"], "pixel_values": pixels}
+
+
+def _where(record: dict) -> str:
+    return record.get("source") or record["image"]
+
+
+def check_images(records: Sequence[dict]) -> None:
+    """Every record's image exists and has a readable header (and, for PNG and JPEG, is complete):
+    checked before training, so a bad file stops the run at once, not when its batch comes up."""
+    problems = [f"{_where(r)}: {r['image']}: {reason}" for r in records if (reason := image_problem(r["image"]))]
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise ValueError(f"{len(problems)} image(s) of the data cannot be used{more}:\n  " + "\n  ".join(problems[:10]))
+
+
+def image_problem(path: str | Path) -> str | None:
+    """Why the image file cannot be used, or None; reads the header, not the pixels (PNG: its chunks'
+    checksums; JPEG: the end-of-image marker), so a dataset is checked in about the time it takes to list."""
+    import os
+
+    from PIL import Image
+
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return "no such file"
+    if size == 0:
+        return "the file is empty"
+    try:
+        with Image.open(path) as image:
+            kind = image.format
+            if image.width < 1 or image.height < 1:
+                return f"no pixels ({image.width}x{image.height})"
+            if kind == "PNG":
+                image.verify()  # chunk checksums, through to the end of the file
+    except Exception as err:  # noqa: BLE001 - Pillow raises many types for damaged files; all mean unusable
+        return f"not a readable image ({type(err).__name__}: {err})"
+    if kind == "JPEG":
+        with open(path, "rb") as f:
+            f.seek(max(0, size - 64))
+            if b"\xff\xd9" not in f.read():
+                return "truncated (no JPEG end-of-image marker)"
+    return None
 
 
 # ---------------------------------------------------------------- text

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -23,13 +24,21 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..io import atomic_write, atomic_write_text
+from ..io import atomic_write, atomic_write_text, remove_stale_temps
 from . import distributed as dist
 from .data import ShardedBatches
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
 METRICS = "metrics.jsonl"
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or infinite loss or gradient: the run stops with the weights of the step before."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read; the message names it."""
 
 
 @dataclass
@@ -131,6 +140,11 @@ class Trainer:
         self.objective = objective.to(self.info.device)
         self.module = self._wrap(self.objective)
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
+        half = sorted({str(p.dtype) for p in self.params if p.dtype in (torch.float16, torch.bfloat16)})
+        if half:
+            # AdamW on half-precision weights loses small updates and overflows (NaN within steps).
+            raise ValueError(f"the trainable parameters are {', '.join(half)}; load the model in float32 "
+                             "(from_pretrained(..., torch_dtype=torch.float32)) and set bf16: true for bf16 autocast")
         self.optimizer = torch.optim.AdamW(param_groups(self.objective, config.weight_decay), lr=config.lr,
                                            betas=config.betas)
         floor = config.min_lr / config.lr
@@ -219,16 +233,28 @@ class Trainer:
                 (losses["loss"] / accum).backward()
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float() / accum
-        grad_norm = None
-        if self.cfg.grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        # The norm over every process's gradients (DDP has averaged them), clipped when asked.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or math.inf)
+        out = _mean_over_processes(totals)  # the same numbers on every process, so all stop together
+        self._check_finite(out["loss"], grad_norm.item())
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        out = _mean_over_processes(totals)
-        if grad_norm is not None:
+        if self.cfg.grad_clip:
             out["grad_norm"] = grad_norm.item()
         return out
+
+    def _check_finite(self, loss: float, grad_norm: float) -> None:
+        """Stops before a NaN or infinite loss or gradient reaches the weights (and any checkpoint)."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return
+        what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
+        kept = self.latest_checkpoint()
+        raise NonFiniteError(
+            f"step {self.step + 1}: {what}; training stopped before updating the weights. "
+            + (f"The last good checkpoint is {kept}. " if kept else "No checkpoint was written. ")
+            + "Lower lr, keep grad_clip on, and train in float32 (or bf16: true)."
+        )
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -269,6 +295,11 @@ class Trainer:
         with torch.no_grad():
             return float(sum(p.double().abs().sum().item() for p in self.objective.parameters() if not p.requires_grad))
 
+    def latest_checkpoint(self) -> Path | None:
+        """The newest step-N.pt on disk (None before the first save)."""
+        found = sorted((self.out / CHECKPOINTS).glob("step-*.pt"))
+        return found[-1] if found else None
+
     def save_checkpoint(self) -> Path | None:
         """Writes checkpoints/step-N.pt and then latest.json, each atomically; keeps the newest few."""
         rngs = dist.gather_objects(rng_state())
@@ -290,12 +321,46 @@ class Trainer:
         return path
 
     def resume(self) -> bool:
-        """Loads out_dir's latest checkpoint, if any; True when it did."""
-        latest = self.out / CHECKPOINTS / LATEST
-        if not latest.is_file():
+        """Loads out_dir's latest readable checkpoint, if any; True when it did.
+
+        A damaged newest checkpoint (a save killed mid-write on a file system without atomic
+        rename, a disk error) is reported by name and the one before it is used instead.
+        """
+        folder = self.out / CHECKPOINTS
+        if self.info.is_main:
+            remove_stale_temps(folder)
+        candidates = self._checkpoint_candidates(folder)
+        if not candidates:
             return False
-        path = latest.parent / json.loads(latest.read_text())["file"]
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        failures = []
+        for path in candidates:
+            try:
+                state = read_checkpoint(path)
+            except CheckpointError as err:
+                failures.append(str(err))
+                if self.info.is_main:
+                    print(f"blip2 train: {err}; trying an older checkpoint", file=sys.stderr)
+                continue
+            self._load_state(path, state)
+            return True
+        raise CheckpointError("no checkpoint in " + str(folder) + " can be read:\n  " + "\n  ".join(failures)
+                              + "\nmove them away (or pass --no-resume) to start afresh")
+
+    def _checkpoint_candidates(self, folder: Path) -> list[Path]:
+        """The file latest.json names first (when it is readable), then every step-N.pt, newest first."""
+        found = sorted(folder.glob("step-*.pt"), reverse=True)
+        latest = folder / LATEST
+        if latest.is_file():
+            try:
+                named = folder / json.loads(latest.read_text(encoding="utf-8"))["file"]
+                found = [named] + [p for p in found if p != named]
+            except (ValueError, KeyError, TypeError, OSError) as err:
+                if self.info.is_main:
+                    print(f"blip2 train: {latest} is damaged ({err}); using the newest readable step-N.pt",
+                          file=sys.stderr)
+        return found
+
+    def _load_state(self, path: Path, state: dict) -> None:
         if state["world_size"] != self.info.world_size:
             raise ValueError(f"{path} was written by {state['world_size']} processes; resume with as many "
                              f"(this run has {self.info.world_size}) for an exact continuation")
@@ -314,15 +379,43 @@ class Trainer:
         if self.info.is_main:
             self._drop_metrics_after(self.step)
         dist.barrier()
-        return True
 
     def _drop_metrics_after(self, step: int) -> None:
-        """Lines a killed run logged after its last checkpoint would otherwise be logged twice."""
+        """Lines a killed run logged after its last checkpoint would otherwise be logged twice; a line
+        torn by the kill (not JSON) goes too."""
         path = self.out / METRICS
         if path.is_file():
-            lines = path.read_text(encoding="utf-8").splitlines()
-            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            kept = [line for line in lines if _logged_step(line) is not None and _logged_step(line) <= step]
             atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _logged_step(line: str) -> int | None:
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A training checkpoint, or CheckpointError naming the file (torch's own message would suggest
+    weights_only=False, which would run whatever code a damaged or foreign file holds)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except Exception as err:  # noqa: BLE001 - zip, pickle and storage errors all mean "damaged"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in reason or "Weights only" in reason:
+            reason = "it holds objects a training checkpoint never has"
+        size = path.stat().st_size if path.exists() else 0
+        raise CheckpointError(f"{path} ({size} bytes) is damaged or not a training checkpoint: {reason}") from None
+    needed = ("step", "epoch", "batch_in_epoch", "world_size", "model", "optimizer", "scheduler", "rng")
+    missing = [k for k in needed if k not in state] if isinstance(state, dict) else list(needed)
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint (it lacks {missing})")
+    return state
 
 
 def _mean_over_processes(values: dict[str, Tensor]) -> dict[str, float]:

@@ -122,7 +122,7 @@ def stage1_job(spec: dict) -> Job:
     m, data, losses = spec["model"], spec["data"], dict(spec["losses"])
     torch.manual_seed(m.get("seed", 0))  # every process builds the same model
     if "pretrained" in m:
-        model = Blip2ForQFormerPretraining.from_pretrained(m["pretrained"])
+        model = Blip2ForQFormerPretraining.from_pretrained(m["pretrained"], torch_dtype=torch.float32)
     else:
         config = Blip2Config.from_dict(m.get("config", {}))
         config.qformer_config.use_qformer_text_input = True  # stage 1 is where the text side is trained
@@ -154,7 +154,7 @@ def stage2_job(spec: dict) -> Job:
         raise ValueError("stage 2 has one loss (the language model's); remove the losses section")
     torch.manual_seed(m.get("seed", 0))
     if "pretrained" in m:
-        model = Blip2ForConditionalGeneration.from_pretrained(m["pretrained"])
+        model = Blip2ForConditionalGeneration.from_pretrained(m["pretrained"], torch_dtype=torch.float32)
     else:
         model = Blip2ForConditionalGeneration(Blip2Config.from_dict(m.get("config", {})))
         if "vision_from" in m:
