@@ -46,10 +46,13 @@ def add_inference_parsers(subparsers) -> None:
     _common(p, generation=True)
     p.set_defaults(run=run_caption)
 
-    p = subparsers.add_parser("ask", help="answer a question about images",
-                              description="Answer a question about each image.")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
-    p.add_argument("question", help="the question, e.g. 'what colour is the circle?'")
+    p = subparsers.add_parser("ask", help="answer questions about images",
+                              description="Answer one or more questions about each image. Without --question "
+                                          "or --questions, the last argument is the question.")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files, folders or glob patterns (then the question, unless given by option)")
+    p.add_argument("--question", action="append", default=[], help="a question (repeatable)")
+    p.add_argument("--questions", metavar="FILE", default=None, help="a text file of questions, one per line")
     p.add_argument("--template", default=None,
                    help="how the question is put to the model (default: the model family's, "
                         "'Question: {} Answer:' for OPT, 'Question: {} Short answer:' for Flan-T5)")
@@ -245,8 +248,9 @@ def finish(failures: Failures) -> int:
 
 
 # ---------------------------------------------------------------- commands
-def _generate_over(args, prompt: str, key: str) -> int:
-    """Runs generation with one prompt over every image; prints one result per image.
+def _generate_over(args, prompt: str, key: str, questions: list[str] | None = None) -> int:
+    """Runs generation over every image, with one prompt or (`ask`) each question; prints one result
+    per image and question. Every (image, question) row of a batch generates what it would alone.
 
     For `ask`, `prompt` is a template whose "{}" takes the question; None is the model's default."""
     import torch
@@ -258,31 +262,47 @@ def _generate_over(args, prompt: str, key: str) -> int:
     if not paths and failures.count:
         return finish(failures)
     m = load(args, retrieval=False)
-    if key == "answer":
+    if questions is not None:
+        template = prompt or question_template(m.model.config)
         # replace, not format: other braces in the template are text, never a format field
-        prompt = (prompt or question_template(m.model.config)).replace("{}", args.question)
+        prompts = [template.replace("{}", q) for q in questions]
+    else:
+        prompts = [prompt] if prompt else []
     kwargs = generation_kwargs(args)
-    per_image = kwargs.get("num_return_sequences", 1)
+    per_row = kwargs.get("num_return_sequences", 1)
     bar = progress(len(paths), args, key)
     for names, pixel_values in image_batches(paths, args, m, failures, bar):
-        text = m.processor.tokenizer([prompt] * len(names), return_tensors="pt") if prompt else None
-        with torch.inference_mode():
-            ids = m.model.generate(
-                pixel_values=pixel_values,
-                input_ids=text["input_ids"].to(m.device) if text else None,
-                attention_mask=text["attention_mask"].to(m.device) if text else None,
-                **kwargs,
-            )
-        outputs = [t.strip() for t in m.processor.batch_decode(ids, skip_special_tokens=True)]
-        for i, name in enumerate(names):
-            results = outputs[i * per_image:(i + 1) * per_image]
-            record = {"image": name, key: results[0] if per_image == 1 else results}
-            if key == "answer":
-                record["question"] = args.question
-            bar.clear()
-            emit(args, record, f"{name}: {' | '.join(results)}")
+        outputs = []
+        # One prompt: a batch of images. Several: each image once, with all its prompts as rows
+        # (encoded once, shared by the rows). Either way every row generates what it would alone.
+        groups = [(pixel_values, prompts * len(names))] if len(prompts) <= 1 else \
+            [(pixel_values[i:i + 1], prompts) for i in range(len(names))]
+        for pixels, texts in groups:
+            text = m.processor(text=texts, padding=True, return_tensors="pt") if texts else None
+            with torch.inference_mode():
+                ids = m.model.generate(
+                    pixel_values=pixels,
+                    input_ids=text["input_ids"].to(m.device) if text else None,
+                    attention_mask=text["attention_mask"].to(m.device) if text else None,
+                    **kwargs,
+                )
+            outputs += [t.strip() for t in m.processor.batch_decode(ids, skip_special_tokens=True)]
+        bar.clear()
+        for n, (name, question) in enumerate(_rows(names, questions)):
+            results = outputs[n * per_row:(n + 1) * per_row]
+            record = {"image": name, key: results[0] if per_row == 1 else results}
+            shown = f"{name}: {' | '.join(results)}"
+            if question is not None:
+                record["question"] = question
+                shown = f"{name}: {question} {' | '.join(results)}" if len(questions) > 1 else shown
+            emit(args, record, shown)
     bar.close()
     return finish(failures)
+
+
+def _rows(names: list[str], questions: list[str] | None):
+    """(image, question) per generated row, in the order the batch holds them."""
+    return [(name, q) for name in names for q in (questions if questions is not None else [None])]
 
 
 def run_caption(args) -> int:
@@ -297,7 +317,27 @@ def run_ask(args) -> int:
     if args.template is not None and args.template.count("{}") != 1:
         raise SystemExit(f"blip2: --template must contain {{}} exactly once, where the question goes; "
                          f"got {args.template!r}")
-    return _generate_over(args, args.template, "answer")
+    questions = list(args.question)
+    if args.questions is not None:
+        questions += read_questions(args.questions)
+    if not questions:
+        if len(args.images) < 2:
+            raise SystemExit("blip2 ask: give images and a question (or --question / --questions FILE)")
+        *args.images, last = args.images
+        questions = [last]
+    return _generate_over(args, args.template, "answer", questions)
+
+
+def read_questions(path: str) -> list[str]:
+    """The non-blank lines of a text file, stripped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise SystemExit(f"blip2: --questions {path}: cannot read: {err}") from None
+    questions = [line.strip() for line in lines if line.strip()]
+    if not questions:
+        raise SystemExit(f"blip2: --questions {path}: the file holds no questions")
+    return questions
 
 
 def run_match(args) -> int:

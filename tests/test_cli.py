@@ -76,3 +76,29 @@ def test_installed_command(tmp_path):
     assert result.returncode == 1
     assert str(bad) in result.stderr
     assert result.stdout.startswith(str(EXAMPLES[0]))
+
+
+def test_several_questions_per_image_answer_as_each_alone(capsys, tmp_path):
+    """Questions of different lengths share a batch; each answer is the one asked alone."""
+    questions = ["what colour is the triangle?", "how many shapes are there?", "is there a circle?"]
+    listed = tmp_path / "questions.txt"
+    listed.write_text("\n".join(questions[1:]) + "\n\n", encoding="utf-8")
+    images = [str(p) for p in EXAMPLES[:2]]
+    code, out, err = run(capsys, "ask", *images, "--question", questions[0], "--questions", str(listed),
+                         "--format", "jsonl")
+    assert code == 0, err
+    together = [json.loads(line) for line in out.strip().splitlines()]
+    assert [(r["image"], r["question"]) for r in together] == [(i, q) for i in images for q in questions]
+    for question in questions:
+        _, alone, _ = run(capsys, "ask", *images, question, "--format", "jsonl")
+        for record in map(json.loads, alone.strip().splitlines()):
+            assert record in together
+
+
+def test_ask_needs_a_question(capsys, tmp_path):
+    with pytest.raises(SystemExit, match="give images and a question"):
+        main(["ask", str(EXAMPLES[0])])
+    empty = tmp_path / "none.txt"
+    empty.write_text("\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="none.txt: the file holds no questions"):
+        main(["ask", str(EXAMPLES[0]), "--questions", str(empty)])

@@ -226,3 +226,49 @@ def test_missing_image_processor_config_is_named(tmp_path):
     Tokenizer.from_pretrained(NEWEST / "opt").save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
         Blip2Processor.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------- padding side: generation and training
+def test_padding_side_defaults_to_generation_for_a_decoder_only_model():
+    """The shipped demo model's tokenizer file says padding_side "right"; prompts still pad on the
+    left, training calls (text_target) on the right, and an explicit padding_side wins."""
+    demo = Path(__file__).parent.parent / "blip2" / "demo" / "model"
+    processor = Blip2Processor.from_pretrained(demo)
+    assert processor.decoder_only and processor.tokenizer.padding_side == "right"
+    prompts = ["Question: what colour is the circle? Answer:", "a photo of"]
+    mask = processor(text=prompts, padding=True, return_tensors="pt")["attention_mask"]
+    assert mask[1, 0] == 0 and mask[1, -1] == 1  # the short row is padded in front
+    assert processor(text=prompts, padding=True, padding_side="right")["attention_mask"][1][-1] == 0
+    assert processor.tokenizer.padding_side == "right"  # the call did not change the tokenizer
+    retrieval = Blip2Processor.from_pretrained(demo.parent / "retrieval")  # text for the Q-Former, [CLS] first
+    assert not retrieval.decoder_only and retrieval(text=prompts, padding=True)["attention_mask"][1][-1] == 0
+
+    train = processor(text=prompts, text_target=[" red\n", " a red circle\n"], padding=True, return_tensors="pt")
+    ids, mask, labels = train["input_ids"], train["attention_mask"], train["labels"]
+    assert mask[0, -1] == 1 and mask[1, -1] == 0  # right-padded
+    for row, target in enumerate([" red\n", " a red circle\n"]):
+        learned = labels[row][labels[row] != -100]
+        assert processor.decode(learned) == target  # the target alone; prompt and padding ignored
+        n = int(mask[row].sum())
+        assert torch.equal(ids[row, n - len(learned) : n], learned)  # at the end of the row's text
+
+
+def test_encoder_decoder_pads_on_the_right_and_labels_are_the_targets(saved):
+    folder, _ = saved
+    kind = "t5" if "t5" in folder.name else "opt"
+    processor = Blip2Processor.from_pretrained(folder)  # no config.json: told by the tokenizer
+    assert processor.decoder_only == (kind == "opt")
+    texts = ["a photo of the cat", "a"]
+    mask = processor(text=texts, padding=True)["attention_mask"]
+    assert (mask[1][0], mask[1][-1]) == ((0, 1) if kind == "opt" else (1, 0))
+    if kind == "t5":
+        out = processor(text=texts, text_target=["two cats", "dog"], padding=True)
+        targets = processor.tokenizer(["two cats", "dog"], padding=True)
+        assert out["input_ids"] == processor.tokenizer(texts, padding=True)["input_ids"]
+        for labels, ids, keep in zip(out["labels"], targets["input_ids"], targets["attention_mask"]):
+            assert labels == [t if k else -100 for t, k in zip(ids, keep)]
+        assert -100 in out["labels"][1]
+    with pytest.raises(ValueError, match="padding_side"):
+        processor(text="a", padding_side="middle")
+    with pytest.raises(ValueError, match="text_target has 1 entries but text has 2"):
+        processor(text=["a", "b"], text_target=["c"])

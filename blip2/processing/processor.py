@@ -19,29 +19,41 @@ from ..io import atomic_write_text
 from .batch import BatchEncoding, BatchFeature
 from .config_io import json_text, pop_hub_kwargs
 from .image import PROCESSOR_NAME, Blip2ImageProcessor
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, text_list
 
 IMAGE_TOKEN = "<image>"
+IGNORE = -100  # the label the loss skips
 
 
 class Blip2Processor:
     """Wraps a `Blip2ImageProcessor` and a `Tokenizer`.
 
+    Padding side, whatever the tokenizer file says: for a decoder-only language model (OPT)
+    text is padded on the left, so that every row's next token follows its own last token,
+    unless the call is for training, which is what passing `text_target` (the labels) means:
+    then on the right, the layout the loss expects. For an encoder-decoder model (T5) always
+    on the right. An explicit `padding_side=` argument wins.
+
     Args:
         image_processor: prepares pixel_values.
         tokenizer: the OPT or T5 tokenizer of the language model.
         num_query_tokens: when set, `<image>` tokens are put in front of the text (see the module doc).
+        decoder_only: whether the text goes to a decoder-only language model; None infers it from
+            the tokenizer (T5's and BERT's end every text with a special token, for an encoder).
+            `from_pretrained` reads it from the folder's config.json when there is one (a
+            retrieval model's text goes to its Q-Former: not decoder-only).
     """
 
     attributes = ["image_processor", "tokenizer"]
 
     def __init__(self, image_processor: Blip2ImageProcessor, tokenizer: Tokenizer,
-                 num_query_tokens: int | None = None) -> None:
+                 num_query_tokens: int | None = None, decoder_only: bool | None = None) -> None:
         if num_query_tokens is not None and (not isinstance(num_query_tokens, int) or num_query_tokens < 1):
             raise ValueError(f"num_query_tokens must be a positive int or None, got {num_query_tokens!r}")
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.num_query_tokens = num_query_tokens
+        self.decoder_only = _ends_open(tokenizer) if decoder_only is None else bool(decoder_only)
         self.image_token = getattr(tokenizer, "extra_special_tokens", {}).get("image_token", IMAGE_TOKEN)
         if num_query_tokens is not None and tokenizer.backend_tokenizer.token_to_id(self.image_token) is None:
             tokenizer.add_tokens([AddedToken(self.image_token, normalized=False, special=True)], special_tokens=True)
@@ -57,43 +69,89 @@ class Blip2Processor:
     def __call__(self, images: Any = None, text: str | list[str] | None = None, add_special_tokens: bool = True,
                  padding: bool | str = False, truncation: bool | str | None = None, max_length: int | None = None,
                  return_tensors: str | None = None, return_attention_mask: bool | None = None,
-                 pad_to_multiple_of: int | None = None, **kwargs: Any) -> BatchFeature:
+                 pad_to_multiple_of: int | None = None, padding_side: str | None = None,
+                 text_target: str | list[str] | None = None, **kwargs: Any) -> BatchFeature:
         """pixel_values for `images` and input_ids / attention_mask for `text` (either may be left out).
 
         Tokenizer options as in `Tokenizer.__call__`; with image tokens, `max_length` counts them too.
+        `padding_side`: see the class doc. `text_target`: what the model should learn to write
+        after each text (a training call); adds `labels`, -100 wherever there is nothing to learn.
+        Decoder-only: each target is appended to its text, labels cover the target alone (end it
+        with the model's end of text, "\n" for OPT, to learn to stop). T5: the labels are the
+        target's tokens, its eos included.
         """
-        if images is None and text is None:
+        if images is None and text is None and text_target is None:
             raise ValueError("give images, text or both")
         kwargs.pop("verbose", None)
         if kwargs.pop("stride", 0) or kwargs.pop("return_token_type_ids", None):
             raise ValueError("stride and token_type_ids are not supported by this processor")
         if kwargs:
             raise TypeError(f"unexpected keyword argument(s): {sorted(kwargs)}")
+        if padding_side not in (None, "left", "right"):
+            raise ValueError(f"padding_side must be 'left', 'right' or None, got {padding_side!r}")
+        if padding_side is None:
+            padding_side = "left" if self.decoder_only and text_target is None else "right"
         text_options = dict(add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
                             max_length=max_length, return_attention_mask=return_attention_mask,
-                            pad_to_multiple_of=pad_to_multiple_of)
-        if images is None:
-            return self.tokenizer(text, return_tensors=return_tensors, **text_options)
-        batch = self.image_processor(images, return_tensors=return_tensors)
-        if text is not None:
-            if self.num_query_tokens is None:
-                batch.update(self.tokenizer(text, return_tensors=return_tensors, **text_options))
-            else:
-                batch.update(self._with_image_tokens(text, text_options).convert_to_tensors(return_tensors))
+                            pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side)
+        if text is None and text_target is not None:
+            text = "" if isinstance(text_target, str) else [""] * len(text_target)
+        batch = None if images is None else self.image_processor(images, return_tensors=return_tensors)
+        if text is None:
+            return batch
+        image_tokens = self.num_query_tokens if batch is not None else None  # text alone: no image to place
+        if text_target is None and image_tokens is None:
+            encoding = self.tokenizer(text, return_tensors=return_tensors, **text_options)
+        else:
+            encoding = self._encode(text, text_target, text_options, image_tokens).convert_to_tensors(return_tensors)
+        if batch is None:
+            return encoding
+        batch.update(encoding)
         return batch
 
-    def _with_image_tokens(self, text: str | list[str], options: dict) -> BatchEncoding:
-        """The text encoded on its own (room kept for the image tokens), then the image tokens in front."""
-        count = self.num_query_tokens
-        if options["max_length"] is not None:
+    def _encode(self, text: str | list[str], target: str | list[str] | None, options: dict,
+                image_tokens: int | None) -> BatchEncoding:
+        """Batched lists: the text (with the target, for training) and any image tokens in front."""
+        texts, _ = text_list(text)
+        count = image_tokens or 0
+        if count and options["max_length"] is not None:
             if options["max_length"] <= count:
                 raise ValueError(f"max_length {options['max_length']} leaves no room for text after the "
                                  f"{count} image tokens")
             options = {**options, "max_length": options["max_length"] - count}
-        encoding = self.tokenizer([text] if isinstance(text, str) else text, **options)
-        image_ids = [self.image_token_id] * count
+        if target is None:
+            encoding = self.tokenizer(texts, **options)
+        else:
+            targets, _ = text_list(target)
+            if len(targets) != len(texts):
+                raise ValueError(f"text_target has {len(targets)} entries but text has {len(texts)}")
+            encoding = self._with_labels(texts, targets, options)
+        if count:
+            encoding = self._with_image_tokens(encoding, count)
+        return encoding
+
+    def _with_labels(self, texts: list[str], targets: list[str], options: dict) -> BatchEncoding:
+        if not self.decoder_only:  # T5: the target is the decoder's, not appended to the text
+            encoding = self.tokenizer(texts, **options)
+            labels = self.tokenizer(targets, **{**options, "return_attention_mask": True})
+            encoding["labels"] = [[t if keep else IGNORE for t, keep in zip(ids, mask)]
+                                  for ids, mask in zip(labels["input_ids"], labels["attention_mask"])]
+            return encoding
+        encoding = self.tokenizer([p + t for p, t in zip(texts, targets)], **{**options, "return_attention_mask": True})
+        prompts = self.tokenizer(texts, add_special_tokens=options["add_special_tokens"])["input_ids"]
+        encoding["labels"] = [_target_labels(ids, mask, len(prompt), options["padding_side"]) for ids, mask, prompt
+                              in zip(encoding["input_ids"], encoding["attention_mask"], prompts)]
+        if options["return_attention_mask"] is False:
+            del encoding["attention_mask"]
+        return encoding
+
+    def _with_image_tokens(self, encoding: BatchEncoding, count: int) -> BatchEncoding:
+        """`count` image tokens in front of every row (ahead of any left padding); labels ignore them."""
+        prefixes = {"input_ids": [self.image_token_id] * count, "labels": [IGNORE] * count}
         for key in encoding:
-            prefix = image_ids if key == "input_ids" else [1] * count
+            if key == "labels" and not self.decoder_only:
+                continue  # T5's labels are the decoder's: no image there
+            prefix = prefixes.get(key, [1] * count)
             encoding[key] = [prefix + row for row in encoding[key]]
         return encoding
 
@@ -131,8 +189,36 @@ class Blip2Processor:
             raise TypeError(f"unexpected keyword argument(s): {sorted(kwargs)}")
         image_processor = Blip2ImageProcessor.from_pretrained(name_or_path, **hub)
         tokenizer = Tokenizer.from_pretrained(name_or_path, **hub)
-        return cls(image_processor, tokenizer, num_query_tokens=num_query_tokens)
+        model_file = resolve_file(name_or_path, "config.json", required=False, **hub)
+        decoder_only = _is_decoder_only(read_json(model_file)) if model_file is not None else None
+        return cls(image_processor, tokenizer, num_query_tokens=num_query_tokens, decoder_only=decoder_only)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(image_processor={self.image_processor.size}, tokenizer={self.tokenizer!r}, "
                 f"num_query_tokens={self.num_query_tokens})")
+
+
+def _ends_open(tokenizer: Tokenizer) -> bool:
+    """Whether the tokenizer leaves a text open for a decoder to continue: OPT's and Llama's put
+    their special token in front; T5's (eos) and BERT's ([SEP]) close every text with one."""
+    ids = tokenizer("a")["input_ids"]
+    return not (ids and ids[-1] in set(tokenizer.all_special_ids))
+
+
+def _is_decoder_only(model_config: dict) -> bool | None:
+    """From a model's config.json: whether its text goes to a decoder-only language model (None:
+    the file does not say). A retrieval model's text goes to its Q-Former, BERT-style: not."""
+    names = model_config.get("architectures") or []
+    if (model_config.get("qformer_config") or {}).get("use_qformer_text_input") and \
+            not any("ForConditionalGeneration" in name for name in names):
+        return False
+    text = model_config.get("text_config")
+    if not isinstance(text, dict):
+        return None
+    return not text.get("is_encoder_decoder", text.get("model_type") == "t5")
+
+
+def _target_labels(ids: list[int], mask: list[int], prompt_length: int, side: str) -> list[int]:
+    """One row's labels: the tokens after the prompt; the prompt and the padding are ignored."""
+    start = len(mask) - sum(mask) if side == "left" else 0  # where the row's tokens begin
+    return [t if keep and n - start >= prompt_length else IGNORE for n, (t, keep) in enumerate(zip(ids, mask))]

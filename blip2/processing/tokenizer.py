@@ -247,7 +247,7 @@ class Tokenizer:
         return [self._backend.id_to_token(i) for i in _ids_list(ids, "ids") if i not in specials]
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[str]:
-        _texts(text)
+        text_list(text)
         return self._backend.encode(text, add_special_tokens=add_special_tokens).tokens
 
     # ------------------------------------------------------------ encoding
@@ -255,18 +255,22 @@ class Tokenizer:
                  max_length: int | None = None, add_special_tokens: bool = True,
                  return_tensors: str | None = None, return_attention_mask: bool | None = None,
                  pad_to_multiple_of: int | None = None, return_token_type_ids: bool | None = None,
-                 return_length: bool = False, stride: int = 0, verbose: bool = True) -> BatchEncoding:
+                 return_length: bool = False, stride: int = 0, verbose: bool = True,
+                 padding_side: str | None = None) -> BatchEncoding:
         """input_ids and attention_mask for one string (unbatched lists) or a list of strings.
 
         padding: False, True / "longest" or "max_length"; truncation: True / "longest_first" / "only_first"
-        to max_length (default: model_max_length); return_tensors: None, "pt" or "np".
+        to max_length (default: model_max_length); return_tensors: None, "pt" or "np";
+        padding_side: "left" or "right" for this call (default: the tokenizer's `padding_side`).
         """
-        texts, batched = _texts(text)
+        texts, batched = text_list(text)
         if stride:
             raise ValueError("stride (overflowing windows) is not supported")
+        if padding_side not in (None, "left", "right"):
+            raise ValueError(f"padding_side must be 'left', 'right' or None, got {padding_side!r}")
         pad, truncate, max_length = self._strategies(padding, truncation, max_length, pad_to_multiple_of)
         with self._lock:
-            self._configure_backend(pad, truncate, max_length, pad_to_multiple_of)
+            self._configure_backend(pad, truncate, max_length, pad_to_multiple_of, padding_side or self.padding_side)
             try:
                 encodings = self._backend.encode_batch(texts, add_special_tokens=add_special_tokens)
             except Exception as err:  # e.g. max_length smaller than the special tokens it must keep
@@ -278,7 +282,7 @@ class Tokenizer:
         return BatchEncoding(data).convert_to_tensors(return_tensors)
 
     def _configure_backend(self, pad: str | None, truncate: bool, max_length: int | None,
-                           pad_to_multiple_of: int | None) -> None:
+                           pad_to_multiple_of: int | None, padding_side: str) -> None:
         if truncate:
             self._backend.enable_truncation(max_length, stride=0, strategy="longest_first",
                                             direction=self.truncation_side)
@@ -286,7 +290,7 @@ class Tokenizer:
             self._backend.no_truncation()
         if pad:
             self._backend.enable_padding(length=max_length if pad == "max_length" else None,
-                                         direction=self.padding_side, pad_id=self.pad_token_id, pad_type_id=0,
+                                         direction=padding_side, pad_id=self.pad_token_id, pad_type_id=0,
                                          pad_token=self.pad_token, pad_to_multiple_of=pad_to_multiple_of)
         else:
             self._backend.no_padding()
@@ -368,7 +372,7 @@ class Tokenizer:
 
 # ---------------------------------------------------------------- argument checks and small helpers
 
-def _texts(text: Any) -> tuple[list[str], bool]:
+def text_list(text: Any) -> tuple[list[str], bool]:
     """(texts, batched): a string or a non-empty list/tuple of strings; anything else is a TypeError."""
     if isinstance(text, str):
         return [text], False
