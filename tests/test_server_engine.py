@@ -141,3 +141,22 @@ def test_match_and_embed_equal_the_retrieval_model_forward(tmp_path):
     itc = r(proc(images=[images[0].image], return_tensors="pt")["pixel_values"], tok["input_ids"], tok["attention_mask"])
     assert items[0]["embedding"] == pytest.approx(itc.text_embeds[0].tolist(), abs=1e-5)
     torch.testing.assert_close(torch.tensor(items[1]["query_embeddings"]), itc.image_embeds[0].detach(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["opt_engine", "t5_engine"])
+def test_requests_with_different_prompts_and_lengths_share_a_batch(which, request):
+    """Different prompts, prompt lengths and max_new_tokens in one batch: each row's text is the
+    one its request gets alone."""
+    engine = request.getfixturevalue(which)
+    images = [image_data(s) for s in (70, 71, 72, 73)]
+    prompts = ["a photo of", "", "Question: what colour is the big circle on the left ? Answer:", "a"]
+    lengths = [2, 9, 5, 7]
+    jobs = [GenerateJob(i, p, GenerationSettings(max_new_tokens=n)) for i, p, n in zip(images, prompts, lengths)]
+    keys = {engine.generate_key(job.settings) for job in jobs}
+    assert len(keys) == 1
+    batched = engine.run(keys.pop(), jobs)
+    for result, image, prompt, n in zip(batched, images, prompts, lengths):
+        assert result.text == reference_texts(engine, [image], [prompt], n)[0]
+        assert result.completion_tokens <= n
+    beams = [GenerationSettings(max_new_tokens=n, num_beams=2) for n in (3, 4)]
+    assert engine.generate_key(beams[0]) != engine.generate_key(beams[1])  # beams rank by the whole length

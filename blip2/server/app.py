@@ -494,7 +494,7 @@ def _add_routes(app: FastAPI, engine: Engine, batcher: Batcher, settings: Settin
         image = await read_image(engine, settings, fields, files, "generate")
         job = GenerateJob(image, prompt, gen)
         if not stream:
-            return body(image, await batcher.submit(("generate", gen), job))
+            return body(image, await batcher.submit(engine.generate_key(gen), job))
         stream = GenerationStream(batcher, job)
         first = await stream.start()
 
@@ -549,7 +549,7 @@ def _add_routes(app: FastAPI, engine: Engine, batcher: Batcher, settings: Settin
         job = GenerateJob(image, prompt, gen)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": engine.name}
         if not stream:
-            result = await batcher.submit(("generate", gen), job)
+            result = await batcher.submit(engine.generate_key(gen), job)
             return {**meta, "object": "chat.completion", "usage": _usage(result),
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                                  "finish_reason": result.finish_reason}]}

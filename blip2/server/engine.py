@@ -10,6 +10,7 @@ of the batch still runs.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import threading
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,12 @@ class GenerationSettings:
     length_penalty: float = 1.0
     min_new_tokens: int = 0
     seed: int | None = None
+
+    def shared(self) -> "GenerationSettings":
+        """What a batch of these requests must agree on: everything but max_new_tokens, unless
+        beam search runs (a row's first n greedy or sampled tokens do not depend on how long the
+        other rows run, or it runs; beam search ranks by the whole length)."""
+        return self if self.num_beams > 1 else dataclasses.replace(self, max_new_tokens=0)
 
     def generate_kwargs(self) -> dict[str, Any]:
         kwargs = asdict(self)
@@ -192,6 +199,11 @@ class Engine:
         """The cache entry a task reads: language inputs for generation, image-encoder states for retrieval."""
         return "lm" if task in ("generate", "stream") else "vision"
 
+    def generate_key(self, settings: GenerationSettings) -> tuple:
+        """The batcher's key of a generation request: requests with equal keys share a batch."""
+        forced_end = self.generation_defaults is not None and self.generation_defaults.forced_eos_token_id is not None
+        return ("generate", settings if forced_end else settings.shared())  # a forced end lands at max length
+
     def batch_limit(self, key: Hashable) -> int:
         """A seeded request may share a batch: every row draws from its own stream (see `generate`)."""
         if key[0] == "stream":
@@ -216,13 +228,16 @@ class Engine:
 
     # ---- caption / answer ----
     def generate(self, jobs: list[GenerateJob], settings: GenerationSettings) -> list[Any]:
-        """One generate call for the whole batch: prompts left-padded, image features from the cache."""
+        """One generate call for the whole batch: prompts padded, image features from the cache.
+
+        Rows may ask for different max_new_tokens (see `generate_key`): the batch runs to the
+        longest and each row keeps its own first tokens, which are what it would generate alone."""
         results: list[Any] = [None] * len(jobs)
         prompts: list[list[int]] = []
         live: list[int] = []
         for i, job in enumerate(jobs):
             try:
-                prompts.append(self._prompt_ids(job.prompt, settings))
+                prompts.append(self._prompt_ids(job.prompt, job.settings))
                 live.append(i)
             except ApiError as err:
                 results[i] = err
@@ -234,13 +249,15 @@ class Engine:
         # and the text and changes their relative positions.
         input_ids, mask = _pad(prompts, self._pad_id(), left=self.decoder_only)
         device = self.model.device
-        config = self.generation_defaults.updated(settings.generate_kwargs())
+        longest = max(jobs[i].settings.max_new_tokens for i in live)
+        config = self.generation_defaults.updated({**settings.generate_kwargs(), "max_new_tokens": longest})
         streamer = self._streamer(jobs[live[0]]) if jobs[live[0]].on_text is not None else None
         stepper, start_ids = self.model.stepper_from_language_inputs(
             torch.stack(features).to(device), input_ids.to(device), mask.to(device), config)
         out = generate(stepper, start_ids, config, streamer)
         for row, i in enumerate(live):
-            results[i] = self._result(out[row, 1:], config, len(prompts[row]), cached[row])
+            mine = out[row, 1 : 1 + jobs[i].settings.max_new_tokens]
+            results[i] = self._result(mine, config, len(prompts[row]), cached[row])
         return results
 
     def _prompt_ids(self, prompt: str, settings: GenerationSettings) -> list[int]:
