@@ -169,6 +169,30 @@ def test_generate_matches_reference(pair):
     assert torch.equal(ours.generate(**x, **kwargs), expected), kwargs
 
 
+def test_padding_on_the_other_side_gives_the_reference_tokens(pair):
+    """Left-padded instructions and right-padded prompts (T5: left-padded) give the reference's
+    tokens for the layouts where its rows are independent: ours moves the padding there."""
+    ours, ref, name, _ = pair
+    x = inputs(ours)
+    expected = quiet(ref.generate, **x, max_new_tokens=6)
+    flipped = dict(x)
+    for ids, mask in (("qformer_input_ids", "qformer_attention_mask"), ("input_ids", "attention_mask")):
+        flipped[ids], flipped[mask] = flip_padding(x[ids], x[mask])
+    assert not torch.equal(flipped["qformer_attention_mask"], x["qformer_attention_mask"])
+    assert torch.equal(quiet(ours.generate, **flipped, max_new_tokens=6), expected), name
+
+
+def flip_padding(ids, mask):
+    """Each row's tokens moved to the other side of its padding (pad id 0)."""
+    out_ids, out_mask = torch.zeros_like(ids), torch.zeros_like(mask)
+    width = ids.shape[1]
+    for row in range(ids.shape[0]):
+        body = ids[row][mask[row] == 1]
+        span = slice(0, len(body)) if mask[row, -1] == 1 else slice(width - len(body), width)
+        out_ids[row, span], out_mask[row, span] = body, 1
+    return out_ids, out_mask
+
+
 def test_original_vicuna_configs_rewrite_token_0(tmp_path_factory):
     ours, _, _, _ = build_pair("vicuna_original_bos", tmp_path_factory)
     out = ours.generate(**inputs(ours), max_new_tokens=4)

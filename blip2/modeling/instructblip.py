@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .blip2 import Blip2
+from .blip2 import Blip2, pack_padding
 from .qformer import QFormer, QFormerOutput, TextEmbeddings
 
 
@@ -87,6 +87,9 @@ class InstructBlip(Blip2):
         (the first Q are the queries the language model reads)."""
         B = image_embeds.shape[0]
         ids, mask = self.check_instruction(qformer_input_ids, qformer_attention_mask, B)
+        # Instruction positions count from 0 over every column: padding goes at the end, where it
+        # shifts no instruction token (a left-padded instruction gives what it gives alone).
+        ids, mask = pack_padding(ids, mask, pad_first=False)
         queries = self.query_tokens.expand(B, -1, -1)  # (B, Q, Dq)
         mask = torch.cat([mask.new_ones(B, queries.shape[1]), mask], dim=1)  # (B, Q + T)
         return self.qformer(queries, ids, mask, image_embeds, need_hidden=need_hidden, need_weights=need_weights)
