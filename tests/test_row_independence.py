@@ -1,7 +1,7 @@
 """A batch gives each row what it gives alone.
 
 Random batches (prompt lengths, padding side, one image or one per row, greedy / beam / seeded
-sampling, eos ids that end rows at different steps) over tiny OPT and T5 models: every row of
+sampling, eos ids that end rows at different steps) over tiny OPT, T5 and Llama models: every row of
 the batched `generate` must equal the same prompt generated alone, followed by padding. In
 float32 exactly; in bfloat16 rows may part where two tokens tie within bf16's precision, and
 the rate of rows that agree is reported at the end of the run (`BLIP2_ROW_CASES=200` for a
@@ -26,7 +26,10 @@ T5_TEXT = dict(model_type="t5", vocab_size=40, d_model=32, d_kv=8, num_heads=4, 
                num_decoder_layers=2, relative_attention_num_buckets=8, relative_attention_max_distance=16,
                feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
                bos_token_id=1, decoder_start_token_id=0)
-TEXT = {"opt": {**BASE_OPT, "vocab_size": 40}, "t5": T5_TEXT}
+LLAMA_TEXT = dict(model_type="llama", vocab_size=40, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2)
+TEXT = {"opt": {**BASE_OPT, "vocab_size": 40}, "t5": T5_TEXT, "llama": LLAMA_TEXT}
 
 
 def tiny(kind: str):
@@ -37,7 +40,7 @@ def tiny(kind: str):
     return redraw_(Blip2ForConditionalGeneration(config), std=std, seed=1).eval()
 
 
-@pytest.fixture(scope="module", params=["opt", "t5"])
+@pytest.fixture(scope="module", params=list(TEXT))
 def model(request):
     return tiny(request.param)
 
@@ -52,7 +55,7 @@ def random_batch(model, rng: random.Random):
     prompts = []
     for _ in range(rows):
         body = [rng.randrange(4, text.vocab_size) for _ in range(rng.randint(1, 6))]
-        if text.model_type == "opt":
+        if model.config.use_decoder_only_language_model:
             body[0] = text.bos_token_id
         prompts.append(body)
     side = rng.choice(["left", "right", "mixed"])
@@ -124,3 +127,24 @@ def test_bfloat16_rows_agree_up_to_ties(model):
     AGREEMENT[name] = [equal, total]
     assert equal >= BF16_FLOOR * total, f"{name}: {equal}/{total} rows agree: {failures}"
 
+
+
+def test_graphed_generate_re_lays_right_padding_too():
+    """graphed_generate builds the same stepper: right-padded prompts give the left-padded tokens."""
+    from blip2.modeling.graphed import graphed_generate
+
+    model = tiny("opt")
+    rng = random.Random(5)
+    while True:
+        images, ids, mask, prompts = random_batch(model, rng)
+        if not bool(mask[:, -1].all()) and images.shape[0] == ids.shape[0]:
+            break  # a batch where some row ends in padding
+    left_ids, left_mask = ids.clone(), mask.clone()
+    width = ids.shape[1]
+    for r, body in enumerate(prompts):
+        left_ids[r] = model.config.text_config.pad_token_id
+        left_ids[r, width - len(body):] = torch.tensor(body)
+        left_mask[r] = 0
+        left_mask[r, width - len(body):] = 1
+    expected = model.generate(images, left_ids, left_mask, max_new_tokens=6)
+    assert torch.equal(graphed_generate(model, images, ids, mask, max_new_tokens=6), expected)
