@@ -606,7 +606,7 @@ class Blip2ForConditionalGeneration(_Blip2Base):
             pixel_values: (batch, 3, height, width) images.
             input_ids: (batch, length) prompts, padded on either side; None for captioning.
                 Every row generates what it generates alone: padding is moved to the side where
-                it cannot change the result (before the text for OPT, after it for T5).
+                it cannot change the result (before the text for decoder-only LMs, after it for T5).
             attention_mask: (batch, length), 0 on padding.
             generation_config: replaces the model's `generation_config` for this call.
             streamer: receives tokens as they are produced (e.g. `blip2.generation.TextIteratorStreamer`).
