@@ -29,6 +29,7 @@ T5_TEXT = dict(model_type="t5", vocab_size=40, d_model=32, d_kv=8, num_heads=4, 
 LLAMA_TEXT = dict(model_type="llama", vocab_size=40, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
                   bos_token_id=1, eos_token_id=2)
+# Not Llama's dynamic rope scaling: its base grows with the padded length, as the reference's does.
 TEXT = {"opt": {**BASE_OPT, "vocab_size": 40}, "t5": T5_TEXT, "llama": LLAMA_TEXT}
 
 
