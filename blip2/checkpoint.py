@@ -12,7 +12,6 @@ import json
 import mmap
 import re
 from collections.abc import Collection, Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -351,27 +350,15 @@ def _short(keys: list[str], n: int = 8) -> str:
 
 
 # ---------------------------------------------------------------- whole models
-_INITS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_",
-          "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
-
-
-@contextmanager
-def _skip_init():
-    """Makes torch.nn.init a no-op while building a model whose weights will be loaded anyway:
-    even on the meta device, drawing a 50k x 2560 embedding costs a third of a second."""
-    saved = {name: getattr(nn.init, name) for name in _INITS if hasattr(nn.init, name)}
-    for name in saved:
-        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
-
-
 def build_on_meta(model_factory) -> nn.Module:
-    """The model `model_factory()` builds, on the meta device, without initialising weights."""
-    with torch.device("meta"), _skip_init():
+    """The model `model_factory()` builds, on the meta device: no memory, no values drawn.
+
+    Initialisers still run (shape-only on meta): skipping them by patching `torch.nn.init`
+    would reach every thread of the process, and a thread-local torch function mode costs
+    more than it saves (building OPT-2.7b's BLIP-2: 64 ms CPU as it is, 75 ms with a mode,
+    28 ms with the process-wide patch this replaced).
+    """
+    with torch.device("meta"):
         return model_factory()
 
 

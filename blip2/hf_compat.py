@@ -7,6 +7,7 @@ Each class is a core module plus the reference's calling convention: `output_att
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -307,9 +308,12 @@ class PreTrainedModel(PeftAdapterMixin, nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         hf = ckpt.ours_to_hf(base_state_dict(self), self.key_table())
         ckpt.save_state(hf, directory, safe_serialization, ckpt.parse_size(max_shard_size))
-        self.config.torch_dtype = self.dtype
-        self.config.architectures = self.config.architectures or [type(self).__name__]
-        self.config.save_pretrained(directory)
+        # The file records the dtype and class, as the reference's does; the model's own config
+        # is left as it was (the reference sets both on it as a side effect).
+        written = copy.deepcopy(self.config)
+        written.torch_dtype = self.dtype
+        written.architectures = self.config.architectures or [type(self).__name__]
+        written.save_pretrained(directory)
 
     @classmethod
     def _check_config(cls, config) -> None:

@@ -346,3 +346,31 @@ def test_standalone_models_through_our_own_save(setup: Setup, tmp_path: Path):
     qformer.save_pretrained(tmp_path / "qformer", safe_serialization=False)
     again = Blip2QFormerModel.from_pretrained(tmp_path / "qformer")
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), qformer.state_dict().values()))
+
+
+# ---------------------------------------------------------------- no side effects
+def test_saving_leaves_the_models_config_as_it_was(setup: Setup, tmp_path: Path):
+    ours = Blip2ForConditionalGeneration.from_pretrained(setup.dirs["safetensors"], torch_dtype=torch.bfloat16)
+    before = ours.config.to_dict()
+    ours.save_pretrained(tmp_path)
+    assert ours.config.to_dict() == before
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["torch_dtype"] == "bfloat16" and written["architectures"]
+
+
+def test_loading_does_not_switch_off_initialisers_elsewhere(setup: Setup):
+    """Building on the meta device must not make torch.nn.init a no-op for the rest of the process
+    (another thread initialising its own weights at that moment)."""
+    drawn = []
+
+    def factory():
+        x = torch.zeros(64, device="cpu")
+        torch.nn.init.normal_(x)  # a CPU tensor, as another thread's would be
+        drawn.append(x.abs().sum().item())
+        return Blip2ForConditionalGeneration(Blip2ForConditionalGeneration.config_class.from_pretrained(
+            setup.dirs["safetensors"]))
+
+    from blip2 import checkpoint as ckpt
+
+    assert ckpt.build_on_meta(factory).query_tokens.is_meta
+    assert drawn[0] > 0
