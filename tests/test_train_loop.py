@@ -382,7 +382,9 @@ def test_stage2_cli_trains_and_saves(tmp_path):
     (tmp_path / "stage2.json").write_text(json.dumps(spec))
     assert main(["train", "stage2", "--config", str(tmp_path / "stage2.json")]) == 0
     logged = [json.loads(line) for line in (tmp_path / "out" / METRICS).read_text().splitlines()]
-    assert [r["step"] for r in logged] == [1, 2, 2] and "eval_lm" in logged[-1]
+    # caption metrics before training (step 0) and at the evaluation, then the eval loss
+    assert [r["step"] for r in logged] == [0, 1, 2, 2, 2] and "eval_lm" in logged[-1]
+    assert "eval_caption_CIDEr" in logged[0] and "eval_caption_CIDEr" in logged[3]
     assert Blip2ForConditionalGeneration.from_pretrained(tmp_path / "out" / "final").config.num_query_tokens == 4
 
 

@@ -4,7 +4,7 @@
     python -m blip2.demo.dataset --split heldout --count 100 --start 10000 --out data/heldout-val
 
 Writes the images (PNG) and a metadata.jsonl with one record per image: all of the scene's
-caption phrasings, and (with --questions) one record per question with its answer. The
+caption phrasings (--plain: the plainest only), and (with --questions) one record per question with its answer. The
 "heldout" split holds colour-shape pairs the shipped model's Q-Former never saw.
 """
 
@@ -19,8 +19,9 @@ from . import world
 
 
 def write_split(out: str | Path, split: str, count: int, start: int = 0, seed: int = 0,
-                questions: bool = False) -> Path:
-    """Scenes start .. start + count - 1 of `split` -> out/NNNNN.png + out/metadata.jsonl; returns the jsonl."""
+                questions: bool = False, plain: bool = False) -> Path:
+    """Scenes start .. start + count - 1 of `split` -> out/NNNNN.png + out/metadata.jsonl; returns the jsonl.
+    plain: only the plainest caption (the shapes, left to right) instead of every phrasing."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -28,7 +29,7 @@ def write_split(out: str | Path, split: str, count: int, start: int = 0, seed: i
         ex = world.example(split, index, seed)
         name = f"{split}-{index:05d}.png"
         ex.image.save(out / name)
-        lines.append({"image": name, "caption": ex.captions})
+        lines.append({"image": name, "caption": world.canonical_caption(ex.scene) if plain else ex.captions})
         if questions:
             lines += [{"image": name, "question": qa.question, "answer": qa.answer} for qa in ex.qa]
     metadata = out / "metadata.jsonl"
@@ -43,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start", type=int, default=0, help="first scene index (different ranges do not overlap)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--questions", action="store_true", help="also write question-answer records")
+    p.add_argument("--plain", action="store_true", help="one caption per image, the plainest, not every phrasing")
     p.add_argument("--out", required=True, help="folder to write")
     args = p.parse_args(argv)
-    print(write_split(args.out, args.split, args.count, args.start, args.seed, args.questions))
+    print(write_split(args.out, args.split, args.count, args.start, args.seed, args.questions, args.plain))
     return 0
 
 

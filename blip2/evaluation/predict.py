@@ -22,7 +22,7 @@ LoadImages = Callable[[list[str]], Tensor]  # image paths -> (B, 3, H, W)
 
 
 class TextCodec:
-    """Prompts -> left-padded ids and mask (every row's next token last); ids -> stripped text.
+    """Prompts -> padded ids and mask; texts -> right-padded ones; ids -> stripped text.
 
     From a model folder's tokenizer (`blip2.processing`) or a bare tokenizer.json."""
 
@@ -44,15 +44,17 @@ class TextCodec:
             self.pad_id = (tok.token_to_id("<pad>") or 0) if pad_id is None else pad_id
         self.pad_id = self.pad_id or 0
 
-    def left_padded(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    def prompts(self, prompts: list[str], left: bool = True) -> tuple[Tensor, Tensor]:
+        """Padded on the left (a decoder's next token comes last) or the right (an encoder's input)."""
         seqs = [list(s) for s in self._encode(prompts)]
         T = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(seqs), T, dtype=torch.long)
         for i, s in enumerate(seqs):
+            where = slice(T - len(s), T) if left else slice(0, len(s))
             if s:
-                ids[i, T - len(s):] = torch.tensor(s)
-                mask[i, T - len(s):] = 1
+                ids[i, where] = torch.tensor(s)
+                mask[i, where] = 1
         return ids, mask
 
     def right_padded(self, texts: list[str], max_len: int) -> tuple[Tensor, Tensor]:
@@ -88,10 +90,20 @@ def generate_texts(model, load: LoadImages, codec: TextCodec, paths: list[str], 
         batch_prompts = prompts[start:start + batch_size]
         ids = mask = None
         if any(batch_prompts):
-            ids, mask = (t.to(device) for t in codec.left_padded(batch_prompts))
-        new = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, **kwargs)
+            left = getattr(model.config, "use_decoder_only_language_model", True)
+            ids, mask = (t.to(device) for t in codec.prompts(batch_prompts, left))
+        new = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask,
+                             **_within_positions(model.config, 0 if ids is None else ids.shape[1], kwargs))
         out += codec.decode(new)
     return out
+
+
+def _within_positions(config, prompt_len: int, kwargs: dict) -> dict:
+    """max_new_tokens lowered to what a language model with learned positions has room for."""
+    if not getattr(config, "use_decoder_only_language_model", False) or "max_new_tokens" not in kwargs:
+        return kwargs
+    room = config.text_config.max_position_embeddings - config.num_query_tokens - prompt_len
+    return {**kwargs, "max_new_tokens": max(1, min(kwargs["max_new_tokens"], room))}
 
 
 def _limit(indices: list[int], settings: EvalSettings) -> list[int]:

@@ -130,11 +130,12 @@ class Trainer:
         info: this process's place (from `distributed.setup()`); by default the process group
             already joined, if any, on the device the objective's parameters are on.
         callbacks: called as f(trainer, record) after every logged step.
+        sinks: called as f(record) with every record logged (steps and evaluations), on the main process.
     """
 
     def __init__(self, objective: nn.Module, train_data: Dataset, collate: Callable, config: TrainConfig,
                  eval_data: Dataset | None = None, info: dist.DistInfo | None = None,
-                 callbacks: list[Callable] | None = None) -> None:
+                 callbacks: list[Callable] | None = None, sinks: list[Callable] | None = None) -> None:
         self.cfg = config
         self.info = info or dist.current(next(objective.parameters()).device)
         self.objective = objective.to(self.info.device)
@@ -155,6 +156,7 @@ class Trainer:
         self.sampler = ShardedBatches(len(train_data), config.batch_size, self.info.rank, self.info.world_size,
                                       config.seed)
         self.callbacks = callbacks or []
+        self.sinks = sinks or []
         self.out = Path(config.out_dir)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.history: list[dict] = []  # what was logged, this process's view
@@ -285,6 +287,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(self.out / METRICS, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            for sink in self.sinks:
+                sink(record)
 
     # ---------------------------------------------------------------- checkpoints
     def _trainable_state(self) -> dict[str, Tensor]:

@@ -12,10 +12,16 @@ The file is JSON (or YAML when PyYAML is installed) with four sections:
                 "max_len": 32, "pad_token_id": ..., "dec_token_id": ... (stage 1),
                 "prompt": "", "question_template": the LM family's ("Question: {} Answer:" for OPT),
                 "suffix": "\\n" (stage 2, OPT; "" for T5),
-                "feature_cache": null | "memory" | DIR},
+                "feature_cache": null | "memory" | DIR,
+                "eval_holdout": N (images of data.train kept apart for evaluation when there is no data.eval)},
       "losses": {"itc": 1.0, "itm": 1.0, "itg": 1.0, "label_smoothing": 0.1}   (stage 1),
-      "train": {...TrainConfig...}
+      "train": {...TrainConfig...},
+      "log": {"tensorboard": true, "wandb": null | PROJECT, "eval_metrics": true, "eval_images": 200,
+              "samples": 8}   (see blip2.train.watch)
     }
+
+`blip2 train` derives every field it can (blip2.train.defaults); a config file need only hold
+what differs; examples/ has commented ones.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from .data import DecoderLMCollate, ImageTextDataset, PromptedText, Seq2SeqLMCol
 from .frozen import FeatureCache
 from .loop import TrainConfig
 
-SECTIONS = ("model", "data", "losses", "train")
+SECTIONS = ("model", "data", "losses", "train", "log")
 
 
 @dataclass
@@ -54,14 +60,23 @@ def read_spec(path: str | Path) -> dict:
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        spec = yaml.safe_load(text)
+        try:
+            import yaml
+        except ModuleNotFoundError:
+            raise ModuleNotFoundError(f"reading {path} needs PyYAML: pip install 'blip2[yaml]'") from None
+        try:
+            spec = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            raise ValueError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
     else:
         try:
             spec = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: a training config is a mapping of sections {list(SECTIONS)}")
     unknown = sorted(set(spec) - set(SECTIONS))
     if unknown:
         raise ValueError(f"{path}: unknown sections {unknown}; expected {list(SECTIONS)}")
@@ -93,8 +108,23 @@ def _datasets(data: dict, image_size: int) -> tuple[Dataset, Dataset | None]:
     if "train" not in data:
         raise ValueError("the config's data section needs 'train' (or pass --data)")
     train = ImageTextDataset.from_path(data["train"], image_size)
-    evaluation = ImageTextDataset.from_path(data["eval"], image_size) if data.get("eval") else None
-    return train, evaluation
+    if data.get("eval"):
+        return train, ImageTextDataset.from_path(data["eval"], image_size)
+    if data.get("eval_holdout"):
+        return hold_out(train, int(data["eval_holdout"]), data.get("holdout_seed", 0))
+    return train, None
+
+
+def hold_out(dataset: ImageTextDataset, images: int, seed: int = 0) -> tuple[ImageTextDataset, ImageTextDataset]:
+    """Splits off `images` images, with all their records, as an evaluation set (the same ones for a given seed)."""
+    names = sorted({r["image"] for r in dataset.records})
+    if images >= len(names):
+        raise ValueError(f"data.eval_holdout is {images} images but the training data has only {len(names)}")
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = {names[i] for i in order[:images]}
+    keep = [r for r in dataset.records if r["image"] not in held]
+    evaluation = [r for r in dataset.records if r["image"] in held]
+    return ImageTextDataset(keep, dataset.transform), ImageTextDataset(evaluation, dataset.transform)
 
 
 def _tokenizer(data: dict) -> Tokenizer:
@@ -154,6 +184,9 @@ def stage2_job(spec: dict) -> Job:
         raise ValueError("stage 2 has one loss (the language model's); remove the losses section")
     torch.manual_seed(m.get("seed", 0))
     if "pretrained" in m:
+        from .defaults import check_stage2_model, model_folder
+
+        check_stage2_model(model_folder(m))
         model = Blip2ForConditionalGeneration.from_pretrained(m["pretrained"], torch_dtype=torch.float32)
     else:
         model = Blip2ForConditionalGeneration(Blip2Config.from_dict(m.get("config", {})))
