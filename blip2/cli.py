@@ -54,6 +54,13 @@ def _check_range(value, minimum, maximum) -> None:
         raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
 
 
+def template_option(text: str) -> str:
+    """A prompt template with exactly one "{}" where the question goes (other braces are text)."""
+    if text.count("{}") != 1:
+        raise argparse.ArgumentTypeError(f"must contain {{}} exactly once, where the question goes; got {text!r}")
+    return text
+
+
 def device_option(text: str):
     """A torch device this build and machine can use (cpu, cuda, cuda:1, mps, ...)."""
     import torch

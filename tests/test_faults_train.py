@@ -172,3 +172,22 @@ def test_an_image_damaged_after_the_check_names_its_line(tmp_path):
     shutil.copy(jsonl, jsonl.parent / "img1.png")  # replaced by text while training
     with pytest.raises(ValueError, match=r"captions.jsonl:2: image .*img1.png cannot be read"):
         dataset[1]
+
+
+@pytest.mark.parametrize("name,value", [
+    ("max_steps", 0), ("batch_size", -1), ("accumulation_steps", 0), ("lr", math.nan), ("lr", 0.0),
+    ("min_lr", -1.0), ("grad_clip", math.inf), ("weight_decay", math.nan), ("warmup_steps", -2),
+    ("keep_checkpoints", 0), ("betas", [0.9, math.nan]), ("betas", [0.9]), ("max_steps", 2.5),
+])
+def test_every_numeric_training_setting_is_checked(tmp_path, name, value):
+    with pytest.raises(ValueError, match=f"train.{name}"):
+        TrainConfig.from_dict({"out_dir": str(tmp_path), name: value})
+
+
+@pytest.mark.parametrize("template", ["Q: {0}", "{q}", "{} {}", "none"])
+def test_a_bad_question_template_in_the_training_config_is_named(template):
+    from blip2.train.data import PromptedText
+
+    with pytest.raises(ValueError, match="data.question_template"):
+        PromptedText(question_template=template)
+    assert PromptedText(question_template="{json} Q: {}")({"question": "why", "answer": "x"})[0] == "{json} Q: why"

@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..cli import int_option, template_option
+
 TASKS = ("caption", "vqa", "retrieval")
 
 
@@ -29,9 +31,9 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--images", default=None, help="folder the .json file's image names are relative to")
     p.add_argument("--out", default="eval.json", help="JSON file for metrics and predictions (default eval.json)")
     p.add_argument("--prompt", default=None, help="text captions continue (default: none)")
-    p.add_argument("--template", default=None, help="VQA prompt with {} for the question (default: the "
-                                                    "model family's)")
-    p.add_argument("--max-images", type=int, default=0, help="score only the first N images / questions")
+    p.add_argument("--template", default=None, type=template_option,
+                   help="VQA prompt with {} for the question (default: the model family's)")
+    p.add_argument("--max-images", type=int_option(0), default=0, help="score only the first N images / questions")
     p.add_argument("--no-java", action="store_true", help="no Java: Python tokenizer, no METEOR or SPICE")
     from ..commands import _common
 

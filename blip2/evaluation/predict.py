@@ -126,7 +126,8 @@ def caption_results(model, load: LoadImages, codec: TextCodec, ev: EvalSet, sett
 
 def vqa_results(model, load: LoadImages, codec: TextCodec, ev: EvalSet, settings: EvalSettings) -> dict:
     questions = ev.questions[: settings.max_images] if settings.max_images else ev.questions
-    prompts = [settings.question_template.format(q.question) for q in questions]
+    # replace, not format: other braces in a template are text, never a format field
+    prompts = [settings.question_template.replace("{}", q.question) for q in questions]
     answers = generate_texts(model, load, codec, [ev.images[q.image] for q in questions], prompts,
                              settings.batch_size, **settings.vqa_kwargs)
     metrics = vqa_accuracy(answers, [q.answers for q in questions])

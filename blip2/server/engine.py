@@ -262,10 +262,7 @@ class Engine:
 
     def _prompt_ids(self, prompt: str, settings: GenerationSettings) -> list[int]:
         text = self.model.config.text_config
-        try:
-            ids = _encode(self.processor, prompt) if prompt else []
-        except Exception as err:  # noqa: BLE001 - whatever the tokenizer refuses, it is this prompt's fault
-            raise ApiError(400, f"the prompt cannot be tokenized: {type(err).__name__}: {err}", "prompt") from None
+        ids = _encode(self.processor, prompt, "prompt") if prompt else []
         if not ids:  # no prompt: the start token alone, as the reference's generate does
             ids = [text.bos_token_id if text.bos_token_id is not None else self._pad_id()]
         limit = self.settings.max_prompt_tokens
@@ -380,7 +377,7 @@ class Engine:
 
     def _text_batch(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         limit = self.retriever.config.qformer_config.max_position_embeddings
-        rows = [_encode(self.retrieval_processor, text)[:limit] for text in texts]
+        rows = [_encode(self.retrieval_processor, text, "texts")[:limit] for text in texts]
         pad = self.retriever.config.qformer_config.pad_token_id or 0
         ids, mask = _pad(rows, pad, left=False)  # BERT-style: the [CLS] stays at position 0
         return ids.to(self.retriever.device), mask.to(self.retriever.device)
@@ -415,10 +412,14 @@ class Engine:
 
 
 # ---------------------------------------------------------------- processor calls (the documented API)
-def _encode(processor, text: str) -> list[int]:
-    """Token ids of `text` with the tokenizer's special tokens (OPT's BOS, BERT's [CLS] ... [SEP])."""
+def _encode(processor, text: str, param: str) -> list[int]:
+    """Token ids of `text` with the tokenizer's special tokens (OPT's BOS, BERT's [CLS] ... [SEP]);
+    text the tokenizer refuses is the request's fault: a 400 naming the field `param`."""
     tokenizer = getattr(processor, "tokenizer", processor)
-    ids = tokenizer(text)["input_ids"]
+    try:
+        ids = tokenizer(text)["input_ids"]
+    except Exception as err:  # noqa: BLE001 - whatever the tokenizer refuses, it is this text's fault
+        raise ApiError(400, f"'{param}' cannot be tokenized: {type(err).__name__}: {err}", param) from None
     if isinstance(ids, Tensor):
         ids = ids.tolist()
     if ids and isinstance(ids[0], list):

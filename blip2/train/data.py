@@ -256,9 +256,16 @@ class PromptedText:
     question_template: str = family("opt").question_template  # for question-answer records
     suffix: str = "\n"  # OPT's end of text; T5 appends its own eos
 
+    def __post_init__(self) -> None:
+        if self.question_template.count("{}") != 1:
+            raise ValueError(f"data.question_template must contain {{}} exactly once, where the question goes; "
+                             f"got {self.question_template!r}")
+
     def __call__(self, example: dict) -> tuple[str, str]:
         if "question" in example:
-            return self.question_template.format(example["question"]), " " + example["answer"] + self.suffix
+            # replace, not format: other braces in the template are text, never a format field
+            prompt = self.question_template.replace("{}", example["question"])
+            return prompt, " " + example["answer"] + self.suffix
         target = example["caption"] + self.suffix
         return self.prompt, (" " + target if self.prompt else target)
 

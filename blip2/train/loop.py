@@ -63,6 +63,27 @@ class TrainConfig:
     progress: bool = True
     resume: bool = True  # continue from out_dir's latest checkpoint when there is one
 
+    def __post_init__(self) -> None:
+        """Every numeric setting in range (NaN and infinities refused), named as the config file names it."""
+        at_least = {"max_steps": 1, "batch_size": 1, "accumulation_steps": 1, "keep_checkpoints": 1,
+                    "warmup_steps": 0, "eval_every": 0, "eval_batches": 0, "save_every": 0, "num_workers": 0,
+                    "seed": 0}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"train.{name} must be an integer >= {low}, got {value!r}")
+        for name, low in {"lr": 0.0, "min_lr": 0.0, "weight_decay": 0.0, "grad_clip": 0.0}.items():
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or value < low:
+                raise ValueError(f"train.{name} must be a finite number >= {low:g}, got {value!r}")
+        if self.lr == 0:
+            raise ValueError("train.lr must be > 0")
+        betas = tuple(self.betas)
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = betas
+
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
