@@ -24,6 +24,8 @@ from .hub import resolve_file
 from .keymap import KeyTable, blip2_table, qformer_rules, vision_rules
 from .modeling.attention import Positions
 from .modeling.blip2 import Blip2, check_pixel_values
+from .modeling.checkpointing import is_checkpointing
+from .modeling.init import init_model_
 from .modeling.qformer import QFormer
 from .modeling.vision import VisionEncoder
 from .outputs import (
@@ -60,6 +62,28 @@ def _dtype(value, device=None) -> torch.dtype | None:
         if isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
     raise ValueError(f"torch_dtype must be a torch.dtype, 'auto', 'fast' or a dtype name, got {value!r}")
+
+
+def _resized(old: nn.Module, n: int, std: float) -> nn.Module:
+    """A copy of an embedding or head layer with n rows: the first rows kept, new ones drawn."""
+    weight = old.weight
+    new = torch.empty(n, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    nn.init.normal_(new, 0.0, std)
+    keep = min(n, weight.shape[0])
+    with torch.no_grad():
+        new[:keep] = weight[:keep]
+    if isinstance(old, nn.Embedding):
+        padding = old.padding_idx if old.padding_idx is not None and old.padding_idx < n else None
+        layer = nn.Embedding(n, weight.shape[1], padding_idx=padding, device="meta")
+    else:
+        layer = nn.Linear(weight.shape[1], n, bias=old.bias is not None, device="meta")
+        if old.bias is not None:
+            bias = torch.zeros(n, dtype=old.bias.dtype, device=old.bias.device)
+            with torch.no_grad():
+                bias[:keep] = old.bias[:keep]
+            layer.bias = nn.Parameter(bias, requires_grad=old.bias.requires_grad)
+    layer.weight = nn.Parameter(new, requires_grad=weight.requires_grad)
+    return layer
 
 
 def checkpoint_dir(name_or_path, **hub) -> Path:
@@ -231,8 +255,28 @@ class PreTrainedModel(PeftAdapterMixin, nn.Module):
     # Classes a device map never splits across devices (their residual sums need one device).
     _no_split_modules: list[str] = ["VisionBlock", "QFormerLayer", "OPTLayer", "EncoderLayer", "DecoderLayer"]
 
+    # What libraries (accelerate, peft, trainers) read off a transformers model; values as the reference's.
+    base_model_prefix = "blip"
+    supports_gradient_checkpointing = True
+    _keep_in_fp32_modules = ["wo"]
+    _skip_keys_device_placement = "past_key_values"
+    _tied_weights_keys: list[str] | None = None
+    # Blocks that must stay whole on one device: our module classes (the reference names its own).
+    _no_split_modules = ["VisionBlock", "QFormerLayer", "OPTLayer", "EncoderLayer", "DecoderLayer", "LlamaLayer"]
+
     def key_table(self) -> KeyTable:
         raise NotImplementedError
+
+    def init_weights(self) -> None:
+        """Draws every weight afresh by the reference's rules (see `blip2.modeling.init`)."""
+        init_model_(self, self.config)
+        for module in self.modules():
+            if module is not self and hasattr(module, "tie_weights"):
+                module.tie_weights()
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return callable(getattr(cls, "generate", None))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -242,8 +286,71 @@ class PreTrainedModel(PeftAdapterMixin, nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters counted as the reference counts them: tied ones once; embedding tables
+        (`nn.Embedding`, and tables the reference keeps in one, `counts_as_embedding`) left out on request."""
+        params = {id(p): p for p in self.parameters()}
+        if exclude_embeddings:
+            for m in self.modules():
+                if isinstance(m, nn.Embedding) or getattr(m, "counts_as_embedding", False):
+                    params.pop(id(m.weight), None)
+        return sum(p.numel() for p in params.values() if p.requires_grad or not only_trainable)
+
+    # ---- embeddings ----
+    def get_input_embeddings(self) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} has no input embedding layer")
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return None  # no language-modelling head
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None) -> nn.Embedding:
+        """Grows or shrinks the vocabulary: rows kept, new rows ~ N(0, initializer_range), the head
+        (untied) resized alike, the text config's vocab_size updated. Returns the input embeddings."""
+        old = self.get_input_embeddings()
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return old
+        n = old.num_embeddings if new_num_tokens is None else int(new_num_tokens)
+        if pad_to_multiple_of:
+            n = -(-n // pad_to_multiple_of) * pad_to_multiple_of
+        if n < 1:
+            raise ValueError(f"resize_token_embeddings: new_num_tokens must be >= 1, got {new_num_tokens}")
+        head = self.get_output_embeddings()
+        tied = head is not None and head.weight is old.weight
+        self.set_input_embeddings(_resized(old, n, self.config.initializer_range))
+        if head is not None and not tied:
+            self.set_output_embeddings(_resized(head, n, self.config.initializer_range))
+        self._set_vocab_size(n)
+        for module in self.modules():
+            if module is not self and hasattr(module, "tie_weights"):
+                module.tie_weights()
+        return self.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no input embedding layer to replace")
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no output embedding layer to replace")
+
+    def _set_vocab_size(self, n: int) -> None:
+        self.config.vocab_size = n
+
+    # ---- gradient checkpointing ----
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recomputes each layer's activations in the backward pass instead of keeping them (while
+        training); gradients are the same. Keyword arguments go to torch.utils.checkpoint.checkpoint."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        for module in self.modules():
+            if hasattr(type(module), "checkpointing"):
+                module.checkpointing = kwargs
+
+    def gradient_checkpointing_disable(self) -> None:
+        for module in self.modules():
+            if hasattr(type(module), "checkpointing"):
+                module.checkpointing = None
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "checkpointing", None) is not None for m in self.modules())
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None = None, *model_args, **kwargs):
@@ -339,6 +446,7 @@ class Blip2VisionModel(PreTrainedModel, VisionEncoder):
     def __init__(self, config: Blip2VisionConfig) -> None:
         self._check_config(config)
         VisionEncoder.__init__(self, config)
+        self.init_weights()
 
     def key_table(self) -> KeyTable:
         return KeyTable(vision_rules(self.config, prefix=""), {})
@@ -369,6 +477,7 @@ class Blip2QFormerModel(PreTrainedModel, QFormer):
     def __init__(self, config: Blip2QFormerConfig) -> None:
         self._check_config(config)
         QFormer.__init__(self, config)
+        self.init_weights()
 
     def key_table(self) -> KeyTable:
         return KeyTable(qformer_rules(self.config, prefix=""), {})
@@ -426,8 +535,9 @@ def qformer_output(out, as_dict: bool):
 # ---------------------------------------------------------------- language model calls
 def decoder_lm_outputs(lm, inputs_embeds, attention_mask, hidden: bool, attn: bool, **lm_kwargs) -> CausalLMOutputWithPast:
     # The reference returns each layer's keys and values when the config says use_cache (the default).
+    # As in the reference, no cache while gradient checkpointing trains (a recomputed layer would write it twice).
     cache = None
-    if lm.config.use_cache:
+    if lm.config.use_cache and not is_checkpointing(lm):
         B, T, _ = inputs_embeds.shape
         cache = lm.new_cache(B, T, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
     out = lm(inputs_embeds, attention_mask, cache, need_hidden=hidden, need_weights=attn, **lm_kwargs)
@@ -461,6 +571,9 @@ class _Blip2Base(PreTrainedModel, Blip2):
     def __init__(self, config: Blip2Config) -> None:
         self._check_config(config)
         Blip2.__init__(self, config)
+        tied = getattr(self.language_model, "_tied_weights_keys", None)
+        self._tied_weights_keys = [f"language_model.{k}" for k in tied] if tied else None
+        self.init_weights()
 
     def key_table(self) -> KeyTable:
         return blip2_table(self.config)
@@ -474,6 +587,16 @@ class _Blip2Base(PreTrainedModel, Blip2):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.lm_head
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        lm = self.language_model
+        setattr(lm, "embed_tokens" if hasattr(lm, "embed_tokens") else "shared", value)
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.lm_head = value
+
+    def _set_vocab_size(self, n: int) -> None:
+        self.config.text_config.vocab_size = n
 
     def forward(self, pixel_values, input_ids, attention_mask=None, decoder_input_ids=None,
                 decoder_attention_mask=None, output_attentions=None, output_hidden_states=None,
@@ -533,7 +656,7 @@ def t5_forward(lm, embeds, mask, decoder_input_ids, decoder_attention_mask, labe
     # T5 computes its own loss (labels shifted right feed the decoder); like the reference it
     # reports each decoder layer's keys and values when the config says use_cache.
     out = lm(embeds, mask, decoder_input_ids, decoder_attention_mask, labels, need_hidden, need_weights,
-             keep_cache=lm.config.use_cache)
+             keep_cache=lm.config.use_cache and not is_checkpointing(lm.decoder))
     lm_out = Seq2SeqLMOutput(
         loss=out.loss, logits=out.logits,
         past_key_values=out.cache.per_layer() if out.cache is not None else None,

@@ -73,6 +73,15 @@ class _RetrievalBase(PreTrainedModel):
     config_class = Blip2Config
     # As the reference does: loaded in float16, the Q-Former and its queries stay float32.
     keep_in_fp32 = ("query_tokens", "qformer")
+    _keep_in_fp32_modules = list(keep_in_fp32)
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        if not hasattr(self, "embeddings"):
+            super().set_input_embeddings(value)
+        self.embeddings.word = value
+
+    def _set_vocab_size(self, n: int) -> None:
+        self.config.qformer_config.vocab_size = n
 
     def _query_tokens(self, config: Blip2Config) -> None:
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
@@ -115,6 +124,7 @@ class Blip2ForImageTextRetrieval(_RetrievalBase):
         self.vision_projection = nn.Linear(qf.hidden_size, config.image_text_hidden_size)
         self.text_projection = nn.Linear(qf.hidden_size, config.image_text_hidden_size)
         self.itm_head = nn.Linear(qf.hidden_size, 2)
+        self.init_weights()
 
     def key_table(self) -> KeyTable:
         return retrieval_table(self.config)
@@ -209,6 +219,7 @@ class Blip2TextModelWithProjection(_RetrievalBase):
         self.embeddings = TextEmbeddings(config.qformer_config)
         self.qformer = QFormer(config.qformer_config)
         self.text_projection = nn.Linear(config.qformer_config.hidden_size, config.image_text_hidden_size)
+        self.init_weights()
 
     def key_table(self) -> KeyTable:
         return text_with_projection_table(self.config)
@@ -237,6 +248,7 @@ class Blip2VisionModelWithProjection(_RetrievalBase):
         self._query_tokens(config)
         self.qformer = QFormer(config.qformer_config)
         self.vision_projection = nn.Linear(config.qformer_config.hidden_size, config.image_text_hidden_size)
+        self.init_weights()
 
     def key_table(self) -> KeyTable:
         return vision_with_projection_table(self.config)

@@ -318,3 +318,216 @@ def test_training_from_a_float16_file_starts_in_float32(checkpoints):
     root, _ = checkpoints
     model = blip2.Blip2ForConditionalGeneration.from_pretrained(root / "fp16")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+# ---------------------------------------------------------------- 6, 7, 8. fresh models: init, attributes, checkpointing
+T5_TEXT = {k: v for k, v in T5_TINY.items()}
+MODELS = {
+    "generation-opt": ("Blip2ForConditionalGeneration", lambda api: tiny_config(api)),
+    "generation-t5": ("Blip2ForConditionalGeneration", lambda api: api.Blip2Config(
+        vision_config=BASE_VISION, qformer_config=BASE_QFORMER, text_config=T5_TEXT, num_query_tokens=4)),
+    "generation-t5-untied": ("Blip2ForConditionalGeneration", lambda api: api.Blip2Config(
+        vision_config=BASE_VISION, qformer_config=BASE_QFORMER, text_config={**T5_TEXT, "tie_word_embeddings": False},
+        num_query_tokens=4)),
+    "model-opt": ("Blip2Model", lambda api: tiny_config(api)),
+    "model-t5": ("Blip2Model", lambda api: api.Blip2Config(
+        vision_config=BASE_VISION, qformer_config=BASE_QFORMER, text_config=T5_TEXT, num_query_tokens=4)),
+    "vision": ("Blip2VisionModel", lambda api: api.Blip2VisionConfig(**BASE_VISION)),
+    "qformer": ("Blip2QFormerModel", lambda api: api.Blip2QFormerConfig(**BASE_QFORMER)),
+    "qformer-wide-init": ("Blip2QFormerModel", lambda api: api.Blip2QFormerConfig(**BASE_QFORMER, initializer_range=0.5)),
+    "opt-untied-init-std": ("Blip2ForConditionalGeneration", lambda api: tiny_config(
+        api, text=dict(tie_word_embeddings=False, init_std=0.1))),
+}
+
+
+def fresh(api, key: str, seed: int = 0):
+    cls_name, make_config = MODELS[key]
+    torch.manual_seed(seed)
+    return getattr(api, cls_name)(make_config(api))
+
+
+def _weight_shape(module):
+    return None if module is None else tuple(module.weight.shape) if hasattr(module, "weight") else "a module"
+
+
+def _no_split_present(m):
+    return bool({type(x).__name__ for x in m.modules()} & set(m._no_split_modules))
+
+
+def _resize(m, extra: int = 5, multiple: int | None = None):
+    emb = m.get_input_embeddings()
+    n, before = emb.weight.shape[0], emb.weight.detach().clone()
+    new = m.resize_token_embeddings(n + extra, pad_to_multiple_of=multiple)
+    head = m.get_output_embeddings()
+    added = new.weight.detach()[n:]
+    return (tuple(new.weight.shape), tuple(head.weight.shape), torch.equal(new.weight.detach()[:n], before),
+            head.weight is new.weight, 0.01 < float(added.std()) < 0.03)
+
+
+def _forward_after_resize(m):
+    m.resize_token_embeddings(m.get_input_embeddings().weight.shape[0] + 3)
+    ids = torch.tensor([[4, m.get_input_embeddings().weight.shape[0] - 1]])  # a new token
+    kwargs = {"decoder_input_ids": ids} if m.config.is_encoder_decoder else {}
+    return tuple(m.eval()(torch.randn(1, 3, 16, 16), ids, **kwargs).logits.shape)
+
+
+def _frozen_count(m):
+    m.vision_model.requires_grad_(False)
+    return m.num_parameters(only_trainable=True)
+
+
+COMPOSITE = [k for k in MODELS if MODELS[k][0] in ("Blip2ForConditionalGeneration", "Blip2Model")]
+ATTRIBUTES = {
+    "base_model_prefix": (list(MODELS), lambda m: m.base_model_prefix),
+    "main_input_name": ([k for k in MODELS if not k.startswith("qformer")], lambda m: m.main_input_name),
+    "supports_gradient_checkpointing": (list(MODELS), lambda m: m.supports_gradient_checkpointing),
+    "_keep_in_fp32_modules": (list(MODELS), lambda m: m._keep_in_fp32_modules),
+    "_skip_keys_device_placement": (list(MODELS), lambda m: m._skip_keys_device_placement),
+    "_no_split_modules name blocks of the model": ([k for k in MODELS if not k.startswith("qformer")], _no_split_present),
+    "_tied_weights_keys hold the head": (list(MODELS), lambda m: (m._tied_weights_keys is None,
+                                                                  "language_model.lm_head.weight" in (m._tied_weights_keys or []))),
+    "can_generate()": (list(MODELS), lambda m: (m.can_generate(), type(m).can_generate())),
+    "config.is_encoder_decoder": (list(MODELS), lambda m: m.config.is_encoder_decoder),
+    "num_parameters()": (list(MODELS), lambda m: m.num_parameters()),
+    "num_parameters(exclude_embeddings=True)": (list(MODELS), lambda m: m.num_parameters(exclude_embeddings=True)),
+    "num_parameters(only_trainable=True), image encoder frozen": (COMPOSITE, _frozen_count),
+    "dtype and device": (list(MODELS), lambda m: (m.dtype, m.device.type)),
+    "dtype after .to(bfloat16)": (list(MODELS), lambda m: m.to(torch.bfloat16).dtype),
+    "get_input_embeddings": ([k for k in MODELS if not k.startswith("qformer")], lambda m: _weight_shape(m.get_input_embeddings())),
+    "get_output_embeddings": (list(MODELS), lambda m: _weight_shape(m.get_output_embeddings())),
+    "output tied to input": (COMPOSITE, lambda m: m.get_output_embeddings().weight is m.get_input_embeddings().weight),
+    "resize_token_embeddings(+5)": (COMPOSITE, _resize),
+    "resize_token_embeddings(pad_to_multiple_of=64)": (COMPOSITE, lambda m: _resize(m, 1, 64)),
+    "resize_token_embeddings() alone": (COMPOSITE, lambda m: tuple(m.resize_token_embeddings().weight.shape)),
+    "forward with a token added by resize": (COMPOSITE, _forward_after_resize),
+    "gradient checkpointing switches": (list(MODELS), lambda m: (
+        m.is_gradient_checkpointing, m.gradient_checkpointing_enable(), m.is_gradient_checkpointing,
+        m.gradient_checkpointing_disable(), m.is_gradient_checkpointing)),
+}
+ATTRIBUTE_CASES = [(name, key) for name, (keys, _) in ATTRIBUTES.items() for key in keys]
+
+
+@pytest.mark.parametrize("name, key", ATTRIBUTE_CASES, ids=[f"{n}-{k}" for n, k in ATTRIBUTE_CASES])
+def test_model_attributes(name, key):
+    read = ATTRIBUTES[name][1]
+    ours, ref = read(fresh(blip2, key)), read(fresh(transformers, key))
+    assert ours == ref, f"{name} on {key}: ours {ours!r}, reference {ref!r}"
+
+
+def test_deliberate_attribute_differences():
+    """Where ours differs on purpose: the Q-Former's main input is query_embeds (the reference says
+    input_ids, which its forward does not take), it has no input embeddings (the reference raises an
+    AttributeError), and _no_split_modules names our block classes, the Q-Former's layers among them
+    (the reference's list names none of its Q-Former's modules)."""
+    qformer = fresh(blip2, "qformer")
+    assert qformer.main_input_name == "query_embeds"
+    with pytest.raises(NotImplementedError, match="no input embedding"):
+        qformer.get_input_embeddings()
+    names = {type(m).__name__ for m in fresh(blip2, "generation-t5").modules()}
+    assert {"VisionBlock", "QFormerLayer", "EncoderLayer", "DecoderLayer"} <= names & set(qformer._no_split_modules)
+
+
+@pytest.mark.parametrize("cls_name", ["Blip2ForImageTextRetrieval", "Blip2TextModelWithProjection",
+                                      "Blip2VisionModelWithProjection"])
+def test_retrieval_classes_have_the_model_surface(cls_name):
+    """Not in 4.37.2: checked against what the newer releases set."""
+    config = blip2.Blip2Config(vision_config=BASE_VISION, qformer_config={**BASE_QFORMER, "use_qformer_text_input": True},
+                               text_config=BASE_OPT, num_query_tokens=4)
+    model = getattr(blip2, cls_name)(config)
+    assert model.base_model_prefix == "blip" and model.supports_gradient_checkpointing
+    assert model._keep_in_fp32_modules == ["query_tokens", "qformer"] and not model.can_generate()
+    assert model.main_input_name == ("input_ids" if cls_name.startswith("Blip2Text") else "pixel_values")
+    assert model.get_input_embeddings() is not None and model.get_output_embeddings() is None
+    assert model.num_parameters() > model.num_parameters(exclude_embeddings=True) or cls_name.startswith("Blip2Vision")
+    assert _no_split_present(model)
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+
+
+# ---- 6. initialisation: the distribution of every tensor kind matches the reference's fresh model
+def _groups(state: dict) -> dict[str, torch.Tensor]:
+    """Checkpoint-named tensors pooled by kind (layer numbers dropped)."""
+    import re
+
+    pooled: dict[str, list] = {}
+    for name, tensor in state.items():
+        pooled.setdefault(re.sub(r"\.\d+\.", ".N.", name), []).append(tensor.detach().double().flatten())
+    return {k: torch.cat(v) for k, v in pooled.items()}
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+def test_initialisation_matches_the_reference(key):
+    from blip2.checkpoint import ours_to_hf
+
+    ours_model, ref_model = fresh(blip2, key), fresh(transformers, key)
+    ours = _groups(ours_to_hf(ours_model.state_dict(), ours_model.key_table()))
+    ref = _groups(ref_model.state_dict())
+    assert set(ours) <= set(ref) and len(ours) >= len(ref) - 3, sorted(set(ref) - set(ours))
+    for name, values in ours.items():
+        want = ref[name]
+        assert values.numel() == want.numel(), name
+        if want.std() == 0:
+            assert torch.all(values == want[0]), f"{name}: ours is not constant {want[0].item()}"
+            continue
+        ratio = float(values.std() / want.std())
+        slack = max(0.2, 4 / values.numel() ** 0.5)
+        assert abs(ratio - 1) < slack, f"{name}: std {values.std():.3g} vs reference {want.std():.3g}"
+        assert abs(float(values.mean())) < 0.3 * float(want.std()) + 4 * float(want.std()) / values.numel() ** 0.5, name
+
+
+# ---- 8. gradient checkpointing gives the same gradients
+def _gradients(model, inputs: dict, checkpointing: bool) -> tuple[float, dict]:
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    else:
+        model.gradient_checkpointing_disable()
+    model.train().zero_grad()
+    torch.manual_seed(7)  # the same dropout masks
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("key", ["generation-opt", "generation-t5"])
+def test_gradient_checkpointing_same_gradients(key):
+    from conftest import make_inputs
+
+    model = fresh(blip2, key)
+    inputs = make_inputs(model.config, batch=2, seq=5)
+    inputs.pop("attention_mask") if model.config.is_encoder_decoder else None
+    if model.config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = inputs["input_ids"]
+    calls = []
+    # A pre-hook: torch may stop a recomputation early, before a forward hook would run.
+    hook = model.qformer.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    loss, plain = _gradients(model, inputs, checkpointing=False)
+    runs_plain = len(calls)
+    loss_ck, checked = _gradients(model, inputs, checkpointing=True)
+    hook.remove()
+    assert len(calls) - runs_plain == 2 * runs_plain, "with checkpointing each layer should run again in backward"
+    assert loss_ck == pytest.approx(loss, abs=1e-6)
+    assert plain.keys() == checked.keys() and len(plain) > 20
+    for name in plain:
+        torch.testing.assert_close(checked[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("key", ["vision", "qformer"])
+def test_gradient_checkpointing_on_the_parts(key):
+    model = fresh(blip2, key)
+    torch.nn.init.normal_(next(model.parameters()), 0, 0.02)
+    if key == "vision":
+        run = lambda: model(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))).last_hidden_state
+    else:
+        image = torch.randn(2, 7, BASE_QFORMER["encoder_hidden_size"], generator=torch.Generator().manual_seed(0))
+        queries = torch.randn(2, 4, BASE_QFORMER["hidden_size"], generator=torch.Generator().manual_seed(1))
+        run = lambda: model(queries, encoder_hidden_states=image).last_hidden_state
+    grads = []
+    for on in (False, True):
+        model.gradient_checkpointing_enable() if on else model.gradient_checkpointing_disable()
+        model.train().zero_grad()
+        torch.manual_seed(3)
+        run().pow(2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-9, rtol=1e-5, msg=name)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .activations import activation
 from .attention import KVCache, Positions, attend, check_heads, merge_heads, split_heads
+from .checkpointing import run_layer
 from .opt import LMOutput
 from .t5 import RMSNorm
 
@@ -121,6 +122,10 @@ class LlamaLayer(nn.Module):
 class LlamaLanguageModel(nn.Module):
     """Same interface as `OPTLanguageModel`: embed, new_cache, forward(inputs_embeds, mask, cache, ...)."""
 
+    checkpointing: dict | None = None  # torch checkpoint kwargs while gradient checkpointing is on
+
+    _tied_weights_keys = ["lm_head.weight"]
+
     def __init__(self, cfg) -> None:
         super().__init__()
         check_heads(cfg, cfg.hidden_size, cfg.num_attention_heads)
@@ -145,6 +150,20 @@ class LlamaLanguageModel(nn.Module):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights_(self) -> None:
+        """Llama's rule: linear and embedding weights ~ N(0, initializer_range), biases and the padding row 0."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and not (m is self.lm_head and self.config.tie_word_embeddings):
+                nn.init.normal_(m.weight, 0.0, std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std)
+                if m.padding_idx is not None:
+                    nn.init.zeros_(m.weight[m.padding_idx])
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """(B, T) token ids -> (B, T, hidden_size)"""
@@ -189,7 +208,7 @@ class LlamaLanguageModel(nn.Module):
         for n, layer in enumerate(self.layers):
             if need_hidden:
                 hidden.append(x)
-            x, w = layer(x, rope, positions, n, cache, need_weights)
+            x, w = run_layer(self, layer, x, rope, positions, n, cache, need_weights)
             if need_weights:
                 weights.append(w)
         if cache is not None and eager:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .activations import activation
 from .attention import KVCache, Positions, attend, check_heads, merge_heads, split_heads
+from .checkpointing import run_layer
 
 # OPT's learned position table starts with two unused rows (a fairseq legacy).
 POSITION_OFFSET = 2
@@ -69,6 +70,10 @@ class OPTLayer(nn.Module):
 
 
 class OPTLanguageModel(nn.Module):
+    checkpointing: dict | None = None  # torch checkpoint kwargs while gradient checkpointing is on
+
+    _tied_weights_keys = ["lm_head.weight"]
+
     def __init__(self, cfg) -> None:
         super().__init__()
         check_heads(cfg, cfg.hidden_size, cfg.num_attention_heads)
@@ -89,6 +94,20 @@ class OPTLanguageModel(nn.Module):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights_(self) -> None:
+        """OPT's rule: linear and embedding weights ~ N(0, init_std), biases and the padding row 0."""
+        std = self.config.init_std
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and not (m is self.lm_head and self.config.tie_word_embeddings):
+                nn.init.normal_(m.weight, 0.0, std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std)
+                if m.padding_idx is not None:
+                    nn.init.zeros_(m.weight[m.padding_idx])
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """(B, T) token ids -> (B, T, word_embed_proj_dim)"""
@@ -134,7 +153,7 @@ class OPTLanguageModel(nn.Module):
                 hidden.append(x)
             if self.training and self.config.layerdrop > 0 and torch.rand(()) < self.config.layerdrop:
                 continue
-            x, w = layer(x, positions, n, cache, need_weights)
+            x, w = run_layer(self, layer, x, positions, n, cache, need_weights)
             if need_weights:
                 weights.append(w)
         if cache is not None and eager:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .activations import activation
 from .attention import attend, check_heads, merge_heads, split_heads
+from .checkpointing import run_layer
 
 
 class QFormerOutput(NamedTuple):
@@ -132,6 +133,8 @@ class QFormerLayer(nn.Module):
 
 
 class QFormer(nn.Module):
+    checkpointing: dict | None = None  # torch checkpoint kwargs while gradient checkpointing is on
+
     def __init__(self, cfg) -> None:
         super().__init__()
         check_config(cfg)
@@ -209,7 +212,7 @@ class QFormer(nn.Module):
         hidden = [x] if need_hidden else None
         self_ws, cross_ws, presents = [], [], []
         for n, layer in enumerate(self.layers):
-            x, sw, cw, present = step(n, layer, x, past[n] if past is not None else None)
+            x, sw, cw, present = run_layer(self, step, n, layer, x, past[n] if past is not None else None)
             if need_hidden:
                 hidden.append(x)
             self_ws.append(sw)

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from .activations import activation
 from .attention import KVCache, Positions, attend, merge_heads, padding_mask, split_heads
+from .checkpointing import run_layer
+from .init import normal_rows_
 
 # Labels with this value do not count towards the loss (the reference's convention).
 IGNORE_INDEX = -100
@@ -109,6 +111,8 @@ def relative_position_bucket(relative: Tensor, bidirectional: bool, num_buckets:
 
 class RelativePositionBias(nn.Module):
     """A learned scalar per (bucket, head), added to the attention scores."""
+
+    counts_as_embedding = True  # the reference holds this table in an nn.Embedding (num_parameters)
 
     def __init__(self, cfg, bidirectional: bool) -> None:
         super().__init__()
@@ -248,6 +252,8 @@ class DecoderLayer(nn.Module):
 
 
 class T5Encoder(nn.Module):
+    checkpointing: dict | None = None  # torch checkpoint kwargs while gradient checkpointing is on
+
     def __init__(self, cfg) -> None:
         super().__init__()
         self.p = cfg.dropout_rate
@@ -266,7 +272,7 @@ class T5Encoder(nn.Module):
         for layer in self.layers:
             if need_hidden:
                 hidden.append(x)
-            x, w = layer(x, mask, need_weights)
+            x, w = run_layer(self, layer, x, mask, need_weights)
             if need_weights:
                 weights.append(w)
         x = F.dropout(self.final_norm(x), self.p, self.training)
@@ -315,6 +321,8 @@ class T5Cache:
 
 
 class T5Decoder(nn.Module):
+    checkpointing: dict | None = None  # torch checkpoint kwargs while gradient checkpointing is on
+
     def __init__(self, cfg) -> None:
         super().__init__()
         self.p = cfg.dropout_rate
@@ -351,7 +359,7 @@ class T5Decoder(nn.Module):
         for n, layer in enumerate(self.layers):
             if need_hidden:
                 hidden.append(x)
-            x, w, cw = layer(x, at, cross_kv[n], cross_mask, n, cache, need_weights)
+            x, w, cw = run_layer(self, layer, x, at, cross_kv[n], cross_mask, n, cache, need_weights)
             if need_weights:
                 weights.append(w)
                 cross_weights.append(cw)
@@ -373,6 +381,7 @@ class T5LanguageModel(nn.Module):
 
     # Modules kept in float32 when loading in float16 (their outputs overflow).
     keep_in_fp32 = ("wo",)
+    _tied_weights_keys = ["lm_head.weight"]
 
     def __init__(self, cfg) -> None:
         super().__init__()
@@ -386,6 +395,31 @@ class T5LanguageModel(nn.Module):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight
+
+    @torch.no_grad()
+    def init_weights_(self) -> None:
+        """Mesh TensorFlow's rule, as the reference draws T5: each projection's std is
+        initializer_factor / sqrt(its fan-in), queries also / sqrt(d_kv) (scores are not scaled)."""
+        cfg = self.config
+        f, d, inner = cfg.initializer_factor, cfg.d_model, cfg.num_heads * cfg.d_kv
+        nn.init.normal_(self.shared.weight, 0.0, f)
+        if not cfg.tie_word_embeddings:
+            nn.init.normal_(self.lm_head.weight, 0.0, f)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                nn.init.constant_(m.weight, f)
+            elif isinstance(m, SelfAttention):
+                normal_rows_(m.qkv.weight, [(inner, f * (d * cfg.d_kv) ** -0.5), (2 * inner, f * d**-0.5)])
+                nn.init.normal_(m.out.weight, 0.0, f * inner**-0.5)
+            elif isinstance(m, CrossAttention):
+                nn.init.normal_(m.q.weight, 0.0, f * (d * cfg.d_kv) ** -0.5)
+                nn.init.normal_(m.kv.weight, 0.0, f * d**-0.5)
+                nn.init.normal_(m.out.weight, 0.0, f * inner**-0.5)
+            elif isinstance(m, RelativePositionBias):
+                nn.init.normal_(m.weight, 0.0, f * d**-0.5)
+            elif isinstance(m, (FeedForward, GatedFeedForward)):
+                nn.init.normal_(m.wi.weight, 0.0, f * d**-0.5)
+                nn.init.normal_(m.wo.weight, 0.0, f * cfg.d_ff**-0.5)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """(B, T) token ids -> (B, T, d_model); shared by encoder and decoder."""

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .activations import activation
 from .attention import attend, check_heads, merge_heads
+from .checkpointing import run_layer
 
 
 class VisionOutput(NamedTuple):
@@ -96,6 +97,8 @@ class VisionBlock(nn.Module):
 
 
 class VisionEncoder(nn.Module):
+    checkpointing: dict | None = None  # torch checkpoint kwargs while gradient checkpointing is on
+
     def __init__(self, cfg) -> None:
         super().__init__()
         check_heads(cfg, cfg.hidden_size, cfg.num_attention_heads)
@@ -115,7 +118,7 @@ class VisionEncoder(nn.Module):
         hidden = [x] if need_hidden else None
         weights = [] if need_weights else None
         for block in self.layers:
-            x, w = block(x, need_weights)
+            x, w = run_layer(self, block, x, need_weights)
             if need_hidden:
                 hidden.append(x)
             if need_weights:
