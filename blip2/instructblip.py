@@ -14,8 +14,15 @@ from .modeling.instructblip import InstructBlip, InstructQFormer
 from .outputs import InstructBlipForConditionalGenerationModelOutput
 
 
+# The reference's InstructBLIP metadata: no fp32-kept modules of its own (the language model's are
+# added per model), and no keys skipped by device placement.
+_INSTRUCT_SURFACE = {"_keep_in_fp32_modules": [], "_skip_keys_device_placement": None}
+
+
 class InstructBlipVisionModel(Blip2VisionModel):
     config_class = InstructBlipVisionConfig
+    _keep_in_fp32_modules = _INSTRUCT_SURFACE["_keep_in_fp32_modules"]
+    _skip_keys_device_placement = _INSTRUCT_SURFACE["_skip_keys_device_placement"]
 
 
 class InstructBlipQFormerModel(PreTrainedModel, InstructQFormer):
@@ -23,10 +30,13 @@ class InstructBlipQFormerModel(PreTrainedModel, InstructQFormer):
 
     config_class = InstructBlipQFormerConfig
     main_input_name = "input_ids"
+    _keep_in_fp32_modules = _INSTRUCT_SURFACE["_keep_in_fp32_modules"]
+    _skip_keys_device_placement = _INSTRUCT_SURFACE["_skip_keys_device_placement"]
 
     def __init__(self, config: InstructBlipQFormerConfig) -> None:
         self._check_config(config)
         InstructQFormer.__init__(self, config)
+        self.init_weights()
 
     def key_table(self) -> KeyTable:
         return KeyTable(instruct_qformer_rules(self.config, prefix=""), {})
@@ -60,6 +70,11 @@ class InstructBlipForConditionalGeneration(Blip2ForConditionalGeneration, Instru
     """InstructBLIP: the instruction goes to the Q-Former (`qformer_input_ids`) and the language model (`input_ids`)."""
 
     config_class = InstructBlipConfig
+    _skip_keys_device_placement = _INSTRUCT_SURFACE["_skip_keys_device_placement"]
+
+    def __init__(self, config: InstructBlipConfig) -> None:
+        super().__init__(config)
+        self._keep_in_fp32_modules = list(getattr(self.language_model, "keep_in_fp32", ()))
 
     def key_table(self) -> KeyTable:
         return blip2_table(self.config, instruct_qformer_rules)

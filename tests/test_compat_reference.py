@@ -337,6 +337,12 @@ MODELS = {
     "qformer-wide-init": ("Blip2QFormerModel", lambda api: api.Blip2QFormerConfig(**BASE_QFORMER, initializer_range=0.5)),
     "opt-untied-init-std": ("Blip2ForConditionalGeneration", lambda api: tiny_config(
         api, text=dict(tie_word_embeddings=False, init_std=0.1))),
+    "instructblip-opt": ("InstructBlipForConditionalGeneration", lambda api: api.InstructBlipConfig(
+        vision_config=BASE_VISION, qformer_config=BASE_QFORMER, text_config=BASE_OPT, num_query_tokens=4)),
+    "instructblip-t5": ("InstructBlipForConditionalGeneration", lambda api: api.InstructBlipConfig(
+        vision_config=BASE_VISION, qformer_config=BASE_QFORMER, text_config=T5_TEXT, num_query_tokens=4)),
+    "instructblip-vision": ("InstructBlipVisionModel", lambda api: api.InstructBlipVisionConfig(**BASE_VISION)),
+    "instructblip-qformer": ("InstructBlipQFormerModel", lambda api: api.InstructBlipQFormerConfig(**BASE_QFORMER)),
 }
 
 
@@ -368,7 +374,9 @@ def _forward_after_resize(m):
     m.resize_token_embeddings(m.get_input_embeddings().weight.shape[0] + 3)
     ids = torch.tensor([[4, m.get_input_embeddings().weight.shape[0] - 1]])  # a new token
     kwargs = {"decoder_input_ids": ids} if m.config.is_encoder_decoder else {}
-    return tuple(m.eval()(torch.randn(1, 3, 16, 16), ids, **kwargs).logits.shape)
+    if "InstructBlip" in type(m).__name__:
+        kwargs["qformer_input_ids"] = torch.tensor([[5, 6]])
+    return tuple(m.eval()(torch.randn(1, 3, 16, 16), input_ids=ids, **kwargs).logits.shape)
 
 
 def _frozen_count(m):
@@ -376,7 +384,8 @@ def _frozen_count(m):
     return m.num_parameters(only_trainable=True)
 
 
-COMPOSITE = [k for k in MODELS if MODELS[k][0] in ("Blip2ForConditionalGeneration", "Blip2Model")]
+COMPOSITE = [k for k in MODELS if MODELS[k][0] in ("Blip2ForConditionalGeneration", "Blip2Model",
+                                                     "InstructBlipForConditionalGeneration")]
 ATTRIBUTES = {
     "base_model_prefix": (list(MODELS), lambda m: m.base_model_prefix),
     "main_input_name": ([k for k in MODELS if not k.startswith("qformer")], lambda m: m.main_input_name),
@@ -384,7 +393,8 @@ ATTRIBUTES = {
     "_keep_in_fp32_modules": (list(MODELS), lambda m: m._keep_in_fp32_modules),
     "_skip_keys_device_placement": (list(MODELS), lambda m: m._skip_keys_device_placement),
     "_no_split_modules name blocks of the model": ([k for k in MODELS if not k.startswith("qformer")], _no_split_present),
-    "_tied_weights_keys hold the head": (list(MODELS), lambda m: (m._tied_weights_keys is None,
+    # (4.37.2's InstructBLIP leaves _tied_weights_keys None although its head is tied; ours names it.)
+    "_tied_weights_keys hold the head": ([k for k in MODELS if not k.startswith("instructblip")], lambda m: (m._tied_weights_keys is None,
                                                                   "language_model.lm_head.weight" in (m._tied_weights_keys or []))),
     "can_generate()": (list(MODELS), lambda m: (m.can_generate(), type(m).can_generate())),
     "config.is_encoder_decoder": (list(MODELS), lambda m: m.config.is_encoder_decoder),

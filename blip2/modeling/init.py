@@ -58,6 +58,22 @@ def init_model_(model: nn.Module, config) -> None:
 
 
 @torch.no_grad()
+def init_normal_lm_(lm: nn.Module, std: float) -> None:
+    """The rule OPT and Llama share: linear and embedding weights ~ N(0, std), biases and the
+    padding row 0; a head tied to the embeddings is drawn once, as the embeddings."""
+    tied = lm.config.tie_word_embeddings
+    for m in lm.modules():
+        if isinstance(m, nn.Linear) and not (m is lm.lm_head and tied):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.padding_idx is not None:
+                nn.init.zeros_(m.weight[m.padding_idx])
+
+
+@torch.no_grad()
 def normal_rows_(weight: torch.Tensor, stds: list[tuple[int, float]]) -> None:
     """Draws consecutive row blocks of a fused weight, each with its own std: [(rows, std), ...]."""
     start = 0

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .activations import activation
 from .attention import KVCache, Positions, attend, check_heads, merge_heads, split_heads
 from .checkpointing import run_layer
+from .init import init_normal_lm_
 from .opt import LMOutput
 from .t5 import RMSNorm
 
@@ -151,19 +152,9 @@ class LlamaLanguageModel(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    @torch.no_grad()
     def init_weights_(self) -> None:
-        """Llama's rule: linear and embedding weights ~ N(0, initializer_range), biases and the padding row 0."""
-        std = self.config.initializer_range
-        for m in self.modules():
-            if isinstance(m, nn.Linear) and not (m is self.lm_head and self.config.tie_word_embeddings):
-                nn.init.normal_(m.weight, 0.0, std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, 0.0, std)
-                if m.padding_idx is not None:
-                    nn.init.zeros_(m.weight[m.padding_idx])
+        """Llama's rule (as the reference draws it): N(0, initializer_range), biases and the padding row 0."""
+        init_normal_lm_(self, self.config.initializer_range)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """(B, T) token ids -> (B, T, hidden_size)"""

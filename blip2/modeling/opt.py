@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .activations import activation
 from .attention import KVCache, Positions, attend, check_heads, merge_heads, split_heads
 from .checkpointing import run_layer
+from .init import init_normal_lm_
 
 # OPT's learned position table starts with two unused rows (a fairseq legacy).
 POSITION_OFFSET = 2
@@ -95,19 +96,9 @@ class OPTLanguageModel(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    @torch.no_grad()
     def init_weights_(self) -> None:
-        """OPT's rule: linear and embedding weights ~ N(0, init_std), biases and the padding row 0."""
-        std = self.config.init_std
-        for m in self.modules():
-            if isinstance(m, nn.Linear) and not (m is self.lm_head and self.config.tie_word_embeddings):
-                nn.init.normal_(m.weight, 0.0, std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, 0.0, std)
-                if m.padding_idx is not None:
-                    nn.init.zeros_(m.weight[m.padding_idx])
+        """OPT's rule (as the reference draws it): N(0, init_std), biases and the padding row 0."""
+        init_normal_lm_(self, self.config.init_std)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """(B, T) token ids -> (B, T, word_embed_proj_dim)"""
