@@ -69,7 +69,11 @@ def test_a_half_precision_model_is_refused_by_the_trainer(tmp_path):
 def test_stage2_from_a_float16_checkpoint_trains_in_float32(tmp_path):
     from blip2.cli import main
 
-    model = Blip2ForConditionalGeneration(stage2_config())
+    from conftest import redraw_
+
+    # Weights like a trained checkpoint's: a fresh model's image encoder is drawn with std 1e-10 (the
+    # reference's rule), which float16 rounds to exact zeros, and its query tokens are zero.
+    model = redraw_(Blip2ForConditionalGeneration(stage2_config()), std=0.02)
     model.half().save_pretrained(tmp_path / "fp16")
     spec = {
         "model": {"pretrained": str(tmp_path / "fp16")},
