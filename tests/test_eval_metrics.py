@@ -203,3 +203,21 @@ def test_bad_eval_inputs_name_the_file_and_line(tmp_path):
     broken.write_text('[{"image": "a.png",\n "caption": }]')
     with pytest.raises(ValueError, match=r"broken\.json:2: not JSON"):
         read_eval_set(broken)
+
+
+def test_vqav2_annotation_and_question_files(tmp_path):
+    annotations = tmp_path / "v2_mscoco_val2014_annotations.json"
+    answers = [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(["2"] * 7 + ["3"] * 3)]
+    annotations.write_text(json.dumps({"data_subtype": "val2014", "annotations": [
+        {"question_id": 11, "image_id": 42, "answers": answers, "question_type": "how many", "answer_type": "number"},
+        {"question_id": 12, "image_id": 42, "answers": [{"answer": "yes", "answer_id": 1}] * 10}]}))
+    questions = tmp_path / "questions.json"
+    questions.write_text(json.dumps({"questions": [{"question_id": 11, "image_id": 42, "question": "How many?"},
+                                                   {"question_id": 12, "image_id": 42, "question": "Is it?"}]}))
+    ev = read_eval_set(annotations, tmp_path / "val2014", questions)
+    assert ev.images == [str(tmp_path / "val2014" / "COCO_val2014_000000000042.jpg")]
+    assert [q.question for q in ev.questions] == ["How many?", "Is it?"] and ev.questions[0].answers[-1] == "3"
+    assert ev.tasks == ["vqa"]
+    assert vqa_accuracy(["two", "yes"], [q.answers for q in ev.questions])["vqa_accuracy"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="pass its questions file too"):
+        read_eval_set(annotations)

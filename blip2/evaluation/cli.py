@@ -3,6 +3,8 @@
     blip2 eval val.jsonl                                  # the shipped demo model
     blip2 eval captions_val2014.json --images val2014/ --model Salesforce/blip2-opt-2.7b --num-beams 5
     blip2 eval val.jsonl --task retrieval --model ./runs/s1/final
+    blip2 eval v2_mscoco_val2014_annotations.json --questions v2_OpenEnded_mscoco_val2014_questions.json \
+        --images val2014/ --model Salesforce/blip2-flan-t5-xl --num-beams 5 --length-penalty -1
 
 The tasks default to all that the data holds (captions: caption metrics and retrieval; questions:
 VQA accuracy) and the model can do (a checkpoint with a language model generates, one with the
@@ -29,6 +31,7 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--task", action="append", choices=TASKS, help="what to score (repeatable; default: all "
                                                                   "the data and model allow)")
     p.add_argument("--images", default=None, help="folder the .json file's image names are relative to")
+    p.add_argument("--questions", default=None, help="VQAv2: the questions file beside the annotation file DATA")
     p.add_argument("--out", default="eval.json", help="JSON file for metrics and predictions (default eval.json)")
     p.add_argument("--prompt", default=None, help="text captions continue (default: none)")
     p.add_argument("--template", default=None, type=template_option,
@@ -77,7 +80,7 @@ def run_eval(args) -> int:
     from ..families import question_template
 
     try:
-        ev = read_eval_set(args.data, args.images)
+        ev = read_eval_set(args.data, args.images, args.questions)
     except (OSError, ValueError) as err:
         raise SystemExit(f"blip2: {err}") from None
     tasks = _tasks(args, ev)

@@ -55,19 +55,21 @@ class EvalSet:
         return out
 
 
-def read_eval_set(path: str | Path, image_root: str | Path | None = None) -> EvalSet:
-    """An evaluation set from a JSONL file, a folder, a JSON list of records or a COCO caption file
-    (`image_root`: where a .json file's image names are relative to; default its folder)."""
+def read_eval_set(path: str | Path, image_root: str | Path | None = None,
+                  questions: str | Path | None = None) -> EvalSet:
+    """An evaluation set from a JSONL file, a folder, a JSON list of records, a COCO caption file, or
+    VQAv2's annotation file with its `questions` file (`image_root`: where a .json file's image names
+    are relative to; default its folder)."""
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".json":
-        return _read_json(path, Path(image_root) if image_root else path.parent)
+        return _read_json(path, Path(image_root) if image_root else path.parent, questions)
     if path.is_file() and path.suffix.lower() not in (".jsonl", ".ndjson"):
         raise ValueError(f"{path}: unknown evaluation format {path.suffix or '(no suffix)'!r}: expected a "
                          ".jsonl of records, a .json list of records or COCO caption annotations, or a folder")
     return EvalSet.from_records(read_records(path), str(path))
 
 
-def _read_json(path: Path, root: Path) -> EvalSet:
+def _read_json(path: Path, root: Path, questions: str | Path | None = None) -> EvalSet:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -81,9 +83,11 @@ def _read_json(path: Path, root: Path) -> EvalSet:
         return EvalSet.from_records(records, str(path))
     if isinstance(data, dict) and "images" in data and "annotations" in data:
         return _coco_captions(data, path, root)
+    if isinstance(data, dict) and data.get("annotations") and "answers" in data["annotations"][0]:
+        return _vqav2(data, path, root, questions)
     keys = sorted(data)[:8] if isinstance(data, dict) else type(data).__name__
-    raise ValueError(f"{path}: unknown evaluation format (top level {keys}): expected a list of records "
-                     "or COCO caption annotations with 'images' and 'annotations'")
+    raise ValueError(f"{path}: unknown evaluation format (top level {keys}): expected a list of records, "
+                     "COCO caption annotations ('images' and 'annotations') or VQAv2 annotations")
 
 
 def _coco_captions(data: dict, path: Path, root: Path) -> EvalSet:
@@ -103,4 +107,30 @@ def _coco_captions(data: dict, path: Path, root: Path) -> EvalSet:
         out.captions[index[ann["image_id"]]].append(ann["caption"])
     if not any(out.captions):
         raise ValueError(f"{path} has no captions")
+    return out
+
+
+def _vqav2(data: dict, path: Path, root: Path, questions: str | Path | None) -> EvalSet:
+    """VQAv2: annotations (ten answers per question_id) + the questions file; images are
+    COCO_<data_subtype>_<image_id, 12 digits>.jpg under `root`."""
+    if questions is None:
+        raise ValueError(f"{path} holds VQAv2 answers; pass its questions file too (--questions FILE)")
+    qpath = Path(questions)
+    try:
+        asked = {q["question_id"]: q for q in json.loads(qpath.read_text(encoding="utf-8"))["questions"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{qpath}: not a VQAv2 questions file ({err})") from None
+    subtype = data.get("data_subtype", "val2014")
+    out = EvalSet(str(path))
+    index: dict[int, int] = {}
+    for n, ann in enumerate(data["annotations"]):
+        q = asked.get(ann.get("question_id"))
+        if q is None:
+            raise ValueError(f"{path}: annotations[{n}]: question_id {ann.get('question_id')!r} is not in {qpath}")
+        image_id = ann["image_id"]
+        if image_id not in index:
+            index[image_id] = len(out.images)
+            out.images.append(str(root / f"COCO_{subtype}_{image_id:012d}.jpg"))
+            out.captions.append([])
+        out.questions.append(Question(index[image_id], q["question"], [a["answer"] for a in ann["answers"]]))
     return out
