@@ -2,7 +2,9 @@
 
 Images are files, folders (their images, sorted) or glob patterns. A file that cannot be read
 is reported on stderr and skipped; the command goes on with the rest and exits with status 1
-at the end. Results go to stdout, one line per image, as text or JSON lines.
+at the end. Results go to stdout, one line per image, as text or JSON lines; with --output
+(and for datasets: WebDataset shards, Parquet, Hugging Face datasets) to one file per shard,
+see blip2.bulk.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def add_inference_parsers(subparsers) -> None:
     p.add_argument("images", nargs="*", help="image files, folders or glob patterns")
     p.add_argument("--prompt", default="", help="text the caption continues, e.g. 'a photo of'")
     _common(p, generation=True)
+    _bulk_options(p)
     p.set_defaults(run=run_caption)
 
     p = subparsers.add_parser("ask", help="answer questions about images",
@@ -58,6 +61,7 @@ def add_inference_parsers(subparsers) -> None:
                    help="how the question is put to the model (default: the model family's, "
                         "'Question: {} Answer:' for OPT, 'Question: {} Short answer:' for Flan-T5)")
     _common(p, generation=True)
+    _bulk_options(p)
     p.set_defaults(run=run_ask)
 
     p = subparsers.add_parser("match", help="how well a text describes images (ITM and ITC)",
@@ -74,7 +78,21 @@ def add_inference_parsers(subparsers) -> None:
     p.add_argument("images", nargs="*", help="image files, folders or glob patterns")
     p.add_argument("--text", action="append", default=[], help="a text to embed (repeatable)")
     _common(p, generation=False, formats=("jsonl",))
+    _bulk_options(p)
     p.set_defaults(run=run_embed)
+
+
+def _bulk_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("datasets", "Inputs may also be WebDataset shards (.tar), Parquet files (.parquet), "
+                             "a folder of them, a Hugging Face dataset saved to disk, or hf:NAME[:SPLIT] "
+                             "(streamed); these need `pip install blip2[data]` and --output.")
+    g.add_argument("--output", metavar="DIR", default=None,
+                   help="write one file per input shard here (plain images: one shard 'images'); a rerun "
+                        "skips the shards already written")
+    g.add_argument("--output-format", default="jsonl", choices=("jsonl", "parquet"), help="shard files (default jsonl)")
+    g.add_argument("--image-column", default=None,
+                   help="Parquet / datasets column holding the image (bytes, path or image; default: the first "
+                        "of image, jpg, png, webp, img, image_path, path)")
 
 
 def _common(p: argparse.ArgumentParser, generation: bool, formats=("text", "jsonl")) -> None:
@@ -138,36 +156,44 @@ def expand_images(items: list[str], failures: Failures) -> list[str]:
     return list(dict.fromkeys(out))  # a file named twice is done once
 
 
-def load_pixels(paths: list[str], image_processor, failures: Failures) -> tuple[list[str], list]:
-    """Each readable image's pixel_values (3, H, W); unreadable ones reported and left out."""
+def load_pixels(items: list, image_processor, failures: Failures) -> tuple[list, list]:
+    """Each readable image's pixel_values (3, H, W); unreadable ones reported and left out.
+
+    An item is a path, or a (name, source) pair whose source is a path, the file's bytes or a PIL image."""
     from .processing import ImageInputError
 
     names, pixels = [], []
-    for path in paths:
+    for item in items:
+        name, source = item if isinstance(item, tuple) else (item, item)
         try:
-            pixels.append(image_processor([path], return_tensors="pt")["pixel_values"][0])
-            names.append(path)
+            pixels.append(image_processor([source], return_tensors="pt")["pixel_values"][0])
+            names.append(name)
         except ImageInputError as err:
-            failures.report(path, str(err).split(": ", 1)[-1])
+            failures.report(name, str(err).split(": ", 1)[-1])
         except OSError as err:
-            failures.report(path, f"cannot read: {err}")
+            failures.report(name, f"cannot read: {err}")
     return names, pixels
 
 
-def image_batches(paths: list[str], args, m: "Loaded", failures: Failures, bar):
-    """(names, pixel_values on the model's device and dtype) per batch of readable images."""
+def image_batches(items, args, m: "Loaded", failures: Failures, bar):
+    """(names, pixel_values on the model's device and dtype) per batch of readable images; `items`
+    (paths or (name, source) pairs, see `load_pixels`) may be a stream."""
     import torch
 
-    for chunk in batches(paths, args.batch_size):
+    for chunk in batches(items, args.batch_size):
         names, pixels = load_pixels(chunk, m.processor.image_processor, failures)
         bar.update(len(chunk))
         if names:
             yield names, torch.stack(pixels).to(m.device, m.dtype)
 
 
-def batches(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+def batches(items, size: int):
+    """Lists of `size` items (the last may be shorter) from a list or a stream."""
+    import itertools
+
+    stream = iter(items)
+    while chunk := list(itertools.islice(stream, size)):
+        yield chunk
 
 
 def progress(total: int, args, desc: str):
@@ -249,18 +275,41 @@ def finish(failures: Failures) -> int:
 
 
 # ---------------------------------------------------------------- commands
+def _inputs(args, failures: Failures):
+    """(image paths, dataset shards) named on the command line; see blip2.bulk for the shard kinds."""
+    from .bulk import find_shards
+
+    shards, rest = find_shards(args.images, failures, getattr(args, "image_column", None))
+    return expand_images(rest, failures), shards
+
+
+def _drive(args, m: "Loaded", paths: list[str], shards: list, rows, key: str, failures: Failures) -> int:
+    """Runs `rows(names, pixel_values) -> [(record, shown)]` over every image: printed, or with
+    --output (always for dataset inputs) written per shard by blip2.bulk."""
+    if shards or getattr(args, "output", None):
+        from .bulk import run_bulk
+
+        return run_bulk(args, m, paths, shards, rows, key, failures)
+    bar = progress(len(paths), args, key)
+    for names, pixel_values in image_batches(paths, args, m, failures, bar):
+        out = rows(names, pixel_values)
+        bar.clear()
+        for record, shown in out:
+            emit(args, record, shown)
+    bar.close()
+    return finish(failures)
+
+
 def _generate_over(args, prompt: str, key: str, questions: list[str] | None = None) -> int:
-    """Runs generation over every image, with one prompt or (`ask`) each question; prints one result
+    """Runs generation over every image, with one prompt or (`ask`) each question; one result
     per image and question. Every (image, question) row of a batch generates what it would alone.
 
     For `ask`, `prompt` is a template whose "{}" takes the question; None is the model's default."""
-    import torch
-
     from .families import question_template
 
     failures = Failures()
-    paths = expand_images(args.images, failures)
-    if not paths and failures.count:
+    paths, shards = _inputs(args, failures)
+    if not paths and not shards and failures.count:
         return finish(failures)
     m = load(args, retrieval=False)
     if questions is not None:
@@ -270,35 +319,44 @@ def _generate_over(args, prompt: str, key: str, questions: list[str] | None = No
     else:
         prompts = [prompt] if prompt else []
     kwargs = generation_kwargs(args)
+
+    def rows(names, pixel_values):
+        return _generation_rows(m, names, pixel_values, prompts, kwargs, key, questions)
+
+    return _drive(args, m, paths, shards, rows, key, failures)
+
+
+def _generation_rows(m: "Loaded", names: list, pixel_values, prompts: list[str], kwargs: dict, key: str,
+                     questions: list[str] | None) -> list[tuple[dict, str]]:
+    """(record, text shown) per image and question of one batch."""
+    import torch
+
+    outputs = []
+    # One prompt: a batch of images. Several: each image once, with all its prompts as rows
+    # (encoded once, shared by the rows). Either way every row generates what it would alone.
+    groups = [(pixel_values, prompts * len(names))] if len(prompts) <= 1 else \
+        [(pixel_values[i:i + 1], prompts) for i in range(len(names))]
+    for pixels, texts in groups:
+        text = m.processor(text=texts, padding=True, return_tensors="pt") if texts else None
+        with torch.inference_mode():
+            ids = m.model.generate(
+                pixel_values=pixels,
+                input_ids=text["input_ids"].to(m.device) if text else None,
+                attention_mask=text["attention_mask"].to(m.device) if text else None,
+                **kwargs,
+            )
+        outputs += [t.strip() for t in m.processor.batch_decode(ids, skip_special_tokens=True)]
     per_row = kwargs.get("num_return_sequences", 1)
-    bar = progress(len(paths), args, key)
-    for names, pixel_values in image_batches(paths, args, m, failures, bar):
-        outputs = []
-        # One prompt: a batch of images. Several: each image once, with all its prompts as rows
-        # (encoded once, shared by the rows). Either way every row generates what it would alone.
-        groups = [(pixel_values, prompts * len(names))] if len(prompts) <= 1 else \
-            [(pixel_values[i:i + 1], prompts) for i in range(len(names))]
-        for pixels, texts in groups:
-            text = m.processor(text=texts, padding=True, return_tensors="pt") if texts else None
-            with torch.inference_mode():
-                ids = m.model.generate(
-                    pixel_values=pixels,
-                    input_ids=text["input_ids"].to(m.device) if text else None,
-                    attention_mask=text["attention_mask"].to(m.device) if text else None,
-                    **kwargs,
-                )
-            outputs += [t.strip() for t in m.processor.batch_decode(ids, skip_special_tokens=True)]
-        bar.clear()
-        for n, (name, question) in enumerate(_rows(names, questions)):
-            results = outputs[n * per_row:(n + 1) * per_row]
-            record = {"image": name, key: results[0] if per_row == 1 else results}
-            shown = f"{name}: {' | '.join(results)}"
-            if question is not None:
-                record["question"] = question
-                shown = f"{name}: {question} {' | '.join(results)}" if len(questions) > 1 else shown
-            emit(args, record, shown)
-    bar.close()
-    return finish(failures)
+    out = []
+    for n, (name, question) in enumerate(_rows(names, questions)):
+        results = outputs[n * per_row:(n + 1) * per_row]
+        record = {"image": name, key: results[0] if per_row == 1 else results}
+        shown = f"{name}: {' | '.join(results)}"
+        if question is not None:
+            record["question"] = question
+            shown = f"{name}: {question} {' | '.join(results)}" if len(questions) > 1 else shown
+        out.append((record, shown))
+    return out
 
 
 def _rows(names: list[str], questions: list[str] | None):
@@ -369,28 +427,30 @@ def run_embed(args) -> int:
     import torch
 
     failures = Failures()
-    paths = expand_images(args.images, failures)
-    if not paths and not args.text:
+    paths, shards = _inputs(args, failures)
+    if not paths and not shards and not args.text:
         if not failures.count:
             print("blip2: nothing to embed: give images or --text", file=sys.stderr)
         return 2 if not failures.count else finish(failures)
     m = load(args, retrieval=True)
-    bar = progress(len(paths), args, "embed")
-    for names, pixel_values in image_batches(paths, args, m, failures, bar):
-        with torch.inference_mode():
-            image = m.model.vision_model(pixel_values).last_hidden_state
-            embeds = m.model.image_embeds(m.model.image_queries(image).last_hidden_state)  # (B, Q, E)
-        bar.clear()
-        for name, e in zip(names, embeds.float().tolist()):
-            emit(args, {"image": name, "embedding": e}, "")
-    bar.close()
+    code = _drive(args, m, paths, shards, lambda names, pixels: _embed_rows(m, names, pixels), "embed", failures)
     for text in args.text:
         tokens = m.processor.tokenizer([text], return_tensors="pt")
         with torch.inference_mode():
             states = m.model.text_states(tokens["input_ids"].to(m.device), tokens["attention_mask"].to(m.device))
             embed = m.model.text_embeds(states.last_hidden_state)[0]  # (E,)
         emit(args, {"text": text, "embedding": embed.float().tolist()}, "")
-    return finish(failures)
+    return code
+
+
+def _embed_rows(m: "Loaded", names: list, pixel_values) -> list[tuple[dict, str]]:
+    """({"image", "embedding": (Q, E) lists}, "") per image of one batch."""
+    import torch
+
+    with torch.inference_mode():
+        image = m.model.vision_model(pixel_values).last_hidden_state
+        embeds = m.model.image_embeds(m.model.image_queries(image).last_hidden_state)  # (B, Q, E)
+    return [({"image": name, "embedding": e}, "") for name, e in zip(names, embeds.float().tolist())]
 
 
 def main(argv: list[str] | None = None) -> int:
