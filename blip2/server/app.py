@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,6 +32,7 @@ from .limits import (
     ApiError, ImageData, Settings, bool_param, check_text, decode_base64, decode_image, float_param, image_digest,
     int_param, text_param, texts_param,
 )
+from .telemetry import Telemetry, wants_prometheus
 
 log = logging.getLogger("blip2.server")
 
@@ -43,7 +44,12 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     """The FastAPI app serving `engine`; model work runs in the batcher's single model thread."""
     settings = settings or engine.settings
     settings.validate()
-    batcher = Batcher(engine.run, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue,
+    def run(key, payloads):
+        results = engine.run(key, payloads)
+        app.state.telemetry.generated(results)
+        return results
+
+    batcher = Batcher(run, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue,
                       settings.request_timeout_s, engine.batch_limit)
 
     @asynccontextmanager
@@ -57,7 +63,8 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
                   description="BLIP-2: caption images, answer questions about them, match and embed.")
     app.state.engine, app.state.batcher, app.state.settings = engine, batcher, settings
     app.state.counters = Counters()
-    app.add_middleware(Guard, settings=settings, counters=app.state.counters)
+    app.state.telemetry = Telemetry(batcher, engine, app.state.counters)
+    app.add_middleware(Guard, settings=settings, counters=app.state.counters, telemetry=app.state.telemetry)
     _add_error_handlers(app)
     _add_routes(app, engine, batcher, settings)
     return app
@@ -80,10 +87,11 @@ class Guard:
     becomes a JSON 500 rather than a dropped connection.
     """
 
-    def __init__(self, app, settings: Settings, counters: Counters) -> None:
+    def __init__(self, app, settings: Settings, counters: Counters, telemetry: Telemetry) -> None:
         self.app = app
         self.settings = settings
         self.counters = counters
+        self.telemetry = telemetry
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -93,6 +101,7 @@ class Guard:
         c.requests += 1
         c.in_flight += 1
         status = {"code": 0}
+        started = time.monotonic()
 
         async def send_counted(message) -> None:
             if message["type"] == "http.response.start":
@@ -105,6 +114,9 @@ class Guard:
             c.in_flight -= 1
             key = str(status["code"] or "none")
             c.by_status[key] = c.by_status.get(key, 0) + 1
+            client = scope.get("client") or ("", 0)
+            self.telemetry.request_done(scope.get("method", ""), scope.get("path", ""), status["code"],
+                                        time.monotonic() - started, f"{client[0]}:{client[1]}")
 
     async def _guarded(self, scope, receive, send, status) -> None:
         path = scope.get("path", "")
@@ -321,9 +333,10 @@ class GenerationStream:
     they still get a proper 4xx/5xx status; later ones become an error event in the stream.
     """
 
-    def __init__(self, batcher: Batcher, job: GenerateJob) -> None:
+    def __init__(self, batcher: Batcher, job: GenerateJob, telemetry: Telemetry | None = None) -> None:
         self.batcher = batcher
         self.job = job
+        self.telemetry = telemetry
         self.pieces: asyncio.Queue = asyncio.Queue()
         self.task: asyncio.Task | None = None
 
@@ -332,8 +345,12 @@ class GenerationStream:
         loop = asyncio.get_running_loop()
         self.job.on_text = lambda piece: loop.call_soon_threadsafe(self.pieces.put_nowait, piece)
         self.task = asyncio.create_task(self.batcher.submit(("stream", self.job.settings), self.job))
+        started = time.monotonic()
         try:
-            return await self.next()
+            first = await self.next()
+            if self.telemetry is not None:
+                self.telemetry.first_token(time.monotonic() - started)
+            return first
         except BaseException:
             self.close()
             raise
@@ -460,6 +477,7 @@ def _usage(result: GenerateResult) -> dict[str, int]:
 # ---------------------------------------------------------------- routes
 def _add_routes(app: FastAPI, engine: Engine, batcher: Batcher, settings: Settings) -> None:
     counters: Counters = app.state.counters
+    telemetry: Telemetry = app.state.telemetry
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -473,7 +491,13 @@ def _add_routes(app: FastAPI, engine: Engine, batcher: Batcher, settings: Settin
                 "queued": len(batcher.pending)}
 
     @app.get("/metrics")
-    async def metrics() -> dict:
+    async def metrics(request: Request):
+        """JSON; Prometheus text with ?format=prometheus or an Accept header naming text/plain or openmetrics."""
+        if wants_prometheus(request.url.query, request.headers.get("accept", "")):
+            if telemetry.registry is None:
+                raise ApiError(501, "Prometheus metrics need prometheus-client: pip install 'blip2[serve]'")
+            body, content_type = telemetry.prometheus_text()
+            return Response(body, media_type=content_type)
         return {
             "batcher": batcher.snapshot(),
             "cache": engine.cache.stats(),
@@ -488,14 +512,21 @@ def _add_routes(app: FastAPI, engine: Engine, batcher: Batcher, settings: Settin
         return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": int(counters.started),
                                             "owned_by": "blip2", **engine.describe()}]}
 
+    async def submit_generation(gen: GenerationSettings, job: GenerateJob) -> GenerateResult:
+        """A whole (not streamed) generation; its first token reaches the client with the last."""
+        started = time.monotonic()
+        result = await batcher.submit(engine.generate_key(gen), job)
+        telemetry.first_token(time.monotonic() - started)
+        return result
+
     async def run_generation(fields: dict, files: dict, prompt: str, gen: GenerationSettings, body):
         """Shared by caption and answer: `body(image, result)` is the JSON answer (or the stream's last event)."""
         stream = _stream_param(fields, gen)
         image = await read_image(engine, settings, fields, files, "generate")
         job = GenerateJob(image, prompt, gen)
         if not stream:
-            return body(image, await batcher.submit(engine.generate_key(gen), job))
-        stream = GenerationStream(batcher, job)
+            return body(image, await submit_generation(gen, job))
+        stream = GenerationStream(batcher, job, telemetry)
         first = await stream.start()
 
         def render(kind, value):
@@ -549,11 +580,11 @@ def _add_routes(app: FastAPI, engine: Engine, batcher: Batcher, settings: Settin
         job = GenerateJob(image, prompt, gen)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": engine.name}
         if not stream:
-            result = await batcher.submit(engine.generate_key(gen), job)
+            result = await submit_generation(gen, job)
             return {**meta, "object": "chat.completion", "usage": _usage(result),
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                                  "finish_reason": result.finish_reason}]}
-        stream = GenerationStream(batcher, job)
+        stream = GenerationStream(batcher, job, telemetry)
         first = await stream.start()
         include_usage = isinstance(fields.get("stream_options"), dict) and bool(fields["stream_options"].get("include_usage"))
 

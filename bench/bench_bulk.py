@@ -1,0 +1,93 @@
+"""Bulk captioning: images/s of `blip2 caption SHARDS --output DIR` over 4 WebDataset shards, against
+the same model's in-process batch rate (the same images already decoded, `generate` on batches), in
+one process. The ratio is what reading tars, decoding images and writing shard files cost.
+
+    python bench/bench_bulk.py                       # 4 shards x 64 images, batch 16, 10 new tokens
+    python bench/bench_bulk.py --per-shard 500       # the issue's size (slow on a small CPU)
+
+Prints the load average: on a shared machine the figures are under that load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from blip2.cli import main as cli_main
+from blip2.commands import Loaded, batches, load_pixels, Failures
+from blip2.demo import EXAMPLES_DIR, MODEL_DIR
+from blip2.hf_compat import Blip2ForConditionalGeneration
+from blip2.processing import Blip2Processor
+
+
+def write_shards(folder: Path, shards: int, per_shard: int) -> list[bytes]:
+    """`shards` tars of `per_shard` PNGs (the demo examples, cycled) in the img2dataset layout."""
+    images = [p.read_bytes() for p in sorted(EXAMPLES_DIR.glob("*.png"))]
+    for s in range(shards):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for n in range(per_shard):
+                data = images[(s * per_shard + n) % len(images)]
+                info = tarfile.TarInfo(f"{s:05d}{n:04d}.png")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return images
+
+
+def in_process_rate(images: list[bytes], total: int, batch: int, tokens: int) -> float:
+    """Images/s of generate alone on pre-decoded batches (the best the CLI could do)."""
+    model = Blip2ForConditionalGeneration.from_pretrained(str(MODEL_DIR))
+    processor = Blip2Processor.from_pretrained(str(MODEL_DIR))
+    m = Loaded(model, processor, torch.device("cpu"), torch.float32)
+    _, pixels = load_pixels([(n, images[n % len(images)]) for n in range(total)], processor.image_processor,
+                            Failures())
+    chunks = [torch.stack(c) for c in batches(pixels, batch)]
+    with torch.inference_mode():
+        m.model.generate(pixel_values=chunks[0], max_new_tokens=tokens)  # warm-up
+        started = time.perf_counter()
+        for chunk in chunks:
+            m.model.generate(pixel_values=chunk, max_new_tokens=tokens)
+    return total / (time.perf_counter() - started)
+
+
+def cli_rate(shard_dir: Path, out: Path, total: int, batch: int, tokens: int) -> float:
+    started = time.perf_counter()
+    code = cli_main(["caption", str(shard_dir), "--output", str(out), "--batch-size", str(batch),
+                     "--max-new-tokens", str(tokens), "--no-progress"])
+    seconds = time.perf_counter() - started
+    assert code == 0, f"blip2 caption exited with {code}"
+    rows = sum(len(p.read_text().splitlines()) for p in out.glob("*.jsonl"))
+    assert rows == total, f"{rows} rows for {total} images"
+    return total / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--per-shard", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=10)
+    args = parser.parse_args()
+    total = args.shards * args.per_shard
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs; "
+          f"torch threads {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        shard_dir, out = Path(tmp) / "shards", Path(tmp) / "out"
+        shard_dir.mkdir()
+        images = write_shards(shard_dir, args.shards, args.per_shard)
+        batch_rate = in_process_rate(images, total, args.batch_size, args.max_new_tokens)
+        bulk_rate = cli_rate(shard_dir, out, total, args.batch_size, args.max_new_tokens)
+    print(f"{args.shards} shards x {args.per_shard} images, batch {args.batch_size}, {args.max_new_tokens} new tokens")
+    print(f"in-process generate on decoded batches: {batch_rate:.1f} images/s")
+    print(f"blip2 caption --output (whole command):  {bulk_rate:.1f} images/s  ratio {bulk_rate / batch_rate:.2f}")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (figures are under this load)")
+
+
+if __name__ == "__main__":
+    main()
