@@ -306,7 +306,9 @@ def read_adapter(name_or_path, **hub) -> tuple[dict, dict[str, Tensor]]:
     weights = resolve_file(name_or_path, BIN_WEIGHTS, required=False, **hub)
     if weights is None:
         raise FileNotFoundError(f"{name_or_path} has {CONFIG_NAME} but neither {SAFE_WEIGHTS} nor {BIN_WEIGHTS}")
-    return config, torch.load(weights, map_location="cpu", weights_only=True)
+    from .checkpoint import safe_torch_load
+
+    return config, safe_torch_load(weights, "adapter weights file")
 
 
 def write_adapter(directory: str | os.PathLike, config: dict, state: dict[str, Tensor],

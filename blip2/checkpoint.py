@@ -199,10 +199,27 @@ class SafetensorsReader:
 
 
 def _torch_load(path: Path) -> dict:
+    return safe_torch_load(path, mmap=True)
+
+
+def safe_torch_load(path: Path, what: str = "PyTorch checkpoint", **kwargs):
+    """torch.load with weights_only=True; a damaged or foreign file is a CheckpointError naming it.
+
+    torch's own message would suggest weights_only=False, which runs whatever code the file
+    holds: never advice to pass on about a file that failed to load.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {err}") from None
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except Exception as err:  # noqa: BLE001 - zip, pickle and storage errors all mean "damaged"
+        text = str(err).strip()
+        reason = text.splitlines()[0] if text else type(err).__name__
+        if "weights_only" in text or "Weights only" in text:
+            reason = "it holds Python objects other than tensors and plain data, which are not loaded"
+        size = Path(path).stat().st_size if Path(path).exists() else 0
+        raise CheckpointError(f"{path} ({size} bytes) is not a readable {what} (truncated or corrupt?): "
+                              f"{reason}") from None
 
 
 def _keys_of(path: Path) -> list[str]:

@@ -253,17 +253,18 @@ def generation_kwargs(args) -> dict:
 
 # ---------------------------------------------------------------- output
 def emit(args, record: dict, text: str) -> None:
-    line = json.dumps(_printable_values(record), ensure_ascii=False) if args.format == "jsonl" else printable(text)
+    line = json.dumps(printable_values(record), ensure_ascii=False) if args.format == "jsonl" else printable(text)
     print(line, flush=True)
 
 
-def _printable_values(value):
+def printable_values(value):
+    """`value` (JSON data) with every string made `printable`."""
     if isinstance(value, str):
         return printable(value)
     if isinstance(value, dict):
-        return {printable(k): _printable_values(v) for k, v in value.items()}
+        return {printable(k): printable_values(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_printable_values(v) for v in value]
+        return [printable_values(v) for v in value]
     return value
 
 

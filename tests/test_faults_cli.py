@@ -83,3 +83,19 @@ def test_non_utf8_file_names_neither_crash_nor_break_jsonl(tmp_path, monkeypatch
     records = [json.loads(line) for line in lines]
     assert code == 0 and len(records) == 2
     assert records[0]["image"].endswith("caf\\xe9-\\xff.png") and records[1]["image"].endswith("z_after.png")
+
+
+def test_eval_writes_valid_json_for_non_utf8_file_names(tmp_path, capsys):
+    if sys.platform == "darwin":
+        pytest.skip("macOS file systems refuse names that are not UTF-8")
+    shutil.copy(EXAMPLES[0], os.path.join(os.fsencode(tmp_path), b"caf\xe9.png"))
+    shutil.copy(EXAMPLES[1], tmp_path / "plain.png")
+    name = os.fsdecode(b"caf\xe9.png")  # a lone surrogate in Python: valid JSON with \\u escapes
+    lines = [json.dumps({"image": name, "caption": "a red triangle"}),
+             json.dumps({"image": "plain.png", "caption": "a red triangle"})]
+    (tmp_path / "val.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tmp_path / "val.jsonl"), "--task", "caption", "--no-java", "--out", str(out),
+                 "--max-new-tokens", "3", "--no-progress"]) == 0
+    result = json.loads(out.read_bytes().decode("utf-8"))
+    assert result["metrics"]["caption"]["n"] == 2

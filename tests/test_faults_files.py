@@ -79,3 +79,20 @@ def test_a_damaged_shard_index_is_named(copy):
     (copy / "model.safetensors.index.json").write_bytes(b"\xff{")
     with pytest.raises(ValueError, match="model.safetensors.index.json"):
         Blip2ForConditionalGeneration.from_pretrained(copy)
+
+
+class NotATensor:
+    """A Python object a weights file should never hold (torch.load(weights_only=True) refuses it)."""
+
+
+@pytest.mark.parametrize("content", ["object", "truncated"])
+def test_a_bad_bin_file_is_named_without_weights_only_advice(copy, content):
+    state = load_file(copy / "model.safetensors")
+    (copy / "model.safetensors").unlink()
+    path = copy / "pytorch_model.bin"
+    torch.save({**state, "extra": NotATensor()} if content == "object" else state, path)
+    if content == "truncated":
+        path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(ValueError, match="pytorch_model.bin") as err:
+        Blip2ForConditionalGeneration.from_pretrained(copy)
+    assert "weights_only=False" not in str(err.value) and "weights_only" not in str(err.value)

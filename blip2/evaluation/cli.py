@@ -118,7 +118,10 @@ def run_eval(args) -> int:
     print(format_table(results["metrics"]))
     from ..io import atomic_write_text
 
-    atomic_write_text(args.out, json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    from ..commands import printable_values
+
+    # file names that are not UTF-8 (kept by Python as lone surrogates) must not fail the write at the end
+    atomic_write_text(args.out, json.dumps(printable_values(results), indent=1, ensure_ascii=False) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

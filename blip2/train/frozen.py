@@ -49,7 +49,9 @@ class FeatureCache:
         if key in self.memory:
             return self.memory[key]
         if self.directory is not None and self._file(key).is_file():
-            self.memory[key] = torch.load(self._file(key), map_location="cpu", weights_only=True)
+            from ..checkpoint import safe_torch_load
+
+            self.memory[key] = safe_torch_load(self._file(key), "feature cache file")
             return self.memory[key]
         return None
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..checkpoint import CheckpointError, safe_torch_load
 from ..io import atomic_write, atomic_write_text, remove_stale_temps
 from . import distributed as dist
 from .data import ShardedBatches
@@ -35,10 +36,6 @@ METRICS = "metrics.jsonl"
 
 class NonFiniteError(RuntimeError):
     """A NaN or infinite loss or gradient: the run stops with the weights of the step before."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read; the message names it."""
 
 
 @dataclass
@@ -426,16 +423,7 @@ def _logged_step(line: str) -> int | None:
 def read_checkpoint(path: Path) -> dict:
     """A training checkpoint, or CheckpointError naming the file (torch's own message would suggest
     weights_only=False, which would run whatever code a damaged or foreign file holds)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except Exception as err:  # noqa: BLE001 - zip, pickle and storage errors all mean "damaged"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in reason or "Weights only" in reason:
-            reason = "it holds objects a training checkpoint never has"
-        size = path.stat().st_size if path.exists() else 0
-        raise CheckpointError(f"{path} ({size} bytes) is damaged or not a training checkpoint: {reason}") from None
+    state = safe_torch_load(path, "training checkpoint")
     needed = ("step", "epoch", "batch_in_epoch", "world_size", "model", "optimizer", "scheduler", "rng")
     missing = [k for k in needed if k not in state] if isinstance(state, dict) else list(needed)
     if missing:
