@@ -125,6 +125,10 @@ def _train(args) -> int:
         finally:
             if watch is not None:
                 watch.close()
+        if job.train.fsdp_frozen and info.world_size > 1:
+            from .loop import unshard_frozen
+
+            unshard_frozen(job.objective)  # every process takes part; then the main one saves
         if info.is_main:
             from .defaults import model_folder
 

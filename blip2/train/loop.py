@@ -59,6 +59,10 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     resume: bool = True  # continue from out_dir's latest checkpoint when there is one
+    # Shard the objective's frozen modules (its `shardable()`: stage 2's language model) across
+    # processes with torch's fully_shard instead of holding a copy in each; the trainable parts
+    # stay replicated and their gradients are averaged as DDP would.
+    fsdp_frozen: bool = False
 
     def __post_init__(self) -> None:
         """Every numeric setting in range (NaN and infinities refused), named as the config file names it."""
@@ -157,6 +161,7 @@ class Trainer:
         self.cfg = config
         self.info = info or dist.current(next(objective.parameters()).device)
         self.objective = objective.to(self.info.device)
+        self._frozen_sum = self._checksum_frozen()  # before any sharding
         self.module = self._wrap(self.objective)
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
         half = sorted({str(p.dtype) for p in self.params if p.dtype in (torch.float16, torch.bfloat16)})
@@ -178,11 +183,13 @@ class Trainer:
         self.out = Path(config.out_dir)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.history: list[dict] = []  # what was logged, this process's view
-        self._frozen_sum = self._checksum_frozen()
 
     def _wrap(self, objective: nn.Module) -> nn.Module:
         if self.info.world_size == 1:
             return objective
+        if self.cfg.fsdp_frozen:
+            shard_frozen(objective, self.info)
+            return objective  # gradients are averaged by _average_gradients
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [self.info.device.index] if self.info.device.type == "cuda" else None
@@ -253,6 +260,8 @@ class Trainer:
                 (losses["loss"] / accum).backward()
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float() / accum
+        if self.cfg.fsdp_frozen and self.info.world_size > 1:
+            _average_gradients(self.params)
         # The norm over every process's gradients (DDP has averaged them), clipped when asked.
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or math.inf)
         out = _mean_over_processes(totals)  # the same numbers on every process, so all stop together
@@ -429,6 +438,48 @@ def read_checkpoint(path: Path) -> dict:
     if missing:
         raise CheckpointError(f"{path} is not a training checkpoint (it lacks {missing})")
     return state
+
+
+def shard_frozen(objective: nn.Module, info) -> None:
+    """fully_shard each block (layer) of the objective's frozen modules: every process holds
+    1/world of their weights, gathered a block at a time for forward and backward. What lies
+    outside the blocks (embeddings, final norm, output head: called outside the module's own
+    forward, and tied to each other) stays whole in every process."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not hasattr(objective, "shardable"):
+        raise ValueError(f"fsdp_frozen: {type(objective).__name__} names no frozen modules to shard (shardable())")
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    for module, blocks in objective.shardable():
+        if any(p.requires_grad for p in module.parameters()):
+            raise ValueError("fsdp_frozen shards frozen modules only; this one has trainable parameters "
+                             "(a LoRA on the language model?)")
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+
+
+@torch.no_grad()
+def unshard_frozen(objective: nn.Module) -> None:
+    """Makes the sharded frozen weights whole again in every process (call in all of them, e.g.
+    before saving the model)."""
+    from torch.distributed.tensor import DTensor
+
+    for module in objective.modules():
+        for name, p in list(module._parameters.items()):
+            if isinstance(p, DTensor):
+                module._parameters[name] = nn.Parameter(p.full_tensor(), requires_grad=False)
+
+
+@torch.no_grad()
+def _average_gradients(params: list[Tensor]) -> None:
+    """The replicated trainable parameters' gradients, averaged over processes (DDP's rule)."""
+    import torch.distributed as tdist
+
+    for p in params:
+        if p.grad is not None:  # the same graph on every process: the same parameters have gradients
+            tdist.all_reduce(p.grad)
+            p.grad /= tdist.get_world_size()
 
 
 def _mean_over_processes(values: dict[str, Tensor]) -> dict[str, float]:

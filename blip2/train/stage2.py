@@ -41,6 +41,12 @@ class Stage2Objective(nn.Module):
         keep_frozen_in_eval(self.frozen)
         return self
 
+    def shardable(self) -> list[tuple[nn.Module, list[nn.Module]]]:
+        """The frozen language model and its blocks, for `TrainConfig.fsdp_frozen`."""
+        lm = self.model.language_model
+        blocks = [m for m in lm.modules() if type(m).__name__ in type(self.model)._no_split_modules]
+        return [(lm, blocks)]
+
     def forward(self, batch: dict, step: int) -> dict[str, Tensor]:
         m = self.model
         image = image_features(m.vision_model, batch["pixel_values"], batch.get("keys"), self.cache)  # (B, N, Dv)
