@@ -541,3 +541,25 @@ def test_gradient_checkpointing_on_the_parts(key):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-9, rtol=1e-5, msg=name)
+
+
+def test_a_list_of_eos_ids_in_the_config_stops_generation_on_either(tmp_path: Path):
+    """text_config.eos_token_id = [a, b]: each row stops at the first of either, as in the reference."""
+    from conftest import make_inputs, make_ref, ref_config
+
+    probe = make_ref(transformers.Blip2ForConditionalGeneration, ref_config(text=dict(eos_token_id=97)))
+    inputs = make_inputs(probe.config, batch=2, seq=4)
+    free = probe.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], max_new_tokens=8)
+    # A token each row generates early, different for the two rows.
+    first = int(free[0, 2])
+    eos = [first, next(int(t) for t in free[1, 1:] if int(t) != first)]
+    ref = make_ref(transformers.Blip2ForConditionalGeneration, ref_config(text=dict(eos_token_id=eos)))
+    ref.save_pretrained(str(tmp_path))
+    want = ref.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], max_new_tokens=8)
+    ours = blip2.Blip2ForConditionalGeneration.from_pretrained(tmp_path)
+    assert ours.config.text_config.eos_token_id == eos
+    got = ours.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], max_new_tokens=8)
+    assert got.tolist() == want.tolist()
+    for row in got.tolist():
+        stop = next(i for i, t in enumerate(row[1:], 1) if t in eos)  # each row reached one of them
+        assert all(t == BASE_OPT["pad_token_id"] for t in row[stop + 1:]), row
