@@ -563,3 +563,12 @@ def test_a_list_of_eos_ids_in_the_config_stops_generation_on_either(tmp_path: Pa
     for row in got.tolist():
         stop = next(i for i, t in enumerate(row[1:], 1) if t in eos)  # each row reached one of them
         assert all(t == BASE_OPT["pad_token_id"] for t in row[stop + 1:]), row
+
+
+def test_a_given_initializer_range_is_kept_and_used():
+    """4.37.2 resets Blip2Config.initializer_range to 0.02 whatever it is given; ours keeps it."""
+    config = tiny_config(blip2, initializer_range=0.1)
+    assert blip2.Blip2Config.from_dict(config.to_dict()).initializer_range == 0.1
+    torch.manual_seed(0)
+    model = blip2.Blip2ForConditionalGeneration(config)
+    assert 0.08 < float(model.language_projection.weight.std()) < 0.12
