@@ -294,10 +294,9 @@ def saved_config(model, adapter: str, settings: LoraSettings, state: dict[str, T
 def read_adapter(name_or_path, **hub) -> tuple[dict, dict[str, Tensor]]:
     """adapter_config.json and the weights of an adapter folder or hub id."""
     config_file = resolve_file(name_or_path, CONFIG_NAME, **hub)
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_file} is not valid JSON: {err}") from None
+    from .hub import read_json
+
+    config = read_json(config_file)
     weights = resolve_file(name_or_path, SAFE_WEIGHTS, required=False, **hub)
     if weights is not None:
         from safetensors.torch import load_file

@@ -96,3 +96,26 @@ def test_a_bad_bin_file_is_named_without_weights_only_advice(copy, content):
     with pytest.raises(ValueError, match="pytorch_model.bin") as err:
         Blip2ForConditionalGeneration.from_pretrained(copy)
     assert "weights_only=False" not in str(err.value) and "weights_only" not in str(err.value)
+
+
+def test_every_reader_of_a_model_folder_names_a_non_utf8_file(copy, tmp_path):
+    from blip2.adapters import read_adapter
+    from blip2.server.engine import _is_retrieval_checkpoint
+
+    (copy / "config.json").write_bytes(b'{"note": "caf\xe9"}')
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        _is_retrieval_checkpoint(copy)  # how `blip2 serve` picks the model class
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_bytes(b'{"r": 8, "note": "caf\xe9"}')
+    with pytest.raises(ValueError, match=r"adapter_config\.json is not valid JSON"):
+        read_adapter(adapter)
+
+
+def test_training_data_that_is_not_utf8_is_named(tmp_path):
+    from blip2.train.data import read_records
+
+    path = tmp_path / "captions.jsonl"
+    path.write_bytes('{"image": "a.png", "caption": "café"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"captions\.jsonl is not UTF-8"):
+        read_records(path)

@@ -6,7 +6,6 @@ GPT-2 / OPT: a byte-level BPE from `vocab.json` + `merges.txt`. T5: a Unigram mo
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from dataclasses import dataclass
@@ -119,7 +118,9 @@ def _int32(value: int) -> int:
 
 def byte_level_bpe(vocab_file: Path, merges_file: Path, add_prefix_space: bool, bos: str | None) -> Backend:
     """GPT-2 / OPT byte-level BPE; with `bos`, the post-processor puts it in front (OPT's add_bos_token)."""
-    vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
+    from ..hub import read_json
+
+    vocab = read_json(vocab_file)
     backend = Backend(models.BPE(vocab=vocab, merges=_read_merges(merges_file), dropout=None,
                                  continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)

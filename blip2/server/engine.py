@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -468,9 +467,9 @@ def _is_retrieval_checkpoint(path) -> bool:
     A retrieval Q-Former reads text (`use_qformer_text_input`); the architectures list alone is
     not trusted, since a config saved from one class and reused for another keeps the old name.
     """
-    from ..hub import resolve_file
+    from ..hub import read_json, resolve_file
 
-    config = json.loads(resolve_file(path, "config.json").read_text(encoding="utf-8"))
+    config = read_json(resolve_file(path, "config.json"))
     if not (config.get("qformer_config") or {}).get("use_qformer_text_input"):
         return False
     names = config.get("architectures") or []
