@@ -352,9 +352,9 @@ def _shard_rows(shard: Shard, args, m, rows, bar) -> tuple[list[dict], int]:
 
 def write_rows(target: Path, records: list[dict], fmt: str) -> None:
     """One shard's rows, atomically: JSON lines, or Parquet with every column in every row."""
-    from .commands import _printable_values
+    from .commands import printable_values
 
-    records = [_printable_values(r) for r in records]
+    records = [printable_values(r) for r in records]
     if fmt == "jsonl":
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         atomic_write(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
