@@ -136,6 +136,8 @@ def test_stage2_from_a_model_without_language_model_names_the_file(heldout, caps
     train, _ = heldout
     err = train_error(capsys, "stage2", "--model", str(RETRIEVAL_DIR), "--data", str(train), "--out", "o")
     assert "retrieval/model.safetensors: no language model" in err
+    err = train_error(capsys, "stage1", "--model", str(MODEL_DIR), "--data", str(train), "--out", "o")
+    assert "model: a captioning checkpoint (it has a language model) cannot start stage 1" in err
 
 
 def test_data_without_captions_names_the_file_and_line(tmp_path, capsys):
@@ -152,3 +154,31 @@ def test_data_without_captions_names_the_file_and_line(tmp_path, capsys):
     yaml_file = tmp_path / "broken.yaml"
     yaml_file.write_text("train:\n  lr: [1,\n")
     assert re.search(r"broken\.yaml:\d+: not valid YAML", train_error(capsys, "stage2", "--config", str(yaml_file)))
+
+
+def test_watch_logs_to_wandb_when_asked(tmp_path, monkeypatch):
+    """W&B is optional and not installed for the tests: a stand-in module records what Watch sends."""
+    import sys
+    import types
+
+    from blip2.train.watch import Watch
+
+    sent = []
+    run = types.SimpleNamespace(log=lambda data, step: sent.append((step, data)), finish=lambda: sent.append("done"))
+    fake = types.ModuleType("wandb")
+    fake.init = lambda project, dir, config: sent.append(("init", project)) or run
+    fake.Table = lambda columns, data: ("table", columns, data)
+    fake.Image = lambda path: ("image", path)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    image = write_split(tmp_path / "d", "train", 1).parent / "train-00000.png"
+    watch = Watch(tmp_path, {"tensorboard": False, "wandb": "my-project"}, examples_per_step=8)
+    watch({"step": 1, "epoch": 0, "lr": 1e-4, "loss": 2.0, "grad_norm": 0.5, "elapsed_s": 1.0})
+    watch({"step": 3, "epoch": 0, "lr": 1e-4, "loss": 1.0, "grad_norm": 0.4, "elapsed_s": 2.0})
+    watch({"step": 3, "eval_caption_CIDEr": 1.5})
+    watch.samples(3, [{"image": str(image), "caption": "a red square", "references": ["a red circle"]}])
+    watch.close()
+    assert sent[0] == ("init", "my-project") and sent[-1] == "done"
+    assert sent[2] == (3, {"train/lr": 1e-4, "train/loss": 1.0, "train/grad_norm": 0.4, "train/examples_per_s": 16.0})
+    assert sent[3] == (3, {"eval/caption_CIDEr": 1.5})
+    step, table = sent[4]
+    assert step == 3 and table["eval/samples"][2][0][1:] == ["a red square", "a red circle"]

@@ -65,6 +65,10 @@ def derive(stage: str, user: dict, device: torch.device) -> dict:
     config = Blip2Config.from_json_file(folder / "config.json") if "config" not in m else Blip2Config.from_dict(m["config"])
     if stage == "stage2" and m.get("pretrained"):
         check_stage2_model(folder)
+    if stage == "stage1" and m.get("pretrained") and has_language_model(folder):
+        raise ValueError(f"{folder}: a captioning checkpoint (it has a language model) cannot start stage 1, which "
+                         "trains the Q-Former's text side: start from a retrieval / stage-1 checkpoint, or take only "
+                         "its image encoder (model.vision_from, see examples/stage1_from_scratch.yaml)")
     records = read_records(data["train"])
     images = len({r["image"] for r in records})
     holdout = 0 if data.get("eval") else held_out_images(images)
