@@ -490,7 +490,7 @@ class Blip2QFormerModel(PreTrainedModel, QFormer):
                            past_key_values)
         out = QFormer.forward(
             self, query_embeds, encoder_hidden_states, attention_mask, encoder_attention_mask, head_mask,
-            past_key_values, bool(use_cache), hidden, attn,
+            past=past_key_values, use_cache=bool(use_cache), need_hidden=hidden, need_weights=attn,
         )
         return qformer_output(out, as_dict)
 
@@ -655,8 +655,8 @@ def t5_forward(lm, embeds, mask, decoder_input_ids, decoder_attention_mask, labe
                need_hidden: bool, need_weights: bool):
     # T5 computes its own loss (labels shifted right feed the decoder); like the reference it
     # reports each decoder layer's keys and values when the config says use_cache.
-    out = lm(embeds, mask, decoder_input_ids, decoder_attention_mask, labels, need_hidden, need_weights,
-             keep_cache=lm.config.use_cache and not is_checkpointing(lm.decoder))
+    out = lm(embeds, mask, decoder_input_ids, decoder_attention_mask, labels, need_hidden=need_hidden,
+             need_weights=need_weights, keep_cache=lm.config.use_cache and not is_checkpointing(lm.decoder))
     lm_out = Seq2SeqLMOutput(
         loss=out.loss, logits=out.logits,
         past_key_values=out.cache.per_layer() if out.cache is not None else None,

@@ -24,32 +24,32 @@ from .modeling.qformer import QFormer, QFormerOutput, TextEmbeddings
 from .modeling.vision import VisionEncoder, VisionOutput
 from .outputs import ModelOutput
 
-T = Tensor | None
+OptionalTensor = Tensor | None  # output fields (not `T`, which is a sequence length elsewhere)
 
 
 @dataclass
 class Blip2ImageTextMatchingModelOutput(ModelOutput):
-    loss: T = None
-    logits_per_image: T = None  # ITM: (B, 2); ITC: (B_images, B_texts)
-    logits_per_text: T = None
-    text_embeds: T = None  # ITM: the joint hidden states; ITC: (B_texts, E)
-    image_embeds: T = None  # ITM: the image encoder's output; ITC: (B_images, Q, E)
+    loss: OptionalTensor = None
+    logits_per_image: OptionalTensor = None  # ITM: (B, 2); ITC: (B_images, B_texts)
+    logits_per_text: OptionalTensor = None
+    text_embeds: OptionalTensor = None  # ITM: the joint hidden states; ITC: (B_texts, E)
+    image_embeds: OptionalTensor = None  # ITM: the image encoder's output; ITC: (B_images, Q, E)
     text_model_output: Any = None
     vision_model_output: Any = None
 
 
 @dataclass
 class Blip2TextModelOutput(ModelOutput):
-    text_embeds: T = None  # (B, T, E), every position projected and normalised
-    last_hidden_state: T = None
+    text_embeds: OptionalTensor = None  # (B, T, E), every position projected and normalised
+    last_hidden_state: OptionalTensor = None
     hidden_states: tuple | None = None
     attentions: tuple | None = None
 
 
 @dataclass
 class Blip2VisionModelOutput(ModelOutput):
-    image_embeds: T = None  # (B, Q, E)
-    last_hidden_state: T = None  # the image encoder's
+    image_embeds: OptionalTensor = None  # (B, Q, E)
+    last_hidden_state: OptionalTensor = None  # the image encoder's
     hidden_states: tuple | None = None
     attentions: tuple | None = None
 

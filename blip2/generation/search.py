@@ -8,7 +8,7 @@ by the new tokens: (B * num_return_sequences, L). Rows that finished early are p
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -222,7 +222,8 @@ def beam_search(
         rows = torch.div(picks, V, rounding_mode="floor") + first_row  # (B, k): the beam each extends
         tokens = picks % V
         beam_scores, next_tokens, next_rows = _advance(
-            hyps, done, ids[:, :cur], L0, top_scores, tokens, rows, eos, pad, nb
+            hyps, done, Candidates(top_scores, tokens, rows), history=ids[:, :cur], start_len=L0,
+            eos=eos, pad=pad, num_beams=nb,
         )
         ids = _room(ids, cur, total, pad)
         ids[:, :cur] = ids[:, :cur].index_select(0, next_rows)
@@ -235,12 +236,23 @@ def beam_search(
     return _finalize(hyps, done, ids[:, :cur], L0, beam_scores, config, pad, eos_ids, total)
 
 
-def _advance(hyps, done, history, start_len, top_scores, tokens, rows, eos, pad, nb):
-    """Moves finished candidates into the hypotheses and picks the nb beams that go on.
+class Candidates(NamedTuple):
+    """Continuations of the beams, per input best first: (B, k) each, or (B * nb,) once chosen."""
 
-    top_scores, tokens, rows: (B, k) candidates, best first. Returns the new beam scores,
-    tokens and source rows, each (B*nb,). Updates `hyps` and `done` in place.
+    scores: Tensor  # the beam's score plus the token's
+    tokens: Tensor
+    rows: Tensor  # the row (beam) each continues
+
+
+def _advance(hyps: list[BeamHypotheses], done: list[bool], candidates: Candidates, *, history: Tensor,
+             start_len: int, eos: Tensor | None, pad: int | None, num_beams: int) -> Candidates:
+    """Moves finished candidates into the hypotheses and picks the beams that go on.
+
+    `history` (B * nb, L) is every row so far, L - start_len of it generated. Returns the beams
+    that go on, flattened to (B * nb,). Updates `hyps` and `done` (one flag per input) in place.
     """
+    top_scores, tokens, rows = candidates
+    nb = num_beams
     B, k = tokens.shape
     ends = torch.isin(tokens, eos) if eos is not None else torch.zeros_like(tokens, dtype=torch.bool)
     # The nb best candidates that do not end, in rank order (a stable sort puts them first).
@@ -270,7 +282,7 @@ def _advance(hyps, done, history, start_len, top_scores, tokens, rows, eos, pad,
         next_scores = next_scores.masked_fill(finished, 0.0)
         next_tokens = next_tokens.masked_fill(finished, pad)
         next_rows = next_rows.masked_fill(finished, 0)
-    return next_scores.reshape(-1), next_tokens.reshape(-1), next_rows.reshape(-1)
+    return Candidates(next_scores.reshape(-1), next_tokens.reshape(-1), next_rows.reshape(-1))
 
 
 def _finalize(hyps, done, history, start_len, beam_scores, config, pad, eos_ids, total) -> Tensor:

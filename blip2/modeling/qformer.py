@@ -82,7 +82,7 @@ class FeedForward(nn.Module):
 class QFormerLayer(nn.Module):
     def __init__(self, cfg, has_cross_attention: bool) -> None:
         super().__init__()
-        eps, self.p = cfg.layer_norm_eps, cfg.hidden_dropout_prob
+        eps, self.dropout = cfg.layer_norm_eps, cfg.hidden_dropout_prob
         self.self_attn = SelfAttention(cfg)
         self.self_norm = nn.LayerNorm(cfg.hidden_size, eps=eps)
         self.has_cross_attention = has_cross_attention
@@ -98,7 +98,7 @@ class QFormerLayer(nn.Module):
 
     def residual(self, norm: nn.LayerNorm, h: Tensor, x: Tensor) -> Tensor:
         """BERT's post-LN residual: LN(dropout(h) + x)."""
-        return norm(F.dropout(h, self.p, self.training) + x)
+        return norm(F.dropout(h, self.dropout, self.training) + x)
 
     def forward(self, x, self_mask, image, image_mask, head_mask=None, need_weights=False, past=None):
         h, self_w, present = self.self_attn(x, self_mask, head_mask, need_weights, past)
@@ -163,7 +163,8 @@ class QFormer(nn.Module):
         def step(n, layer, x, layer_past):
             return layer(x, self_mask, image, cross_mask, head_masks[n], need_weights, layer_past)
 
-        return self._run(x, step, past, True, use_cache, need_hidden, need_weights)
+        return self._run(x, step, past, queries_present=True, use_cache=use_cache, need_hidden=need_hidden,
+                         need_weights=need_weights)
 
     def forward_joint(
         self,
@@ -189,7 +190,8 @@ class QFormer(nn.Module):
         def step(n, layer, x, layer_past):
             return layer.forward_joint(x, num_queries, self_mask, image, cross_mask, need_weights, layer_past)
 
-        return self._run(x, step, past, num_queries > 0, use_cache, need_hidden, need_weights)
+        return self._run(x, step, past, queries_present=num_queries > 0, use_cache=use_cache,
+                         need_hidden=need_hidden, need_weights=need_weights)
 
     def _inputs(self, embeds: Tensor, attention_mask, image, image_mask, past) -> tuple[Tensor, Tensor, Tensor | None]:
         """The input norm and dropout, and both additive masks (self, cross; the latter None without an image)."""
@@ -205,7 +207,7 @@ class QFormer(nn.Module):
             cross_mask = image_attention_mask(image_mask, x.dtype)
         return x, self_attention_mask(attention_mask, x.dtype), cross_mask
 
-    def _run(self, x: Tensor, step, past, queries_present: bool, use_cache: bool, need_hidden: bool,
+    def _run(self, x: Tensor, step, past, *, queries_present: bool, use_cache: bool, need_hidden: bool,
              need_weights: bool) -> QFormerOutput:
         """Every layer in turn; step(n, layer, x, layer_past) -> (x, self_w, cross_w, present).
         Cross-attention weights exist only for layers that have it and only when queries are present."""

@@ -186,10 +186,10 @@ class FeedForward(nn.Module):
         self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.act = activation(cfg.dense_act_fn)
-        self.p = cfg.dropout_rate
+        self.dropout = cfg.dropout_rate
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.dropout(self.act(self.wi(x)), self.p, self.training)
+        h = F.dropout(self.act(self.wi(x)), self.dropout, self.training)
         return self.wo(h.to(self.wo.weight.dtype))  # wo may be kept in float32
 
 
@@ -201,11 +201,11 @@ class GatedFeedForward(nn.Module):
         self.wi = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.act = activation(cfg.dense_act_fn)
-        self.p = cfg.dropout_rate
+        self.dropout = cfg.dropout_rate
 
     def forward(self, x: Tensor) -> Tensor:
         gate, linear = self.wi(x).chunk(2, dim=-1)  # (B, T, d_ff) each
-        h = F.dropout(self.act(gate) * linear, self.p, self.training)
+        h = F.dropout(self.act(gate) * linear, self.dropout, self.training)
         return self.wo(h.to(self.wo.weight.dtype))  # wo may be kept in float32
 
 
@@ -217,7 +217,7 @@ def feed_forward(cfg) -> nn.Module:
 class EncoderLayer(nn.Module):
     def __init__(self, cfg, rel_bias: RelativePositionBias | None) -> None:
         super().__init__()
-        self.p = cfg.dropout_rate
+        self.dropout = cfg.dropout_rate
         self.attn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.attn = SelfAttention(cfg, rel_bias)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
@@ -225,15 +225,15 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor, need_weights: bool):
         h, weights = self.attn(self.attn_norm(x), mask, 0, None, need_weights)
-        x = clamp_inf(x + F.dropout(h, self.p, self.training))
-        x = x + F.dropout(self.mlp(self.mlp_norm(x)), self.p, self.training)
+        x = clamp_inf(x + F.dropout(h, self.dropout, self.training))
+        x = x + F.dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
         return clamp_inf(x), weights
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg, rel_bias: RelativePositionBias | None) -> None:
         super().__init__()
-        self.p = cfg.dropout_rate
+        self.dropout = cfg.dropout_rate
         self.attn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.attn = SelfAttention(cfg, rel_bias)
         self.cross_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
@@ -244,10 +244,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x: Tensor, at: Positions, cross_kv: tuple[Tensor, Tensor], cross_mask: Tensor,
                 layer: int, cache: KVCache | None, need_weights: bool):
         h, self_weights = self.attn(self.attn_norm(x), at.mask, layer, cache, need_weights, at.slots)
-        x = clamp_inf(x + F.dropout(h, self.p, self.training))
+        x = clamp_inf(x + F.dropout(h, self.dropout, self.training))
         h, cross_weights = self.cross_attn(self.cross_norm(x), *cross_kv, cross_mask, need_weights)
-        x = clamp_inf(x + F.dropout(h, self.p, self.training))
-        x = x + F.dropout(self.mlp(self.mlp_norm(x)), self.p, self.training)
+        x = clamp_inf(x + F.dropout(h, self.dropout, self.training))
+        x = x + F.dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
         return clamp_inf(x), self_weights, cross_weights
 
 
@@ -256,7 +256,7 @@ class T5Encoder(nn.Module):
 
     def __init__(self, cfg) -> None:
         super().__init__()
-        self.p = cfg.dropout_rate
+        self.dropout = cfg.dropout_rate
         first = RelativePositionBias(cfg, bidirectional=True)
         self.layers = nn.ModuleList(EncoderLayer(cfg, first if n == 0 else None) for n in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
@@ -266,7 +266,7 @@ class T5Encoder(nn.Module):
         S = x.shape[1]
         bias = self.layers[0].attn.rel_bias(0, S, S)  # (1, H, S, S)
         mask = bias + padding_mask(keep, bias.dtype)  # (B, H, S, S)
-        x = F.dropout(x, self.p, self.training)
+        x = F.dropout(x, self.dropout, self.training)
         hidden = [] if need_hidden else None
         weights = [] if need_weights else None
         for layer in self.layers:
@@ -275,7 +275,7 @@ class T5Encoder(nn.Module):
             x, w = run_layer(self, layer, x, mask, need_weights)
             if need_weights:
                 weights.append(w)
-        x = F.dropout(self.final_norm(x), self.p, self.training)
+        x = F.dropout(self.final_norm(x), self.dropout, self.training)
         if need_hidden:
             hidden.append(x)
         return EncoderOutput(x, _maybe_tuple(hidden), _maybe_tuple(weights))
@@ -325,7 +325,7 @@ class T5Decoder(nn.Module):
 
     def __init__(self, cfg) -> None:
         super().__init__()
-        self.p = cfg.dropout_rate
+        self.dropout = cfg.dropout_rate
         first = RelativePositionBias(cfg, bidirectional=False)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, first if n == 0 else None) for n in range(cfg.num_decoder_layers)
@@ -352,7 +352,7 @@ class T5Decoder(nn.Module):
         bias = self.layers[0].attn.rel_bias(start, T, start + T)  # (1, H, T, start + T)
         at = Positions.after(keep, T, bias.dtype)
         at = at._replace(mask=bias + at.mask)  # (B, H, T, start + T)
-        x = F.dropout(x, self.p, self.training)
+        x = F.dropout(x, self.dropout, self.training)
         hidden = [] if need_hidden else None
         weights = [] if need_weights else None
         cross_weights = [] if need_weights else None
@@ -365,7 +365,7 @@ class T5Decoder(nn.Module):
                 cross_weights.append(cw)
         if cache is not None:
             cache.advance(T)
-        x = F.dropout(self.final_norm(x), self.p, self.training)
+        x = F.dropout(self.final_norm(x), self.dropout, self.training)
         if need_hidden:
             hidden.append(x)
         return x, _maybe_tuple(hidden), _maybe_tuple(weights), _maybe_tuple(cross_weights)
