@@ -1,6 +1,7 @@
-"""The engine without HTTP: generation from cached language inputs gives what the model's own
-`generate` gives from pixels (OPT and T5, batched with mixed prompt lengths), and the cache skips
-the image encoder and Q-Former on a second question."""
+"""The engine without HTTP: generation from cached image-encoder states gives what the model's
+own `generate` gives from pixels (OPT and T5, batched with mixed prompt lengths; an
+instruction-aware Q-Former reading each prompt), and the cache skips the image encoder on a
+second question."""
 
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def test_a_cached_image_never_reaches_the_image_encoder(opt_engine):
         assert calls == [1, 2]
         cached = ImageData(img.sha256)  # as the server sends it: no pixels at all
         result = opt_engine.run(("generate", settings), [GenerateJob(cached, "Question: where ? Answer:", settings)])
-        assert calls == [1, 2] and result[0].cached
+        # The Q-Former runs again (an instruction-aware one reads the prompt); the image encoder does not.
+        assert calls == [1, 2, 2] and result[0].cached
     finally:
         hook.remove()
         qhook.remove()
@@ -160,3 +162,42 @@ def test_requests_with_different_prompts_and_lengths_share_a_batch(which, reques
         assert result.completion_tokens <= n
     beams = [GenerationSettings(max_new_tokens=n, num_beams=2) for n in (3, 4)]
     assert engine.generate_key(beams[0]) != engine.generate_key(beams[1])  # beams rank by the whole length
+
+
+def test_an_instruction_aware_qformer_reads_each_prompt(tmp_path):
+    """InstructBLIP's Q-Former reads the prompt, so the cache holds only the image encoder's states:
+    two questions about one image (the second from the cache) each get what generate gives them."""
+    from blip2 import InstructBlipConfig, InstructBlipForConditionalGeneration
+    from test_server_fixtures import _tiny_config, make_captioning_checkpoint, make_retrieval_checkpoint
+
+    processor = load_processor(make_captioning_checkpoint(tmp_path / "captioning"))
+    instructions = load_processor(make_retrieval_checkpoint(tmp_path / "retrieval")).tokenizer  # BERT-style
+    blip2 = _tiny_config(processor.tokenizer.vocab_size, instructions.vocab_size, retrieval=False).to_dict()
+    torch.manual_seed(0)
+    model = InstructBlipForConditionalGeneration(InstructBlipConfig.from_dict(blip2)).eval()
+    _redraw(model, 5)
+    engine = Engine(model, InstructProcessor(processor, instructions), settings=Settings(max_new_tokens=16))
+    settings = GenerationSettings(max_new_tokens=6)
+    prompts = ["what colour is the circle", "where is the square"]
+    results = [engine.run(("generate", settings), [GenerateJob(image_data(70), p, settings)])[0] for p in prompts]
+    assert [r.cached for r in results] == [False, True]
+
+    pixel_values = processor(images=[image_data(70).image], return_tensors="pt")["pixel_values"]
+    for prompt, result in zip(prompts, results):
+        ids = torch.tensor([processor.tokenizer(prompt)["input_ids"]])
+        q = torch.tensor([instructions(prompt)["input_ids"]])
+        out = model.generate(pixel_values, qformer_input_ids=q, input_ids=ids, max_new_tokens=6)
+        assert result.text == processor.batch_decode(out, skip_special_tokens=True)[0].strip()
+
+
+class InstructProcessor:
+    """A BLIP-2 processor plus a Q-Former tokenizer, as the reference's InstructBLIP processor has."""
+
+    def __init__(self, processor, qformer_tokenizer) -> None:
+        self.processor, self.tokenizer, self.qformer_tokenizer = processor, processor.tokenizer, qformer_tokenizer
+
+    def __call__(self, **kwargs):
+        return self.processor(**kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.processor.decode(*args, **kwargs)

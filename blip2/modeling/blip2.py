@@ -97,7 +97,12 @@ class Blip2(nn.Module):
 
         `query_inputs` go to `query_features` (InstructBLIP's instruction); BLIP-2 takes none."""
         image = self.image_features(pixel_values, interpolate_pos_encoding).last_hidden_state
-        queries = self.query_features(image, **query_inputs).last_hidden_state[:, : self.config.num_query_tokens]
+        return self.language_inputs_from_image(image, **query_inputs)
+
+    def language_inputs_from_image(self, image_embeds: Tensor, **query_inputs) -> Tensor:
+        """(B, N, Dv) image-encoder states -> (B, Q, D_lm): the part of `language_inputs` that may
+        depend on an instruction (what a cache keyed by the image alone must not hold)."""
+        queries = self.query_features(image_embeds, **query_inputs).last_hidden_state[:, : self.config.num_query_tokens]
         return self.language_projection(queries)
 
     # ---- joining image and text ----

@@ -1,8 +1,10 @@
 """The model side of the server: batched caption / answer / match / embed over one loaded model.
 
 `Engine.run(key, jobs)` is the batch function the batcher calls in its model thread. Every
-image's features are cached by the sha256 of its bytes, so a second question about the same
-image skips the image encoder and the Q-Former and goes straight to the language model.
+image's image-encoder states are cached by the sha256 of its bytes, so a second question about
+the same image skips the image encoder (the largest part of the image side). The Q-Former runs
+per request: an instruction-aware one (InstructBLIP) reads the prompt too, so what it gives the
+language model depends on more than the image.
 Errors that belong to one job (a prompt too long) come back in that job's slot; the rest
 of the batch still runs.
 """
@@ -196,7 +198,7 @@ class Engine:
 
     def feature_kind(self, task: str) -> str:
         """The cache entry a task reads: language inputs for generation, image-encoder states for retrieval."""
-        return "lm" if task in ("generate", "stream") else "vision"
+        return "image" if task in ("generate", "stream") else "vision"
 
     def generate_key(self, settings: GenerationSettings) -> tuple:
         """The batcher's key of a generation request: requests with equal keys share a batch."""
@@ -242,7 +244,7 @@ class Engine:
                 results[i] = err
         if not live:
             return results
-        features, cached = self._features([jobs[i].image for i in live], "lm", self._language_inputs)
+        states, cached = self._features([jobs[i].image for i in live], "image", self._image_states)
         # Decoder-only: pad on the left so every row continues from its last token (OPT counts
         # positions over the mask). T5: on the right, so padding never sits between the queries
         # and the text and changes their relative positions.
@@ -251,8 +253,10 @@ class Engine:
         longest = max(jobs[i].settings.max_new_tokens for i in live)
         config = self.generation_defaults.updated({**settings.generate_kwargs(), "max_new_tokens": longest})
         streamer = self._streamer(jobs[live[0]]) if jobs[live[0]].on_text is not None else None
+        instruction = self._instruction_inputs([jobs[i].prompt for i in live], device)
+        lm_inputs = self.model.language_inputs_from_image(torch.stack(states).to(device), **instruction)
         stepper, start_ids = self.model.stepper_from_language_inputs(
-            torch.stack(features).to(device), input_ids.to(device), mask.to(device), config)
+            lm_inputs, input_ids.to(device), mask.to(device), config)
         out = generate(stepper, start_ids, config, streamer)
         for row, i in enumerate(live):
             mine = out[row, 1 : 1 + jobs[i].settings.max_new_tokens]
@@ -282,8 +286,18 @@ class Engine:
                 raise ApiError(400, str(err), "max_new_tokens") from None
         return ids
 
-    def _language_inputs(self, pixel_values: Tensor) -> Tensor:
-        return self.model.language_inputs(pixel_values)  # (B, Q, D)
+    def _image_states(self, pixel_values: Tensor) -> Tensor:
+        return self.model.image_features(pixel_values).last_hidden_state  # (B, N, Dv)
+
+    def _instruction_inputs(self, prompts: list[str], device) -> dict[str, Tensor]:
+        """What an instruction-aware Q-Former reads besides the image: the prompts, through the
+        processor's `qformer_tokenizer` (the reference's InstructBLIP processor has one); none for BLIP-2."""
+        tokenizer = getattr(self.processor, "qformer_tokenizer", None)
+        if tokenizer is None:
+            return {}
+        rows = [_encode(tokenizer, prompt, "prompt") for prompt in prompts]
+        ids, mask = _pad(rows, getattr(tokenizer, "pad_token_id", None) or 0, left=False)
+        return {"qformer_input_ids": ids.to(device), "qformer_attention_mask": mask.to(device)}
 
     def _streamer(self, job: GenerateJob) -> CallbackStreamer:
         started = False
@@ -399,8 +413,8 @@ class Engine:
             if img.sha256 not in found and img.sha256 not in missing:
                 missing[img.sha256] = img.image
         if missing:
-            model = self.model if kind == "lm" else self.retriever
-            processor = self.processor if kind == "lm" else self.retrieval_processor
+            model = self.model if kind == "image" else self.retriever
+            processor = self.processor if kind == "image" else self.retrieval_processor
             pixels = _pixels(processor, list(missing.values())).to(model.device, model.dtype)
             values = compute(pixels)
             for sha, value in zip(missing, values):
