@@ -9,6 +9,7 @@ behaviour, so a fix for the listed case alone fails the others.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,12 @@ def checkpoints(tmp_path_factory):
     ref.save_pretrained(str(root / "fp32"))
     ref.save_pretrained(str(root / "nested" / "inner"))
     ref.half().save_pretrained(str(root / "fp16"))
+    # A float16 checkpoint whose config.json records no dtype: "auto" reads the weights' own.
+    shutil.copytree(root / "fp16", root / "fp16-unrecorded")
+    config_file = root / "fp16-unrecorded" / "config.json"
+    data = json.loads(config_file.read_text())
+    data.pop("torch_dtype")
+    config_file.write_text(json.dumps(data))
     state = {k: v.float().clone() for k, v in ref.state_dict().items()}
     state["language_projection.weight"] *= 2
     return root, state
@@ -250,6 +257,8 @@ LOADS = {
     "low_cpu_mem_usage=False": lambda cls, root, sd: cls.from_pretrained(str(root / "fp32"), low_cpu_mem_usage=False),
     "float16 file, no torch_dtype": lambda cls, root, sd: cls.from_pretrained(str(root / "fp16")),
     "float16 file, torch_dtype='auto'": lambda cls, root, sd: cls.from_pretrained(str(root / "fp16"), torch_dtype="auto"),
+    "float16 file without a recorded dtype, torch_dtype='auto'": lambda cls, root, sd: cls.from_pretrained(
+        str(root / "fp16-unrecorded"), torch_dtype="auto"),
     "float32 file, torch_dtype='auto'": lambda cls, root, sd: cls.from_pretrained(str(root / "fp32"), torch_dtype="auto"),
     "float16 file, torch_dtype=float32": lambda cls, root, sd: cls.from_pretrained(str(root / "fp16"), torch_dtype=torch.float32),
     "float32 file, torch_dtype=bfloat16": lambda cls, root, sd: cls.from_pretrained(str(root / "fp32"), torch_dtype=torch.bfloat16),
