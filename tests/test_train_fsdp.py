@@ -83,3 +83,23 @@ def test_sharded_frozen_lm_trains_as_one_process_and_resumes_exactly(tmp_path):
     assert [r["step"] for r in again] == [1, 2, 3] and again[2]["loss"] == double[2]["loss"]
     redone = _trainable(tmp_path / "two", 3)
     assert all(torch.equal(redone[k], step3[k]) for k in step3)
+
+
+def test_gradient_checkpointing_from_the_config_gives_the_same_gradients(tmp_path):
+    from blip2.train.recipes import read_spec, stage2_job
+
+    data = write_dataset(tmp_path / "data", n=4)
+    tok = write_tokenizer(tmp_path / "tokenizer.json")
+    grads = []
+    for on in (False, True):
+        path = _spec(tmp_path / f"s{on}.json", data, tok, tmp_path / f"o{on}")
+        spec = read_spec(path)
+        spec["model"]["gradient_checkpointing"] = on
+        job = stage2_job(spec)
+        assert (job.model.qformer.checkpointing is not None) == on
+        job.objective.train()
+        batch = job.collate([job.train_data[i] for i in range(4)])
+        job.objective(batch, 0)["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in job.objective.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(k.startswith("model.qformer.") for k in grads[0])
+    assert max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0]) < 1e-6

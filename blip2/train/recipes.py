@@ -6,6 +6,7 @@ The file is JSON (or YAML when PyYAML is installed) with four sections:
       "model": {"pretrained": DIR} or {"config": {...Blip2Config...}, "vision_from": DIR},
                stage 2 also "qformer_from": DIR (a stage-1 / retrieval checkpoint),
                "seed": 0, "train_vision_layernorm": true, "recompute_lm": false (stage 2),
+               "gradient_checkpointing": false (recompute each trained layer's activations in backward),
                "lora": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], ...} (stage 2:
                peft's LoraConfig fields; `--lora r=8,alpha=16,targets=q_proj+v_proj` on the command line)
       "data":  {"train": PATH, "eval": PATH, "tokenizer": tokenizer.json or its folder,
@@ -169,6 +170,8 @@ def stage1_job(spec: dict) -> Job:
         model, Stage1Weights(**losses), dec_token_id=dec_id, label_smoothing=smoothing, seed=train_cfg.seed,
         feature_cache=_cache(data), train_vision_layernorm=m.get("train_vision_layernorm", True),
     )
+    if m.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable()
     train, evaluation = _datasets(data, model.config.vision_config.image_size)
     collate = Stage1Collate(tokenizer, pad_id, data.get("max_len", 32))
     return Job(model, objective, train, evaluation, collate, train_cfg)
@@ -204,6 +207,8 @@ def stage2_job(spec: dict) -> Job:
     collate_cls = DecoderLMCollate if decoder_only else Seq2SeqLMCollate
     collate = collate_cls(tokenizer, pad_id, data.get("max_len", 64), prompted)
     objective = Stage2Objective(model, _cache(data), m.get("train_vision_layernorm", True), m.get("recompute_lm", False))
+    if m.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable()  # the layers that train (the frozen LM: recompute_lm)
     if m.get("lora"):
         add_stage2_lora_(model, m["lora"], m.get("train_vision_layernorm", True))
     train, evaluation = _datasets(data, model.config.vision_config.image_size)
