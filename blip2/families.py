@@ -6,11 +6,13 @@ that gives the documented classes their forward outputs, the generation stepper,
 is decoder-only, and its default VQA question template. Callers ask `family_of(config)`;
 nobody tests `model_type == ...` or guesses from a model's name.
 
-Adding a family (say `llama`):
-1. write the core module, `modeling/llama.py`, speaking the interface `modeling/opt.py` does:
+Adding a family (as `llama` was added; say `mistral`):
+1. write the core module, `modeling/mistral.py`, speaking the interface `modeling/llama.py` does:
    `embed(ids)`, `new_cache(batch, max_len, dtype, device)` and
-   `forward(inputs_embeds, attention_mask, cache, ..., positions=None, last_logits=None)`;
-   a decoder-only model then reuses `DecoderStepper`, `decoder_forward` and the graphed decode;
+   `forward(inputs_embeds, attention_mask, cache, ..., last_logits=None, positions=None)`, where
+   `positions` (`modeling.attention.Positions`: ids, cache slots, mask as tensors) replaces the
+   cache's count; a decoder-only model then reuses `DecoderStepper`, `decoder_forward` and the
+   graphed decode (CUDA graphs) unchanged;
 2. add its config class to `config.py` and its key rules (a function `cfg -> KeyTable`) to
    `keymap.py`;
 3. add one `LanguageModelFamily` to `FAMILIES` below (or call `register` from outside).

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..families import family_of
 from .data import EvalSet
 from .retrieval import recall_at_k
 from .vqa import vqa_accuracy
@@ -90,7 +91,7 @@ def generate_texts(model, load: LoadImages, codec: TextCodec, paths: list[str], 
         batch_prompts = prompts[start:start + batch_size]
         ids = mask = None
         if any(batch_prompts):
-            left = getattr(model.config, "use_decoder_only_language_model", True)
+            left = family_of(model.config).decoder_only
             ids, mask = (t.to(device) for t in codec.prompts(batch_prompts, left))
         new = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask,
                              **_within_positions(model.config, 0 if ids is None else ids.shape[1], kwargs))
@@ -100,7 +101,7 @@ def generate_texts(model, load: LoadImages, codec: TextCodec, paths: list[str], 
 
 def _within_positions(config, prompt_len: int, kwargs: dict) -> dict:
     """max_new_tokens lowered to what a language model with learned positions has room for."""
-    if not getattr(config, "use_decoder_only_language_model", False) or "max_new_tokens" not in kwargs:
+    if not family_of(config).learned_positions or "max_new_tokens" not in kwargs:
         return kwargs
     room = config.text_config.max_position_embeddings - config.num_query_tokens - prompt_len
     return {**kwargs, "max_new_tokens": max(1, min(kwargs["max_new_tokens"], room))}
