@@ -117,6 +117,10 @@ def test_any_decoder_only_family_gets_the_static_step():
     torch.manual_seed(2)
     m = redraw_(Blip2ForConditionalGeneration(config), std=0.3, seed=2).eval()
     same(m, prompts(m, (4, 2)), max_new_tokens=10, eos_token_id=None)
+    dynamic = Blip2Config.from_dict({**config.to_dict(), "text_config": {
+        **config.text_config.to_dict(), "rope_scaling": {"type": "dynamic", "factor": 2.0}}})
+    with pytest.raises(ValueError, match="dynamic rope scaling"):
+        graphed_generate(Blip2ForConditionalGeneration(dynamic).eval(), *prompts(m, (3,)), max_new_tokens=4)
 
 
 def test_cached_decoder_is_reused_and_rebuilt_when_shapes_change(model):

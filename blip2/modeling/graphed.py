@@ -88,6 +88,11 @@ def _check_supported(model, config: GenerationConfig) -> None:
     lm = model.language_model
     if not family_of(model.config).decoder_only:
         raise ValueError(f"graphed_generate supports decoder-only language models only, not {type(lm).__name__}")
+    scaling = getattr(model.config.text_config, "rope_scaling", None) or {}
+    if scaling.get("type") == "dynamic":
+        # Its rotary base follows the sequence's length, which a static step does not know.
+        raise ValueError("graphed_generate does not support dynamic rope scaling (rope_scaling type 'dynamic'); "
+                         "use model.generate")
     if lm.training:
         raise ValueError("graphed_generate needs the model in eval mode (dropout would differ per step): "
                          "call model.eval()")
