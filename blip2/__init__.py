@@ -31,7 +31,7 @@ from .retrieval import (
 __version__ = "0.1.0"
 
 # Processing pulls in Pillow and tokenizers; load it only when asked for.
-_PROCESSING = ("Blip2Processor", "Blip2ImageProcessor", "BlipImageProcessor", "Tokenizer")
+_PROCESSING = ("Blip2Processor", "InstructBlipProcessor", "Blip2ImageProcessor", "BlipImageProcessor", "Tokenizer")
 
 
 def __getattr__(name: str):

@@ -2,7 +2,7 @@
 
 from .batch import BatchEncoding, BatchFeature
 from .image import BlipImageProcessor, Blip2ImageProcessor, ImageInputError, ImageTooLargeError
-from .processor import Blip2Processor
+from .processor import Blip2Processor, InstructBlipProcessor
 from .tokenizer import Tokenizer
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "BatchFeature",
     "Blip2ImageProcessor",
     "Blip2Processor",
+    "InstructBlipProcessor",
     "BlipImageProcessor",
     "ImageInputError",
     "ImageTooLargeError",

@@ -187,11 +187,15 @@ class Blip2Processor:
         num_query_tokens = kwargs.pop("num_query_tokens", settings.get("num_query_tokens"))
         if kwargs:
             raise TypeError(f"unexpected keyword argument(s): {sorted(kwargs)}")
-        image_processor = Blip2ImageProcessor.from_pretrained(name_or_path, **hub)
-        tokenizer = Tokenizer.from_pretrained(name_or_path, **hub)
+        parts = cls._load_parts(name_or_path, hub)
         model_file = resolve_file(name_or_path, "config.json", required=False, **hub)
         decoder_only = _is_decoder_only(read_json(model_file)) if model_file is not None else None
-        return cls(image_processor, tokenizer, num_query_tokens=num_query_tokens, decoder_only=decoder_only)
+        return cls(*parts, num_query_tokens=num_query_tokens, decoder_only=decoder_only)
+
+    @classmethod
+    def _load_parts(cls, name_or_path: str | os.PathLike, hub: dict) -> list:
+        """The processor's parts, in the order of `attributes`."""
+        return [Blip2ImageProcessor.from_pretrained(name_or_path, **hub), Tokenizer.from_pretrained(name_or_path, **hub)]
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(image_processor={self.image_processor.size}, tokenizer={self.tokenizer!r}, "
@@ -222,3 +226,69 @@ def _target_labels(ids: list[int], mask: list[int], prompt_length: int, side: st
     """One row's labels: the tokens after the prompt; the prompt and the padding are ignored."""
     start = len(mask) - sum(mask) if side == "left" else 0  # where the row's tokens begin
     return [t if keep and n - start >= prompt_length else IGNORE for n, (t, keep) in enumerate(zip(ids, mask))]
+
+
+QFORMER_TOKENIZER_FOLDER = "qformer_tokenizer"
+
+
+class InstructBlipProcessor(Blip2Processor):
+    """InstructBLIP's processor: BLIP-2's, plus the Q-Former's BERT WordPiece tokenizer, which
+    encodes the same text as `qformer_input_ids` / `qformer_attention_mask` (the instruction the
+    Q-Former reads). Its files live in `qformer_tokenizer/` beside the others.
+
+    Args:
+        image_processor, tokenizer, num_query_tokens, decoder_only: as for `Blip2Processor`.
+        qformer_tokenizer: the Q-Former's tokenizer (a `Tokenizer` over BERT's WordPiece).
+    """
+
+    attributes = ["image_processor", "tokenizer", "qformer_tokenizer"]
+
+    def __init__(self, image_processor: Blip2ImageProcessor, tokenizer: Tokenizer, qformer_tokenizer: Tokenizer,
+                 num_query_tokens: int | None = None, decoder_only: bool | None = None) -> None:
+        super().__init__(image_processor, tokenizer, num_query_tokens=num_query_tokens, decoder_only=decoder_only)
+        self.qformer_tokenizer = qformer_tokenizer
+
+    def __call__(self, images: Any = None, text: str | list[str] | None = None, add_special_tokens: bool = True,
+                 padding: bool | str = False, truncation: bool | str | None = None, max_length: int | None = None,
+                 return_tensors: str | None = None, return_attention_mask: bool | None = None,
+                 pad_to_multiple_of: int | None = None, **kwargs: Any) -> BatchFeature:
+        """As `Blip2Processor.__call__`, plus qformer_input_ids and qformer_attention_mask for `text`
+        (same options; the image tokens, when there are any, go to the language model's text only)."""
+        options = dict(add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
+                       max_length=max_length, pad_to_multiple_of=pad_to_multiple_of)
+        batch = super().__call__(images, text, return_tensors=return_tensors,
+                                 return_attention_mask=return_attention_mask, **options, **kwargs)
+        if text is None:
+            return batch
+        qformer = self.qformer_tokenizer(text, return_tensors=return_tensors, return_attention_mask=True, **options)
+        out = BatchFeature({k: v for k, v in batch.items() if k != "pixel_values"})  # the reference's key order
+        out["qformer_input_ids"] = qformer["input_ids"]
+        out["qformer_attention_mask"] = qformer["attention_mask"]
+        if "pixel_values" in batch:
+            out["pixel_values"] = batch["pixel_values"]
+        return out
+
+    def save_pretrained(self, directory: str | os.PathLike) -> list[Path]:
+        """Blip2Processor's files, and the Q-Former tokenizer's in `qformer_tokenizer/`."""
+        directory = Path(directory)
+        written = self.qformer_tokenizer.save_pretrained(directory / QFORMER_TOKENIZER_FOLDER)
+        return [*written, *super().save_pretrained(directory)]
+
+    @classmethod
+    def _load_parts(cls, name_or_path: str | os.PathLike, hub: dict) -> list:
+        from ..hub import ModelNotFoundError
+        from .tokenizer_files import find_tokenizer_files
+
+        parts = super()._load_parts(name_or_path, hub)
+        local = Path(name_or_path)
+        if local.is_dir() and not (local / QFORMER_TOKENIZER_FOLDER).is_dir():
+            raise FileNotFoundError(
+                f"{local} has no {QFORMER_TOKENIZER_FOLDER}/ folder: an InstructBLIP processor carries the "
+                "Q-Former's BERT tokenizer there (a BLIP-2 processor folder? use Blip2Processor)"
+            )
+        try:
+            files = find_tokenizer_files(name_or_path, subfolder=QFORMER_TOKENIZER_FOLDER, **hub)
+        except ModelNotFoundError as err:
+            raise FileNotFoundError(f"no Q-Former tokenizer in {QFORMER_TOKENIZER_FOLDER}/ of {name_or_path}: {err}") from None
+        where = f"{os.fspath(name_or_path)}/{QFORMER_TOKENIZER_FOLDER}"
+        return [*parts, Tokenizer.from_files(files, where=where)]
