@@ -1,5 +1,6 @@
 """BLIP-2 in plain PyTorch: the transformers Blip2 API and checkpoint format, leaner and faster."""
 
+from .auto import load_model, load_processor
 from .config import (
     Blip2Config,
     Blip2QFormerConfig,
@@ -43,6 +44,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "load_model",
+    "load_processor",
     "Blip2Config",
     "Blip2VisionConfig",
     "Blip2QFormerConfig",

@@ -37,6 +37,7 @@ GENERATION_OPTIONS = {
     "seed": (int_option(0, 2**63 - 1), "seed for sampling"),
 }
 DEFAULT_MAX_NEW_TOKENS = 30
+INSTRUCT_CAPTION_PROMPT = "A short image description:"  # InstructBLIP needs an instruction; the paper's caption one
 
 
 # ---------------------------------------------------------------- parsers
@@ -226,18 +227,21 @@ def load(args, retrieval: bool) -> Loaded:
     """The model and its processor, on the device and in the dtype asked for."""
     import torch
 
+    from .auto import load_model, load_processor
     from .processing import Blip2Processor
 
     name = args.model or default_dir(retrieval)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
-    if retrieval:
-        from .retrieval import Blip2ForImageTextRetrieval as cls
-    else:
-        from .hf_compat import Blip2ForConditionalGeneration as cls
     try:
-        model = cls.from_pretrained(name, torch_dtype=dtype, device=device)
-        processor = Blip2Processor.from_pretrained(name)
+        if retrieval:
+            from .retrieval import Blip2ForImageTextRetrieval
+
+            model = Blip2ForImageTextRetrieval.from_pretrained(name, torch_dtype=dtype, device=device)
+            processor = Blip2Processor.from_pretrained(name)
+        else:  # BLIP-2 or InstructBLIP, as config.json says
+            model = load_model(name, torch_dtype=dtype, device=device)
+            processor = load_processor(name)
     except (OSError, ValueError) as err:
         raise SystemExit(f"blip2: cannot load {name}: {err}") from None
     return Loaded(model, processor, device, dtype)
@@ -319,6 +323,8 @@ def _generate_over(args, prompt: str, key: str, questions: list[str] | None = No
         prompts = [template.replace("{}", q) for q in questions]
     else:
         prompts = [prompt] if prompt else []
+    if getattr(m.processor, "qformer_tokenizer", None) is not None and not prompts:
+        prompts = [INSTRUCT_CAPTION_PROMPT]  # InstructBLIP's Q-Former needs an instruction
     kwargs = generation_kwargs(args)
 
     def rows(names, pixel_values):
@@ -339,9 +345,14 @@ def _generation_rows(m: "Loaded", names: list, pixel_values, prompts: list[str],
         [(pixel_values[i:i + 1], prompts) for i in range(len(names))]
     for pixels, texts in groups:
         text = m.processor(text=texts, padding=True, return_tensors="pt") if texts else None
+        instruction = {}
+        if text is not None and "qformer_input_ids" in text:  # InstructBLIP: the Q-Former reads the prompt too
+            instruction = {k: text[k].to(m.device) for k in ("qformer_input_ids", "qformer_attention_mask")}
+            pixels = pixels.expand(len(texts), -1, -1, -1)  # one instruction per image row
         with torch.inference_mode():
             ids = m.model.generate(
                 pixel_values=pixels,
+                **instruction,
                 input_ids=text["input_ids"].to(m.device) if text else None,
                 attention_mask=text["attention_mask"].to(m.device) if text else None,
                 **kwargs,

@@ -466,13 +466,15 @@ def _is_retrieval(model) -> bool:
 
 def _load_one(path, device: str | None, dtype: str | None):
     """A checkpoint directory (or hub id) -> (model, processor), choosing the class from its config."""
-    from .. import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+    from .. import Blip2ForImageTextRetrieval, load_model, load_processor
     from ..processing import Blip2Processor
 
-    cls = Blip2ForImageTextRetrieval if _is_retrieval_checkpoint(path) else Blip2ForConditionalGeneration
     # No --dtype: serve in the checkpoint's own dtype (from_pretrained alone would give float32).
-    model = cls.from_pretrained(path, torch_dtype=dtype or "auto", device=device)
-    return model, Blip2Processor.from_pretrained(path)
+    if _is_retrieval_checkpoint(path):
+        model = Blip2ForImageTextRetrieval.from_pretrained(path, torch_dtype=dtype or "auto", device=device)
+        return model, Blip2Processor.from_pretrained(path)
+    # BLIP-2 or InstructBLIP, as config.json says
+    return load_model(path, torch_dtype=dtype or "auto", device=device), load_processor(path)
 
 
 def _is_retrieval_checkpoint(path) -> bool:
