@@ -298,6 +298,23 @@ class DecoderLMCollate:
 
 
 @dataclass
+class InstructionCollate:
+    """InstructBLIP stage 2: a stage-2 collate's batch plus each example's prompt (its instruction)
+    for the Q-Former, in the Q-Former's own (BERT) tokens: qformer_input_ids / qformer_attention_mask."""
+
+    collate: DecoderLMCollate | Seq2SeqLMCollate
+    tokenize: Tokenize
+    pad_id: int = 0
+    max_len: int = 64
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collate(examples)
+        prompts = [self.collate.text(e)[0] for e in examples]
+        batch["qformer_input_ids"], batch["qformer_attention_mask"] = pad(self.tokenize(prompts), self.pad_id, self.max_len)
+        return batch
+
+
+@dataclass
 class Seq2SeqLMCollate:
     """Stage 2 for an encoder-decoder LM (T5): the prompt goes to the encoder, the text is the target."""
 

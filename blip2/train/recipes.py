@@ -4,6 +4,8 @@ The file is JSON (or YAML when PyYAML is installed) with four sections:
 
     {
       "model": {"pretrained": DIR} or {"config": {...Blip2Config...}, "vision_from": DIR},
+               (an InstructBLIP checkpoint or a config with "model_type": "instructblip" trains the
+               instruction-aware Q-Former; the data section then also needs "qformer_tokenizer")
                stage 2 also "qformer_from": DIR (a stage-1 / retrieval checkpoint),
                "seed": 0, "train_vision_layernorm": true, "recompute_lm": false (stage 2),
                "gradient_checkpointing": false (recompute each trained layer's activations in backward),
@@ -12,7 +14,7 @@ The file is JSON (or YAML when PyYAML is installed) with four sections:
       "data":  {"train": PATH, "eval": PATH, "tokenizer": tokenizer.json or its folder,
                 "max_len": 32, "pad_token_id": ..., "dec_token_id": ... (stage 1),
                 "prompt": "", "question_template": the LM family's ("Question: {} Answer:" for OPT),
-                "suffix": "\\n" (stage 2, OPT; "" for T5),
+                "suffix": "\\n" (stage 2, OPT; "" for T5), "qformer_tokenizer": DIR (InstructBLIP),
                 "feature_cache": null | "memory" | DIR,
                 "eval_holdout": N (images of data.train kept apart for evaluation when there is no data.eval)},
       "losses": {"itc": 1.0, "itm": 1.0, "itg": 1.0, "label_smoothing": 0.1}   (stage 1),
@@ -40,7 +42,15 @@ from .. import checkpoint as ckpt
 from ..config import Blip2Config
 from ..families import family_of
 from ..keymap import KeyTable, vision_rules
-from .data import DecoderLMCollate, ImageTextDataset, PromptedText, Seq2SeqLMCollate, Stage1Collate, Tokenizer
+from .data import (
+    DecoderLMCollate,
+    ImageTextDataset,
+    InstructionCollate,
+    PromptedText,
+    Seq2SeqLMCollate,
+    Stage1Collate,
+    Tokenizer,
+)
 from .frozen import FeatureCache
 from .loop import TrainConfig
 
@@ -179,7 +189,10 @@ def stage1_job(spec: dict) -> Job:
 
 # ---------------------------------------------------------------- stage 2
 def stage2_job(spec: dict) -> Job:
+    from ..auto import load_model
     from ..hf_compat import Blip2ForConditionalGeneration
+    from ..instructblip import InstructBlipForConditionalGeneration
+    from ..modeling.instructblip import InstructBlip
     from .stage2 import Stage2Objective, load_stage1_
 
     m, data = spec["model"], spec["data"]
@@ -190,9 +203,12 @@ def stage2_job(spec: dict) -> Job:
         from .defaults import check_stage2_model, model_folder
 
         check_stage2_model(model_folder(m))
-        model = Blip2ForConditionalGeneration.from_pretrained(m["pretrained"], torch_dtype=torch.float32)
+        # BLIP-2 or InstructBLIP, as its config.json says
+        model = load_model(m["pretrained"], torch_dtype=torch.float32)
     else:
-        model = Blip2ForConditionalGeneration(Blip2Config.from_dict(m.get("config", {})))
+        config = m.get("config", {})
+        cls = InstructBlipForConditionalGeneration if config.get("model_type") == "instructblip" else Blip2ForConditionalGeneration
+        model = cls(cls.config_class.from_dict(config))
         if "vision_from" in m:
             load_vision_(model.vision_model, m["vision_from"])
     if "qformer_from" in m:
@@ -206,6 +222,12 @@ def stage2_job(spec: dict) -> Job:
                             data.get("suffix", "\n" if decoder_only else ""))
     collate_cls = DecoderLMCollate if decoder_only else Seq2SeqLMCollate
     collate = collate_cls(tokenizer, pad_id, data.get("max_len", 64), prompted)
+    if isinstance(model, InstructBlip):  # its Q-Former reads the prompt, in BERT tokens
+        if "qformer_tokenizer" not in data:
+            raise ValueError("an InstructBLIP model needs data.qformer_tokenizer (the Q-Former's tokenizer folder)")
+        qformer_tokenizer = Tokenizer(data["qformer_tokenizer"])
+        qformer_pad = _token_id(data, "qformer_pad_token_id", qformer_tokenizer, ("[PAD]",))
+        collate = InstructionCollate(collate, qformer_tokenizer, qformer_pad, data.get("max_len", 64))
     objective = Stage2Objective(model, _cache(data), m.get("train_vision_layernorm", True), m.get("recompute_lm", False))
     if m.get("gradient_checkpointing"):
         model.gradient_checkpointing_enable()  # the layers that train (the frozen LM: recompute_lm)

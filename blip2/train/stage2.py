@@ -50,7 +50,10 @@ class Stage2Objective(nn.Module):
     def forward(self, batch: dict, step: int) -> dict[str, Tensor]:
         m = self.model
         image = image_features(m.vision_model, batch["pixel_values"], batch.get("keys"), self.cache)  # (B, N, Dv)
-        queries = m.query_features(image.to(m.query_tokens.dtype)).last_hidden_state  # (B, Q, D)
+        # InstructBLIP: the Q-Former also reads the instruction (the prompt), and outputs over it too.
+        instruction = {k: batch[k] for k in ("qformer_input_ids", "qformer_attention_mask") if k in batch}
+        out = m.query_features(image.to(m.query_tokens.dtype), **instruction).last_hidden_state
+        queries = out[:, : m.config.num_query_tokens]  # (B, Q, D)
         soft_prompt = m.language_projection(queries)  # (B, Q, D_lm)
         embeds, mask = m.merge(soft_prompt, batch["input_ids"], batch["attention_mask"])
         labels = batch["labels"]
@@ -89,11 +92,14 @@ def _aligned_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 def load_stage1_(model: Blip2ForConditionalGeneration, stage1_path) -> None:
     """Starts stage 2 from stage 1: the image encoder, the queries and the Q-Former's query side.
 
-    The text side of the Q-Former (embeddings, text feed-forward, heads) is not used in stage 2.
+    The text side of the Q-Former (embeddings, text feed-forward, heads) is not used in stage 2,
+    except by InstructBLIP, whose Q-Former reads the instruction: it takes them too.
     """
     source = Blip2ForImageTextRetrieval.from_pretrained(stage1_path)
     wanted = {k for k in model.state_dict() if k.split(".")[0] in ("vision_model", "query_tokens", "qformer")}
-    state = {k: v for k, v in source.state_dict().items() if k in wanted}
+    # InstructBLIP's Q-Former holds the text embeddings (stage 1 keeps them beside it) and reads them.
+    renamed = {("qformer." + k if k.startswith("embeddings.") else k): v for k, v in source.state_dict().items()}
+    state = {k: v for k, v in renamed.items() if k in wanted}
     missing = sorted(wanted - set(state))
     if missing:
         raise ValueError(f"{stage1_path} does not fill the stage-2 model's {missing[:5]}")
