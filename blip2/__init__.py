@@ -7,6 +7,7 @@ from .config import (
     Blip2VisionConfig,
     InstructBlipConfig,
     InstructBlipQFormerConfig,
+    InstructBlipVideoConfig,
     InstructBlipVisionConfig,
     LlamaConfig,
     OPTConfig,
@@ -21,6 +22,7 @@ from .hf_compat import (
 from .instructblip import (
     InstructBlipForConditionalGeneration,
     InstructBlipQFormerModel,
+    InstructBlipVideoForConditionalGeneration,
     InstructBlipVisionModel,
 )
 from .retrieval import (
@@ -58,6 +60,8 @@ __all__ = [
     "InstructBlipVisionModel",
     "InstructBlipQFormerModel",
     "InstructBlipForConditionalGeneration",
+    "InstructBlipVideoConfig",
+    "InstructBlipVideoForConditionalGeneration",
     "Blip2VisionModel",
     "Blip2QFormerModel",
     "Blip2Model",

@@ -581,6 +581,12 @@ class InstructBlipConfig(Blip2Config):
     qformer_class = InstructBlipQFormerConfig
 
 
+class InstructBlipVideoConfig(InstructBlipConfig):
+    """InstructBLIP over videos (newer transformers releases): the same parts and weights."""
+
+    model_type = "instructblip_video"
+
+
 def _plain(value: Any) -> Any:
     """Accepts our configs, transformers configs or dicts."""
     if isinstance(value, BaseConfig) or value is None or isinstance(value, dict):

@@ -190,7 +190,8 @@ def _device_from_map(device_map, device) -> torch.device | None:
 
 
 # model_type of a whole checkpoint -> the class that generates with it
-WHOLE_MODELS = {"blip-2": "Blip2ForConditionalGeneration", "instructblip": "InstructBlipForConditionalGeneration"}
+WHOLE_MODELS = {"blip-2": "Blip2ForConditionalGeneration", "instructblip": "InstructBlipForConditionalGeneration",
+                "instructblip_video": "InstructBlipVideoForConditionalGeneration"}
 
 
 def check_model_family(cls, config_file: Path) -> None:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .config import InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig
+from .config import InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVideoConfig, InstructBlipVisionConfig
 from .generation import GenerationConfig
 from .hf_compat import Blip2ForConditionalGeneration, Blip2VisionModel, PreTrainedModel, qformer_output
 from .keymap import KeyTable, blip2_table, instruct_qformer_rules
-from .modeling.instructblip import InstructBlip, InstructQFormer
+from .modeling.instructblip import InstructBlip, InstructBlipVideo, InstructQFormer
 from .outputs import InstructBlipForConditionalGenerationModelOutput
 
 
@@ -114,3 +114,26 @@ class InstructBlipForConditionalGeneration(Blip2ForConditionalGeneration, Instru
         if maps_bos_to_eos(self.config):
             out = out.masked_fill(out == 0, 2)
         return out
+
+
+class InstructBlipVideoForConditionalGeneration(InstructBlipForConditionalGeneration, InstructBlipVideo):
+    """InstructBLIP over videos: pixel_values (batch, frames, 3, height, width), one instruction per
+    video; each frame through the image encoder and Q-Former, the frames' queries joined
+    (`blip2.modeling.instructblip.InstructBlipVideo`). Checkpoints have InstructBLIP's keys."""
+
+    config_class = InstructBlipVideoConfig
+
+    def forward(self, pixel_values, qformer_input_ids=None, qformer_attention_mask=None, input_ids=None,
+                attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, output_attentions=None,
+                output_hidden_states=None, labels=None, return_dict=None, interpolate_pos_encoding: bool = False):
+        """Loss and logits; the per-frame vision and Q-Former outputs are not returned (None)."""
+        attn, hidden, as_dict = self._flags(output_attentions, output_hidden_states, return_dict)
+        self.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        self.check_input_ids(input_ids, pixel_values.shape[0])
+        lm_inputs = self.language_inputs(pixel_values, interpolate_pos_encoding, qformer_input_ids=qformer_input_ids,
+                                         qformer_attention_mask=qformer_attention_mask)  # (B, F * Q, D)
+        embeds, mask = self.merge(lm_inputs, input_ids, attention_mask)
+        loss, logits, lm_out = self.language_forward(embeds, mask, decoder_input_ids, decoder_attention_mask, labels,
+                                                     need_hidden=hidden, need_weights=attn)
+        result = InstructBlipForConditionalGenerationModelOutput(loss, logits, None, None, lm_out)
+        return result if as_dict else result.to_tuple()

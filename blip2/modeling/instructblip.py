@@ -93,3 +93,28 @@ class InstructBlip(Blip2):
         queries = self.query_tokens.expand(B, -1, -1)  # (B, Q, Dq)
         mask = torch.cat([mask.new_ones(B, queries.shape[1]), mask], dim=1)  # (B, Q + T)
         return self.qformer(queries, ids, mask, image_embeds, need_hidden=need_hidden, need_weights=need_weights)
+
+
+class InstructBlipVideo(InstructBlip):
+    """InstructBLIP over videos: each frame goes through the image path (the image encoder, then
+    the Q-Former with the instruction) on its own, and the frames' query outputs are joined in
+    order, frames x Q soft tokens for the language model. No weights of its own."""
+
+    def check_pixel_values(self, pixel_values, interpolate_pos_encoding: bool = False) -> None:
+        if isinstance(pixel_values, Tensor) and pixel_values.dim() == 5:
+            pixel_values = pixel_values.flatten(0, 1)  # (B * F, 3, H, W): each frame is an image
+        super().check_pixel_values(pixel_values, interpolate_pos_encoding)
+
+    def language_inputs(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False, **query_inputs) -> Tensor:
+        """(B, F, 3, H, W) frames and the instruction (B, T) -> (B, F * Q, D_lm)."""
+        if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 5:
+            raise ValueError(
+                "video pixel_values must have shape (batch, frames, 3, height, width), got "
+                f"{tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__}"
+            )
+        B, F = pixel_values.shape[:2]
+        # Every frame reads its video's instruction; rows b*F .. b*F+F-1 are video b's frames.
+        instruction = {k: v.repeat_interleave(F, dim=0) if isinstance(v, Tensor) and v.shape[0] == B else v
+                       for k, v in query_inputs.items()}
+        per_frame = super().language_inputs(pixel_values.flatten(0, 1), interpolate_pos_encoding, **instruction)
+        return per_frame.reshape(B, F * per_frame.shape[1], per_frame.shape[2])  # (B, F * Q, D): frames in order

@@ -1,0 +1,146 @@
+"""InstructBLIP-Vicuna-7B-shaped checkpoint: load time, peak RSS and batch-1 decode rate, ours
+(bf16, bf16 + int8 language model) against the reference (bf16), each in a fresh process.
+
+    python bench/bench_instructblip_7b.py --make            # the random fp16 checkpoint (~16 GB on disk;
+                                                            #   run under an interpreter with transformers)
+    python bench/bench_instructblip_7b.py                   # ours bf16, ours bf16 + int8, reference bf16
+    python bench/bench_instructblip_7b.py --tiny --make && python bench/bench_instructblip_7b.py --tiny
+                                                            # the same pipeline on a tiny model (smoke test)
+
+Shapes are those of Salesforce/instructblip-vicuna-7b (ViT-g/14, the base Q-Former, a 32-layer
+4096-wide Llama with 32001 tokens + the image token), weights drawn normal(0, 0.02). The full run
+needs about 16 GB of memory for ours in bf16 (the file is read lazily) and more for the reference;
+run it on a quiet machine. One image, a short instruction, greedy, --tokens new tokens (min = max);
+the decode rate is (tokens - 1) over the time from the first new token to the last. The newer
+layout (image tokens in the prompt) is used when the reference is transformers 5.x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from bench_decode import Stamps, lm_weight_bytes  # noqa: E402
+
+FULL_DIR = common.CACHE / "instructblip-vicuna-7b-random-fp16"
+TINY_DIR = common.CACHE / "instructblip-tiny-random"
+IMAGE_TOKEN = 32001
+VICUNA_7B = dict(model_type="llama", vocab_size=32002, hidden_size=4096, intermediate_size=11008,
+                 num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+                 architectures=["LlamaForCausalLM"])
+TINY = dict(vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+            qformer=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+            text={**VICUNA_7B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                  "num_attention_heads": 4})
+PROMPT = [1, 1724, 338, 297, 278, 1967, 29973]  # BOS + a short instruction's ids
+QFORMER_PROMPT = [101, 2054, 2003, 1999, 1996, 3861, 1029, 102]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def make(tiny: bool, out: Path) -> None:
+    """Builds the reference's InstructBLIP on the meta device in fp16, draws it, saves it (sharded)."""
+    import transformers
+    from make_full_checkpoint import fill_random_
+
+    if (out / "config.json").is_file():
+        print(f"{out} exists")
+        return
+    parts = TINY if tiny else dict(vision={}, qformer={}, text=VICUNA_7B)
+    config = transformers.InstructBlipConfig(vision_config=parts["vision"], qformer_config=parts["qformer"],
+                                             text_config=parts["text"], num_query_tokens=32,
+                                             image_token_index=IMAGE_TOKEN)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device("meta"):
+            model = transformers.InstructBlipForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to_empty(device="cpu")
+    fill_random_(model)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    print(f"saved {out}")
+
+
+def worker(args) -> dict:
+    impl, dname, *opts = args.config.split(":")
+    dtype = DTYPES[dname]
+    folder = TINY_DIR if args.tiny else FULL_DIR
+    torch.manual_seed(0)
+    pixels = torch.randn(1, 3, 224, 224).to(dtype)
+    newer = impl == "ref" and common.ref_major() >= 5  # 5.x wants the image tokens in the prompt
+    ids = torch.tensor([([IMAGE_TOKEN] * 32 if newer else []) + PROMPT])
+    qformer_ids = torch.tensor([QFORMER_PROMPT])
+    t0 = time.perf_counter()
+    if impl == "ours":
+        import blip2
+        from blip2.modeling.packed import optimize_for_inference
+
+        model = blip2.load_model(folder, torch_dtype=dtype).eval()
+        optimize_for_inference(model, quantize="int8" if "int8" in opts else None)
+    else:
+        transformers, _ = common.reference()
+        key = "dtype" if common.ref_major() >= 5 else "torch_dtype"
+        model = transformers.InstructBlipForConditionalGeneration.from_pretrained(str(folder), **{key: dtype}).eval()
+    load_s = time.perf_counter() - t0
+    inputs = dict(pixel_values=pixels, qformer_input_ids=qformer_ids, input_ids=ids)
+    with torch.inference_mode():
+        first = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=1)
+        first_token_s = load_s + time.perf_counter() - first
+        stamps = Stamps()
+        out = model.generate(**inputs, streamer=stamps, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
+    rate = (len(stamps.times) - 1) / (stamps.times[-1] - stamps.times[0])
+    return {"config": args.config, "reference": common.reference()[1], "load_s": load_s,
+            "first_token_s": first_token_s, "tokens_per_s": rate, "tokens": out[0, -args.tokens:].tolist(),
+            "lm_weight_gb": lm_weight_bytes(model.language_model) / 1e9,
+            "peak_rss_gb": common.peak_rss_bytes() / 1e9, "load": common.load_average()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--make", action="store_true", help="write the random checkpoint and stop")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model of the same family (smoke test)")
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--config", default="ours:bf16")
+    parser.add_argument("--configs", nargs="+", default=["ours:bf16", "ours:bf16:int8", "ref:bf16"])
+    parser.add_argument("--ref", default="newest", help="environment of the reference (in $BLIP2_BENCH_PYTHONS)")
+    parser.add_argument("--tokens", type=int, default=32)
+    args = parser.parse_args()
+    folder = TINY_DIR if args.tiny else FULL_DIR
+    if args.make:
+        make(args.tiny, folder)
+        return
+    if not (folder / "config.json").is_file():
+        sys.exit(f"{folder} is missing: run python bench/bench_instructblip_7b.py --make{' --tiny' if args.tiny else ''}")
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    envs = common.pythons()
+    rows = []
+    for config in args.configs:
+        python = sys.executable if config.startswith("ours") else envs.get(args.ref, sys.executable)
+        extra = ["--tiny"] if args.tiny else []
+        rows.append(common.run_worker(python, Path(__file__), ["--config", config, "--tokens", str(args.tokens), *extra],
+                                      timeout=3600))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "tokens"}), flush=True)
+    ref = next((r for r in rows if r["config"].startswith("ref")), None)
+    print("| config | load s | first token s | peak RSS GB | tokens/s | vs reference |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        vs = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
+        print(f"| {r['config']} | {r['load_s']:.1f} | {r['first_token_s']:.1f} | {r['peak_rss_gb']:.2f} | "
+              f"{r['tokens_per_s']:.2f} | {vs} |")
+
+
+if __name__ == "__main__":
+    main()
