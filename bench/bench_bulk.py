@@ -2,7 +2,7 @@
 the same model's in-process batch rate (the same images already decoded, `generate` on batches), in
 one process. The ratio is what reading tars, decoding images and writing shard files cost.
 
-    python bench/bench_bulk.py                       # 4 shards x 64 images, batch 16, 10 new tokens
+    python bench/bench_bulk.py                       # 4 shards x 32 images, batch 16, 10 new tokens
     python bench/bench_bulk.py --per-shard 500       # the size (slow on a small CPU)
 
 Prints the load average: on a shared machine the figures are under that load.
@@ -70,7 +70,7 @@ def cli_rate(shard_dir: Path, out: Path, total: int, batch: int, tokens: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--per-shard", type=int, default=64)
+    parser.add_argument("--per-shard", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=10)
     args = parser.parse_args()

@@ -274,12 +274,8 @@ def output_path(out: Path, shard: Shard, fmt: str) -> Path:
     return out / f"{shard.name}.{fmt}"
 
 
-def run_bulk(args, m, paths: list[str], shards: list[Shard], rows, key: str, failures) -> int:
-    """Writes each shard's rows to --output; this rank's shards only, the finished ones skipped."""
-    from tqdm.auto import tqdm
-
-    from .commands import finish
-
+def _pending(args, paths: list[str], shards: list[Shard], world: int = 1, rank: int = 0) -> tuple[Path, list[Shard]]:
+    """--output, and this rank's shards whose file is not written yet (the others are said skipped)."""
     if not args.output:
         raise SystemExit("blip2: dataset inputs (shards, Parquet, datasets) are written to files: give --output DIR")
     out = Path(args.output)
@@ -288,11 +284,19 @@ def run_bulk(args, m, paths: list[str], shards: list[Shard], rows, key: str, fai
     if paths:
         shards = [_files_shard(paths)] + shards
         _check_unique(shards)
-    rank, world = rank_and_world()
     mine = shards[rank::world]
     todo = [s for s in mine if not output_path(out, s, args.output_format).exists()]
     if len(todo) < len(mine):
         print(f"blip2: {len(mine) - len(todo)} shard(s) already written in {out}, skipped", file=sys.stderr)
+    return out, todo
+
+
+def run_bulk(args, m, paths: list[str], shards: list[Shard], rows, key: str, failures) -> int:
+    """Writes each shard's rows to --output; this rank's shards only, the finished ones skipped."""
+    from tqdm.auto import tqdm
+
+    rank, world = rank_and_world()
+    out, todo = _pending(args, paths, shards, world, rank)
     counts = [_count(s) for s in todo]
     total = None if None in counts else sum(counts)
     bar = tqdm(total=total, desc=f"{key} {len(todo)} shard(s)", unit="img", file=sys.stderr,
@@ -307,6 +311,12 @@ def run_bulk(args, m, paths: list[str], shards: list[Shard], rows, key: str, fai
         sample_errors += errors
         write_rows(output_path(out, shard, args.output_format), records, args.output_format)
     bar.close()
+    return _finish(failures, sample_errors, out)
+
+
+def _finish(failures, sample_errors: int, out: Path) -> int:
+    from .commands import finish
+
     if sample_errors:
         print(f"blip2: {sample_errors} sample(s) could not be read; their rows in {out} hold the error",
               file=sys.stderr)
@@ -375,3 +385,105 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
         return pq.read_table(str(path)).to_pylist()
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
 
+
+
+# ---------------------------------------------------------------- Ray Data
+def run_ray(args, paths: list[str], shards: list[Shard], build, key: str, failures) -> int:
+    """The same shard files through Ray Data: shards read by Ray tasks, rows made by `--ray-workers`
+    model actors (`map_batches`), each shard's rows put back in sample order and written atomically."""
+    try:
+        import ray
+    except ModuleNotFoundError:
+        raise SystemExit("blip2: --ray needs Ray: pip install 'blip2[ray]'") from None
+    out, todo = _pending(args, paths, shards)
+    if not todo:
+        return _finish(failures, 0, out)
+    local = args.ray == "local"
+    ray.init(address=None if local else args.ray, num_cpus=args.ray_workers + 1 if local else None,
+             include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = not args.no_progress
+        ds = ray.data.from_items([{"shard": i} for i in range(len(todo))])
+        ds = ds.flat_map(_RaySamples(todo))
+        ds = ds.map_batches(_RayRows, fn_constructor_args=(build, args), batch_size=args.batch_size,
+                            concurrency=args.ray_workers, num_cpus=1, batch_format="numpy")
+        made: dict[int, list[tuple[int, int, str, str]]] = {i: [] for i in range(len(todo))}
+        for row in ds.iter_rows():
+            made[int(row["shard"])].append((int(row["index"]), int(row["order"]), str(row["key"]), str(row["record"])))
+    finally:
+        if local:
+            ray.shutdown()
+    sample_errors = 0
+    for i, shard in enumerate(todo):
+        rows = sorted(made[i])
+        broken = [r for r in rows if r[0] < 0]
+        if broken:
+            failures.report(shard.source, json.loads(broken[0][3])["error"])
+            continue
+        records = [{"key": k, "shard": shard.source, **json.loads(record)} for _, _, k, record in rows]
+        sample_errors += sum(1 for r in records if "error" in r)
+        write_rows(output_path(out, shard, args.output_format), records, args.output_format)
+    return _finish(failures, sample_errors, out)
+
+
+class _RaySamples:
+    """flat_map: a shard index to its samples as rows (shard, index, key, image bytes, error); a shard
+    that cannot be read is one row with index -1 and its error."""
+
+    def __init__(self, shards: list[Shard]) -> None:
+        self.shards = shards
+
+    def __call__(self, row: dict) -> list[dict]:
+        shard = int(row["shard"])
+        out = []
+        try:
+            for index, (key, source) in enumerate(self.shards[shard].samples()):
+                image, error = _bytes_of(source)
+                out.append({"shard": shard, "index": index, "key": key, "image": image, "error": error})
+        except ShardError as err:
+            return [{"shard": shard, "index": -1, "key": "", "image": b"", "error": str(err)}]
+        return out
+
+
+def _bytes_of(source) -> tuple[bytes, str]:
+    """(image file bytes, "") or (b"", why not): rows cross processes as bytes."""
+    if isinstance(source, SampleError):
+        return b"", str(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source), ""
+    try:
+        return Path(source).read_bytes(), ""
+    except (OSError, TypeError) as err:
+        return b"", f"cannot read: {err}"
+
+
+class _RayRows:
+    """map_batches actor: loads the model once, then makes the rows of each batch of samples with the
+    CLI's own batch loop and row function; every row leaves as (shard, index, order, key, record JSON)."""
+
+    def __init__(self, build, args) -> None:
+        self.args = args
+        self.m, self.rows = build()
+
+    def __call__(self, batch: dict) -> dict:
+        from tqdm.auto import tqdm
+
+        from .commands import image_batches
+
+        n = len(batch["key"])
+        errors = SampleErrors()
+        for i in range(n):
+            if batch["error"][i]:
+                errors.report(i, str(batch["error"][i]))
+        items = [(i, bytes(batch["image"][i])) for i in range(n) if i not in errors.by_name]
+        made: list[tuple[int, dict]] = []
+        for names, pixel_values in image_batches(items, self.args, self.m, errors, tqdm(disable=True)):
+            made += [(record.pop("image"), record) for record, _ in self.rows(names, pixel_values)]
+        made += [(i, {"error": message}) for i, message in errors.by_name.items()]
+        return {
+            "shard": [int(batch["shard"][i]) for i, _ in made],
+            "index": [int(batch["index"][i]) for i, _ in made],
+            "order": list(range(len(made))),  # several rows of one sample (questions) keep their order
+            "key": [str(batch["key"][i]) for i, _ in made],
+            "record": [json.dumps(record, ensure_ascii=False) for _, record in made],
+        }

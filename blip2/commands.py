@@ -91,6 +91,10 @@ def _bulk_options(p: argparse.ArgumentParser) -> None:
                    help="write one file per input shard here (plain images: one shard 'images'); a rerun "
                         "skips the shards already written")
     g.add_argument("--output-format", default="jsonl", choices=("jsonl", "parquet"), help="shard files (default jsonl)")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run with Ray Data (pip install 'blip2[ray]'): a model actor per worker, on a local Ray "
+                        "instance, or on the cluster at ADDRESS (e.g. ray://head:10001 or auto)")
+    g.add_argument("--ray-workers", type=int_option(1), default=2, help="model actors with --ray (default 2)")
     g.add_argument("--image-column", default=None,
                    help="Parquet / datasets column holding the image (bytes, path or image; default: the first "
                         "of image, jpg, png, webp, img, image_path, path)")
@@ -288,9 +292,15 @@ def _inputs(args, failures: Failures):
     return expand_images(rest, failures), shards
 
 
-def _drive(args, m: "Loaded", paths: list[str], shards: list, rows, key: str, failures: Failures) -> int:
-    """Runs `rows(names, pixel_values) -> [(record, shown)]` over every image: printed, or with
-    --output (always for dataset inputs) written per shard by blip2.bulk."""
+def _drive(args, paths: list[str], shards: list, build, key: str, failures: Failures) -> int:
+    """Runs `rows(names, pixel_values) -> [(record, shown)]` (with `m, rows = build()`) over every image:
+    printed, or with --output (always for dataset inputs) written per shard by blip2.bulk, in this
+    process or (--ray) by Ray Data."""
+    if getattr(args, "ray", None):
+        from .bulk import run_ray
+
+        return run_ray(args, paths, shards, build, key, failures)
+    m, rows = build()
     if shards or getattr(args, "output", None):
         from .bulk import run_bulk
 
@@ -316,21 +326,34 @@ def _generate_over(args, prompt: str, key: str, questions: list[str] | None = No
     paths, shards = _inputs(args, failures)
     if not paths and not shards and failures.count:
         return finish(failures)
-    m = load(args, retrieval=False)
-    if questions is not None:
-        template = prompt or question_template(m.model.config)
-        # replace, not format: other braces in the template are text, never a format field
-        prompts = [template.replace("{}", q) for q in questions]
-    else:
-        prompts = [prompt] if prompt else []
-    if getattr(m.processor, "qformer_tokenizer", None) is not None and not prompts:
-        prompts = [INSTRUCT_CAPTION_PROMPT]  # InstructBLIP's Q-Former needs an instruction
     kwargs = generation_kwargs(args)
 
-    def rows(names, pixel_values):
-        return _generation_rows(m, names, pixel_values, prompts, kwargs, key, questions)
+    def make_rows(m: Loaded):
+        if questions is not None:
+            template = prompt or question_template(m.model.config)
+            # replace, not format: other braces in the template are text, never a format field
+            prompts = [template.replace("{}", q) for q in questions]
+        else:
+            prompts = [prompt] if prompt else []
+        if getattr(m.processor, "qformer_tokenizer", None) is not None and not prompts:
+            prompts = [INSTRUCT_CAPTION_PROMPT]  # InstructBLIP's Q-Former needs an instruction
+        return lambda names, pixel_values: _generation_rows(m, names, pixel_values, prompts, kwargs, key, questions)
 
-    return _drive(args, m, paths, shards, rows, key, failures)
+    return _drive(args, paths, shards, _builder(args, False, make_rows), key, failures)
+
+
+def _builder(args, retrieval: bool, make_rows):
+    """A picklable `build() -> (Loaded, rows)`, loading once: where the model loads (here, or in each
+    Ray actor) is the caller's."""
+    built = []
+
+    def build():
+        if not built:
+            m = load(args, retrieval=retrieval)
+            built.append((m, make_rows(m)))
+        return built[0]
+
+    return build
 
 
 def _generation_rows(m: "Loaded", names: list, pixel_values, prompts: list[str], kwargs: dict, key: str,
@@ -444,8 +467,13 @@ def run_embed(args) -> int:
         if not failures.count:
             print("blip2: nothing to embed: give images or --text", file=sys.stderr)
         return 2 if not failures.count else finish(failures)
-    m = load(args, retrieval=True)
-    code = _drive(args, m, paths, shards, lambda names, pixels: _embed_rows(m, names, pixels), "embed", failures)
+    if args.text and getattr(args, "ray", None):
+        raise SystemExit("blip2 embed: --text is not taken with --ray; embed texts in a separate command")
+    build = _builder(args, True, _embedder)
+    code = _drive(args, paths, shards, build, "embed", failures) if paths or shards else finish(failures)
+    if not args.text:
+        return code
+    m, _ = build()
     for text in args.text:
         tokens = m.processor.tokenizer([text], return_tensors="pt")
         with torch.inference_mode():
@@ -453,6 +481,10 @@ def run_embed(args) -> int:
             embed = m.model.text_embeds(states.last_hidden_state)[0]  # (E,)
         emit(args, {"text": text, "embedding": embed.float().tolist()}, "")
     return code
+
+
+def _embedder(m: "Loaded"):
+    return lambda names, pixel_values: _embed_rows(m, names, pixel_values)
 
 
 def _embed_rows(m: "Loaded", names: list, pixel_values) -> list[tuple[dict, str]]:

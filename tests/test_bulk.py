@@ -150,3 +150,17 @@ def test_torchrun_ranks_split_shards_into_the_same_rows(capsys, tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert rows_of(ranked) == rows_of(single)
+
+
+def test_ray_data_with_two_workers_gives_the_same_rows(capsys, tmp_path):
+    pytest.importorskip("ray")
+    for n in range(3):
+        make_tar(tmp_path / f"s{n}.tar", EXAMPLES[2 * n:2 * n + 2], broken="bad" if n == 1 else None)
+    single, distributed = tmp_path / "single", tmp_path / "ray"
+    assert run(capsys, "ask", str(tmp_path), "--question", "what?", "--question", "which colour?",
+               "--output", str(single), *FAST)[0] == 1
+    code, err = run(capsys, "ask", str(tmp_path), "--question", "what?", "--question", "which colour?",
+                    "--output", str(distributed), "--ray", "--ray-workers", "2", *FAST)
+    assert code == 1, err
+    assert rows_of(distributed) == rows_of(single)
+    assert sum(len(rows) for rows in rows_of(single).values()) == 2 * len(EXAMPLES) + 1
