@@ -59,7 +59,7 @@ def run_worker(args) -> dict:
     ours_cfg = None
     for dname in args.dtypes:
         dtype = DTYPES[dname]
-        from blip2.modeling.packed import optimize_for_inference
+        from blip2.modeling.inference import optimize_for_inference
 
         ours = optimize_for_inference(common.load_ours(common.SMALL_DIR, dtype))
         plain = common.load_ours(common.SMALL_DIR, dtype) if args.plain else None

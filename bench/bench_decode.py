@@ -85,7 +85,7 @@ def worker(args) -> dict:
     ids = torch.tensor([common.prompt_ids(PROMPT, image_tokens=image_tokens)])
     t0 = time.perf_counter()
     if impl == "ours":
-        from blip2.modeling.packed import optimize_for_inference
+        from blip2.modeling.inference import optimize_for_inference
 
         model = common.load_ours(common.FULL_DIR, dtype)
         if "plain" not in opts:

@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     from blip2 import Blip2ForConditionalGeneration, Blip2Processor
     from blip2.demo import MODEL_DIR, world
-    from blip2.modeling.packed import optimize_for_inference
+    from blip2.modeling.inference import optimize_for_inference
 
     processor = Blip2Processor.from_pretrained(MODEL_DIR)
     shown = scenes(args.images)

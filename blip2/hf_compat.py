@@ -25,7 +25,9 @@ from .keymap import KeyTable, blip2_table, qformer_rules, vision_rules
 from .modeling.attention import Positions
 from .modeling.blip2 import Blip2, check_pixel_values
 from .modeling.checkpointing import is_checkpointing
+from .modeling.inference import InferenceLayout, quantize_model
 from .modeling.init import init_model_
+from .modeling.quant import QUANTIZERS
 from .modeling.qformer import QFormer
 from .modeling.vision import VisionEncoder
 from .outputs import (
@@ -125,7 +127,9 @@ FROM_PRETRAINED_KWARGS: dict[str, tuple[object, str]] = {
                                   "chooses them (blip2.bnb)"),
     "load_in_8bit": (False, "the reference's shortcut for quantization_config=BitsAndBytesConfig(load_in_8bit=True)"),
     "load_in_4bit": (False, "the reference's shortcut for quantization_config=BitsAndBytesConfig(load_in_4bit=True)"),
-    "quantize": (None, "'int8': the language model's linear layers as int8 weights with per-channel scales"),
+    "quantize": (None, "'int8' or 'int4': the language model's linear layers as int8 weights with per-channel "
+                       "scales or int4 ones with a scale and zero per 128 inputs (weight-only, CPU decoding; "
+                       "inference only)"),
     "state_dict": (None, "tensors under the checkpoint's names, loaded instead of the weight files"),
     "output_loading_info": (False, "also return {'missing_keys', 'unexpected_keys', 'mismatched_keys', "
                                    "'error_msgs'}: always empty lists, since loading is strict and raises instead"),
@@ -247,8 +251,11 @@ def _place(model, opts: dict, dtype, device, bnb) -> None:
         model.to(device)
 
 
-class PreTrainedModel(PeftAdapterMixin, nn.Module):
-    """from_pretrained / save_pretrained through the key table, dtype and device, and LoRA adapters."""
+class PreTrainedModel(PeftAdapterMixin, InferenceLayout):
+    """from_pretrained / save_pretrained through the key table, dtype and device, and LoRA adapters.
+
+    Linear layers are prepacked for CPU inference on first use and unpacked for training
+    (`blip2.modeling.inference.InferenceLayout`)."""
 
     config_class: type[BaseConfig] = BaseConfig
     main_input_name = "pixel_values"
@@ -270,6 +277,7 @@ class PreTrainedModel(PeftAdapterMixin, nn.Module):
 
     def init_weights(self) -> None:
         """Draws every weight afresh by the reference's rules (see `blip2.modeling.init`)."""
+        self.plain_layout()  # into the plain weights; the next inference packs them
         init_model_(self, self.config)
         for module in self.modules():
             if module is not self and hasattr(module, "tie_weights"):
@@ -281,11 +289,11 @@ class PreTrainedModel(PeftAdapterMixin, nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return self.first_parameter().dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return self.first_parameter().device
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Parameters counted as the reference counts them: tied ones once; embedding tables
@@ -382,16 +390,13 @@ class PreTrainedModel(PeftAdapterMixin, nn.Module):
             opts["torch_dtype"] = torch.float16  # the reference's default for 8/4-bit loading
         dtype = _load_dtype(opts["torch_dtype"], config, folder, state, opts["device"])
         device = _device_from_map(opts["device_map"], opts["device"])
-        if opts["quantize"] not in (None, "int8"):
-            raise ValueError(f"quantize must be None or 'int8', got {opts['quantize']!r}")
+        if opts["quantize"] is not None and opts["quantize"] not in QUANTIZERS:
+            raise ValueError(f"quantize must be None or one of {sorted(QUANTIZERS)}, got {opts['quantize']!r}")
         skeleton = ckpt.build_on_meta(lambda: cls(config))
         model = ckpt.load_into(lambda: skeleton, folder, skeleton.key_table(), dtype, skeleton.keep_in_fp32, state=state)
         model.eval()
         _place(model, opts, dtype, device, bnb)
-        if opts["quantize"] == "int8":
-            from .modeling.quant import quantize_language_model
-
-            quantize_language_model(model)
+        quantize_model(model, opts["quantize"])
         model.name_or_path = str(name) if name is not None else ""
         config.name_or_path = model.name_or_path
         if opts["output_loading_info"]:
@@ -461,6 +466,7 @@ class Blip2VisionModel(PreTrainedModel, VisionEncoder):
         if pixel_values is None:
             raise ValueError("pixel_values must be given")
         check_pixel_values(pixel_values, self.config, interpolate_pos_encoding)
+        self.fit_layout()
         out = VisionEncoder.forward(self, pixel_values, interpolate_pos_encoding, hidden, attn)
         return vision_output(out, as_dict)
 
@@ -489,6 +495,7 @@ class Blip2QFormerModel(PreTrainedModel, QFormer):
         attn, hidden, as_dict = self._flags(output_attentions, output_hidden_states, return_dict)
         self._check_inputs(query_embeds, attention_mask, encoder_hidden_states, encoder_attention_mask,
                            past_key_values)
+        self.fit_layout()
         out = QFormer.forward(
             self, query_embeds, encoder_hidden_states, attention_mask, encoder_attention_mask, head_mask,
             past=past_key_values, use_cache=bool(use_cache), need_hidden=hidden, need_weights=attn,
@@ -613,6 +620,7 @@ class _Blip2Base(PreTrainedModel, Blip2):
         attn, hidden, as_dict = flags
         self.check_pixel_values(pixel_values, interpolate_pos_encoding)  # first: its batch size is used next
         self.check_input_ids(input_ids, pixel_values.shape[0])
+        self.fit_layout()
         vis = self.image_features(pixel_values, interpolate_pos_encoding, hidden, attn)
         qf = self.query_features(vis.last_hidden_state, hidden, attn, **query_inputs)
         lm_inputs = self.language_projection(qf.last_hidden_state[:, : self.config.num_query_tokens])
@@ -677,6 +685,7 @@ class Blip2Model(_Blip2Base):
         """The language model's outputs for text alone."""
         attn, hidden, as_dict = self._flags(output_attentions, output_hidden_states, return_dict)
         self.check_input_ids(input_ids)
+        self.fit_layout()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = self.language_model.embed(input_ids)
@@ -691,12 +700,14 @@ class Blip2Model(_Blip2Base):
                            return_dict=None, interpolate_pos_encoding: bool = False):
         """The image encoder's outputs."""
         attn, hidden, as_dict = self._flags(output_attentions, output_hidden_states, return_dict)
+        self.fit_layout()
         return vision_output(self.image_features(pixel_values, interpolate_pos_encoding, hidden, attn), as_dict)
 
     def get_qformer_features(self, pixel_values=None, output_attentions=None, output_hidden_states=None,
                              return_dict=None, interpolate_pos_encoding: bool = False):
         """The Q-Former's outputs for each image."""
         attn, hidden, as_dict = self._flags(output_attentions, output_hidden_states, return_dict)
+        self.fit_layout()
         vis = self.image_features(pixel_values, interpolate_pos_encoding, hidden, attn)
         return qformer_output(self.query_features(vis.last_hidden_state, hidden, attn), as_dict)
 
@@ -748,5 +759,6 @@ class Blip2ForConditionalGeneration(_Blip2Base):
         """
         base = self.generation_config if generation_config is None else generation_config
         config = base.updated(generate_kwargs)
+        self.fit_layout(generating=True)
         return self.generate_tokens(pixel_values, input_ids, attention_mask, config, streamer=streamer,
                                     generator=generator, interpolate_pos_encoding=interpolate_pos_encoding)

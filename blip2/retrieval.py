@@ -166,6 +166,7 @@ class Blip2ForImageTextRetrieval(_RetrievalBase):
         ITC (default): every image against every text, cosine similarities (B_images, B_texts)."""
         attn, hidden, as_dict = self._flags(output_attentions, output_hidden_states, return_dict)
         check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding)
+        self.fit_layout()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         vis: VisionOutput = self.vision_model(pixel_values, interpolate_pos_encoding, hidden, attn)
@@ -230,6 +231,7 @@ class Blip2TextModelWithProjection(_RetrievalBase):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 output_attentions=None, output_hidden_states=None, return_dict=None):
         attn, hidden, as_dict = self._flags(output_attentions, output_hidden_states, return_dict)
+        self.fit_layout()
         out = self.text_states(input_ids, attention_mask, position_ids, hidden, attn)
         embeds = F.normalize(_linear_in_own_dtype(self.text_projection, out.last_hidden_state), dim=-1)  # (B, T, E)
         result = Blip2TextModelOutput(embeds, out.last_hidden_state, out.hidden_states, out.attentions)
@@ -260,6 +262,7 @@ class Blip2VisionModelWithProjection(_RetrievalBase):
                 interpolate_pos_encoding: bool = False):
         attn, hidden, as_dict = self._flags(output_attentions, output_hidden_states, return_dict)
         check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding)
+        self.fit_layout()
         vis = self.vision_model(pixel_values, interpolate_pos_encoding, hidden, attn)
         queries = self.image_queries(vis.last_hidden_state).last_hidden_state
         embeds = F.normalize(_linear_in_own_dtype(self.vision_projection, queries), dim=-1)  # (B, Q, E)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from blip2 import Blip2ForConditionalGeneration
 from blip2.hf_compat import fast_dtype
 from blip2.modeling.attention import KVCache, attend
-from blip2.modeling.packed import optimize_for_inference, packing_available
+from blip2.modeling.inference import optimize_for_inference
+from blip2.modeling.packed import packing_available
 
 from conftest import make_inputs, make_ref, ref_config, save_ref
 

@@ -9,8 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from blip2.modeling.packed import PackedLinear, optimize_for_inference, pack_linears, packing_available, unpack_linears
-from blip2.modeling.quant import Int8Linear, quantize_language_model, quantize_linears, quantize_weight
+from blip2.modeling.inference import optimize_for_inference
+from blip2.modeling.packed import PackedLinear, pack_linears, packing_available, unpack_linears
+from blip2.modeling.quant import (Int4Linear, Int8Linear, int4_kernel_available, quantize_language_model,
+                                  quantize_linears, quantize_weight, quantize_weight_int4)
 
 needs_packing = pytest.mark.skipif(not packing_available(), reason="PyTorch built without oneDNN")
 
@@ -55,20 +57,48 @@ def test_int8_linear_blockwise_path_covers_every_output(monkeypatch):
     torch.testing.assert_close(q(x).float(), nn.functional.linear(x, q.dequantized(), linear.bias), atol=3e-2, rtol=2e-2)
 
 
+def test_quantize_weight_int4_is_within_half_a_step_per_group():
+    w = torch.randn(5, 64)
+    q, scale, zero = quantize_weight_int4(w, 32)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scale.shape == zero.shape == (5, 2)
+    back = (q.view(5, 2, 32).float() - 8) * scale[..., None] + zero[..., None]
+    assert torch.all((back.view(5, 64) - w).abs() <= scale.repeat_interleave(32, dim=1) / 2 + 1e-5)
+
+
+@pytest.mark.parametrize("n, k", [(200, 256), (64, 37), (16, 96)])  # a tail past the kernel's blocks; no group fits; small
+@pytest.mark.parametrize("rows", [1, 5, 40])  # the int4 kernel, and bfloat16 blocks of the unpacked weight
+def test_int4_linear_matches_its_dequantized_weight(n, k, rows):
+    linear = _linear(k, n)
+    q = Int4Linear(linear)
+    assert q.weight_int4.shape[0] == (n - n % 64 if k % 32 == 0 and int4_kernel_available() else 0)
+    x = torch.randn(2, rows, k)
+    y = q(x)
+    assert y.shape == (2, rows, n) and y.dtype == torch.float32
+    expected = nn.functional.linear(x.bfloat16().float(), q.dequantized(), linear.bias)
+    torch.testing.assert_close(y, expected, atol=3e-2, rtol=2e-2)
+    exact = linear(x)
+    assert (y - exact).abs().max() < 0.15 * exact.abs().max()
+
+
 @needs_packing
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_linear_matches_linear_and_keeps_its_state_dict(dtype):
     linear = _linear(dtype=dtype)
+    reference = copy.deepcopy(linear)
+    weight = linear.weight
     packed = PackedLinear(linear)
+    assert weight.numel() == 0  # the plain copy is freed: the packed one replaces it
     for shape in [(1, 48), (8, 48), (2, 5, 48)]:
         x = torch.randn(shape, dtype=dtype)
         tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
-        torch.testing.assert_close(packed(x), linear(x), **tol)
+        torch.testing.assert_close(packed(x), reference(x), **tol)
     state = packed.state_dict()
     assert set(state) == {"weight", "bias"}
-    assert torch.equal(state["weight"], linear.weight.detach()) and torch.equal(state["bias"], linear.bias.detach())
+    assert torch.equal(state["weight"], reference.weight.detach()) and torch.equal(state["bias"], reference.bias.detach())
+    copied = copy.deepcopy(packed)  # through the plain weight: opaque tensors do not copy
+    torch.testing.assert_close(copied(x), packed(x))
     back = packed.unpacked()
-    assert type(back) is nn.Linear and torch.equal(back.weight, linear.weight)
+    assert type(back) is nn.Linear and back.weight is weight and torch.equal(back.weight, reference.weight)
 
 
 class _Tiny(nn.Module):
@@ -118,7 +148,7 @@ def test_quantize_after_packing_replaces_packed_layers():
 
 def test_optimize_for_inference_rejects_unknown_quantization():
     with pytest.raises(ValueError, match="int8"):
-        optimize_for_inference(_Tiny(), quantize="int4")
+        optimize_for_inference(_Tiny(), quantize="int2")
 
 
 class _FeedForward(nn.Module):

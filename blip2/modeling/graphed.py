@@ -30,6 +30,7 @@ from ..families import family_of
 from ..generation import GenerationConfig, generate, resolve_config
 from .attention import KVCache, Positions, padding_mask
 from .blip2 import DecoderStepper
+from .inference import fit_layouts
 
 BUCKET = 64  # cache lengths round up to this, so prompts of similar length share one graph
 WARMUP_STEPS = 2  # real steps run eagerly on a side stream before capture (cuBLAS sets up there)
@@ -60,6 +61,7 @@ def graphed_generate(model, pixel_values: Tensor, input_ids: Tensor | None = Non
     if cuda_graph and not on_cuda:
         raise ValueError("cuda_graph=True needs the model and pixel_values on a CUDA device")
     use_graph = on_cuda if cuda_graph is None else cuda_graph
+    fit_layouts(model, generating=True)  # prepacked on CPU, as model.generate
     with torch.inference_mode():
         stepper, start_ids = model.stepper(pixel_values, input_ids, attention_mask, config, interpolate_pos_encoding)
         new_tokens = config.new_token_limit(start_ids.shape[1])

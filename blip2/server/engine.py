@@ -24,6 +24,7 @@ from torch import Tensor
 from ..families import family_of
 from ..generation import CallbackStreamer, GenerationConfig, generate, resolve_config
 from ..modeling.blip2 import check_positions
+from ..modeling.inference import fit_layouts
 from .limits import ApiError, ImageData, Settings
 
 
@@ -219,6 +220,9 @@ class Engine:
     @torch.inference_mode()
     def run(self, key: Hashable, jobs: list) -> Sequence[Any]:
         task = key[0]
+        for model in (self.model, self.retriever):
+            if model is not None:
+                fit_layouts(model)  # prepacked weights, as model.generate would use
         if task in ("generate", "stream"):
             return self.generate(jobs, key[1])
         if task == "match":

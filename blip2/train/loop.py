@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import CheckpointError, safe_torch_load
 from ..io import atomic_write, atomic_write_text, remove_stale_temps
+from ..modeling.inference import fit_layouts
 from . import distributed as dist
 from .data import ShardedBatches
 
@@ -289,6 +290,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Mean losses over the eval set (or its first eval_batches), all processes together."""
         self.objective.eval()
+        with self._autocast():
+            fit_layouts(self.objective)  # prepacked weights while evaluating; train() below gives them back
         sampler = ShardedBatches(len(self.eval_data), self.cfg.batch_size, self.info.rank, self.info.world_size,
                                  shuffle=False)
         totals: dict[str, Tensor] = {}
