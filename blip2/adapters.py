@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .hub import resolve_file
 from .io import atomic_write, atomic_write_text
+from .modeling.inference import InferenceLayout
 from .modeling.lora import LoraLinear, LoraPiece
 
 CONFIG_NAME = "adapter_config.json"
@@ -222,6 +223,8 @@ def _home(module: nn.Module) -> tuple[torch.dtype, torch.device]:
 def add_pieces(model: nn.Module, adapter: str, targets: list[Target], settings: LoraSettings,
                ranks: dict[str, int] | None = None) -> list[LoraPiece]:
     """One LoraPiece per target (rank from `ranks` when given, else from the settings)."""
+    if isinstance(model, InferenceLayout):
+        model.plain_layout()  # wrap plain layers: a packed fc1 carries its block's activation inside
     pieces = []
     for t in targets:
         layer = _wrap(model, t.ours)
@@ -547,6 +550,8 @@ class PeftAdapterMixin:
         """Folds the active adapters into the weights and removes every adapter: a plain model
         again, as fast as before, with the adapted outputs. Returns the model."""
         self._require_adapters()
+        if isinstance(self, InferenceLayout):
+            self.plain_layout()  # merge into plain weights; the next inference packs the merged ones
         active = self.active_adapters() if any(l.enabled for l in lora_layers(self).values()) else []
         self._unwrap(lambda layer: layer.merged(active))
         self._adapter_settings().clear()
