@@ -13,8 +13,9 @@ b. one image, five questions of different lengths, 10 new tokens each, greedy. T
    has no way to share the image between prompts: it runs five generate calls (or one call with
    the image repeated five times; the faster of the two is its figure). Ours passes the image once.
 
-"ours" is `from_pretrained` followed by `optimize_for_inference` (prepacked weights); "ours
-plain" leaves that step out. Times are the fastest of --repeats runs after a warm-up.
+"ours" is plain `from_pretrained` and `generate`, as a user runs them (it prepacks its weights on
+its own); "ours plain" (--plain) sets `auto_pack = False`. Wall clock, default threads; each
+figure is the median of --repeats runs taken in turns after a warm-up, with the load average.
 """
 
 from __future__ import annotations
@@ -59,19 +60,19 @@ def run_worker(args) -> dict:
     ours_cfg = None
     for dname in args.dtypes:
         dtype = DTYPES[dname]
-        from blip2.modeling.inference import optimize_for_inference
-
-        ours = optimize_for_inference(common.load_ours(common.SMALL_DIR, dtype))
+        ours = common.load_ours(common.SMALL_DIR, dtype)
         plain = common.load_ours(common.SMALL_DIR, dtype) if args.plain else None
+        if plain is not None:
+            plain.auto_pack = False
         ours_cfg = ours.config.vision_config
         ref = common.load_reference(common.SMALL_DIR, dtype) if transformers and not args.no_ref else None
         px = pixels8.to(dtype)
         models = {"ours": ours, "ours plain": plain, "ref": ref}
 
         def row(workload, fn_by_impl, **extra):
-            entry = {"workload": workload, "dtype": dname, **extra}
+            entry = {"workload": workload, "dtype": dname, "load": common.load_average(), **extra}
             timed = common.measure_many({k: f for k, f in fn_by_impl.items() if f is not None}, args.repeats)
-            entry.update({impl: t["min"] for impl, t in timed.items()})
+            entry.update({impl: t["median"] for impl, t in timed.items()})
             results["rows"].append(entry)
             print(json.dumps(entry), file=sys.stderr, flush=True)
             return entry
@@ -134,8 +135,8 @@ def print_table(all_results: dict, peaks: dict) -> None:
     print()
     print(f"clock: {'CPU time, one thread' if all(r['threads'] == 1 for r in all_results.values()) else 'wall'}; "
           f"load during the runs: {', '.join(str(r['load']) for r in all_results.values())}")
-    print("| workload | dtype | reference | ours s | reference s | ours speed-up | note |")
-    print("|---|---|---|---|---|---|---|")
+    print("| workload | dtype | reference | ours s | reference s | ours speed-up | load average | note |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, res in all_results.items():
         for r in res["rows"]:
             note = ""
@@ -150,9 +151,9 @@ def print_table(all_results: dict, peaks: dict) -> None:
                 note = f"ref loop {r['ref loop']:.2f} s, batch of 5 copies {r['ref batch']:.2f} s"
             ref_s = r.get("ref")
             if "ours plain" in r:
-                note += f"; ours without optimize_for_inference {r['ours plain']:.3f} s"
+                note += f"; ours unpacked (auto_pack = False) {r['ours plain']:.3f} s"
             print(f"| {r['workload']} | {r['dtype']} | {res['reference']} | {r['ours']:.3f} | "
-                  f"{ref_s if ref_s is None else f'{ref_s:.3f}'} | {common.fmt_ratio(r['ours'], ref_s)} | {note} |")
+                  f"{ref_s if ref_s is None else f'{ref_s:.3f}'} | {common.fmt_ratio(r['ours'], ref_s)} | {r.get('load', '?')} | {note} |")
     # bf16 against the reference's fp32, per environment.
     for name, res in all_results.items():
         by = {(r["workload"], r["dtype"]): r for r in res["rows"]}
@@ -169,7 +170,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one timed run each")
     parser.add_argument("--here", action="store_true", help="only this interpreter's transformers")
     parser.add_argument("--no-ref", action="store_true")
-    parser.add_argument("--plain", action="store_true", help="also time ours without optimize_for_inference")
+    parser.add_argument("--plain", action="store_true", help="also time ours with auto_pack = False")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: one thread, this process's CPU time (for a machine others are using)")
     parser.add_argument("--json", action="store_true")

@@ -1,12 +1,14 @@
 """Workload d: decoding tokens per second at batch 1 on the full-size blip2-opt-2.7b model
 (random float16 checkpoint from bench/make_full_checkpoint.py), ours against transformers.
 
-    python bench/bench_decode.py                 # ours bf16 / bf16 + int8 LM, reference bf16 and fp32
+    python bench/bench_decode.py                 # ours bf16 / + int8 / + int4 LM, reference bf16 and fp32
     python bench/bench_decode.py --configs ours:bf16 ref:bf16 --tokens 24
+    python bench/bench_decode.py --checkpoint "$BLIP2_BENCH_CACHE/blip2-small-random"   # a smaller shape
 
 One image and a short question, greedy, `--tokens` new tokens (min = max, so every run does
 the same work). A streamer stamps each token; the decode rate is (tokens - 1) over the time
-from the first token to the last, so the image encoder and the prompt are left out. Each
+from the first token to the last, so the image encoder and the prompt are left out; the figure
+is the median of --repeats runs. Ours is plain `from_pretrained` (with `quantize=` for int8 / int4). Each
 configuration runs in a fresh process (the full model in float32 is 15 GB). The rate is also
 given as the fraction of the measured memory bandwidth (bench/peak.py) it implies: decoding
 one token reads every language-model weight once.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +30,7 @@ import common  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROMPT = [45641, 35, 99, 16, 11, 5, 2170, 116, 31652, 35]  # "Question: what is in the picture? Answer:"
-DEFAULT_CONFIGS = ["ours:bf16", "ours:bf16:int8", "ref:bf16", "ref:fp32", "ours:fp32"]
+DEFAULT_CONFIGS = ["ours:bf16", "ours:bf16:int8", "ours:bf16:int4", "ref:bf16", "ref:fp32", "ours:fp32"]
 
 
 class Stamps:
@@ -84,14 +87,13 @@ def worker(args) -> dict:
     image_tokens = impl == "ours" or common.ref_major() >= 5
     ids = torch.tensor([common.prompt_ids(PROMPT, image_tokens=image_tokens)])
     t0 = time.perf_counter()
+    checkpoint = Path(args.checkpoint)
     if impl == "ours":
-        from blip2.modeling.inference import optimize_for_inference
-
-        model = common.load_ours(common.FULL_DIR, dtype)
-        if "plain" not in opts:
-            optimize_for_inference(model, quantize="int8" if "int8" in opts else None)
+        quantize = next((o for o in opts if o in ("int8", "int4")), None)
+        model = common.load_ours(checkpoint, dtype, quantize=quantize)
+        model.auto_pack = "plain" not in opts
     else:
-        model = common.load_reference(common.FULL_DIR, dtype)
+        model = common.load_reference(checkpoint, dtype)
     load_s = time.perf_counter() - t0
     gen = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens)
     with torch.inference_mode():
@@ -104,14 +106,15 @@ def worker(args) -> dict:
             rates.append((len(stamps.times) - 1) / (stamps.times[-1] - stamps.times[0]))
     weights = lm_weight_bytes(model.language_model)
     return {"config": args.config, "reference": common.reference()[1], "load_s": load_s,
-            "tokens_per_s": max(rates), "rates": rates, "tokens": tokens, "lm_weight_gb": weights / 1e9,
+            "tokens_per_s": statistics.median(rates), "rates": rates, "tokens": tokens, "lm_weight_gb": weights / 1e9,
             "peak_rss_gb": common.peak_rss_bytes() / 1e9, "load": common.load_average()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true")
-    parser.add_argument("--config", default="ours:bf16", help="impl:dtype[:int8][:plain]")
+    parser.add_argument("--config", default="ours:bf16", help="impl:dtype[:int8|:int4][:plain]")
+    parser.add_argument("--checkpoint", default=str(common.FULL_DIR), help="checkpoint folder (default: the full-size one)")
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
     parser.add_argument("--ref", default="newest", help="environment of the reference (in $BLIP2_BENCH_PYTHONS)")
     parser.add_argument("--tokens", type=int, default=32)
@@ -120,8 +123,8 @@ def main() -> None:
                         help="cpu: one thread, this process's CPU time (for a machine others are using)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if not (common.FULL_DIR / "config.json").is_file():
-        sys.exit(f"{common.FULL_DIR} is missing: run python bench/make_full_checkpoint.py")
+    if not (Path(args.checkpoint) / "config.json").is_file():
+        sys.exit(f"{args.checkpoint} is missing: run python bench/make_full_checkpoint.py")
     if args.worker:
         common.set_clock(args.clock)
         print(json.dumps(worker(args)))
@@ -138,7 +141,8 @@ def main() -> None:
             continue
         print(f"{config} (load {common.load_average():.2f}) ...", flush=True)
         rows.append(common.run_worker(python, Path(__file__), ["--config", config, "--tokens", str(args.tokens),
-                                                               "--repeats", str(args.repeats), "--clock", args.clock]))
+                                                               "--repeats", str(args.repeats), "--clock", args.clock,
+                                                               "--checkpoint", args.checkpoint]))
         print("  ", json.dumps({k: v for k, v in rows[-1].items() if k != "tokens"}), flush=True)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -146,8 +150,9 @@ def main() -> None:
     print()
     print(f"clock: {args.clock}; memory bandwidth measured: {bandwidth:.1f} GB/s"
           f"{' (one thread)' if args.clock == 'cpu' else ''}")
-    print("| config | tokens/s | LM weights GB | implied GB/s | of bandwidth | vs ref bf16 | vs ref fp32 | tokens differing from ours bf16 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"checkpoint: {args.checkpoint}")
+    print("| config | tokens/s | LM weights GB | implied GB/s | of bandwidth | vs ref bf16 | vs ref fp32 | tokens differing from ours bf16 | load average |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gbs = r["tokens_per_s"] * r["lm_weight_gb"]
         vs = [f"{r['tokens_per_s'] / by[c]['tokens_per_s']:.2f}x" if c in by else "-" for c in ("ref:bf16", "ref:fp32")]
@@ -155,7 +160,7 @@ def main() -> None:
         differ = f"{sum(a != b for a, b in zip(r['tokens'], base))} / {len(base)}" if base and r["config"].startswith("ours") else ""
         name = r["config"] if r["config"].startswith("ours") else r["config"].replace("ref", f"transformers {r['reference']}")
         print(f"| {name} | {r['tokens_per_s']:.2f} | {r['lm_weight_gb']:.2f} | {gbs:.1f} | {gbs / bandwidth:.0%} | "
-              f"{vs[0]} | {vs[1]} | {differ} |")
+              f"{vs[0]} | {vs[1]} | {differ} | {r['load']:.2f} |")
 
 
 if __name__ == "__main__":

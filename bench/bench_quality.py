@@ -1,5 +1,5 @@
-"""How many captions change when ours runs in bfloat16, prepacked, or with an int8 language
-model, against float32 greedy, on the shipped demo model (trained weights: random weights
+"""How many captions change when ours runs in bfloat16, unpacked, or with an int8 / int4 language
+model, against float32 greedy (each as `from_pretrained` gives it), on the shipped demo model (trained weights: random weights
 flip too easily to judge by) and the demo world's test scenes.
 
     python bench/bench_quality.py [--images 200]
@@ -33,24 +33,22 @@ def main() -> None:
     args = parser.parse_args()
     from blip2 import Blip2ForConditionalGeneration, Blip2Processor
     from blip2.demo import MODEL_DIR, world
-    from blip2.modeling.inference import optimize_for_inference
 
     processor = Blip2Processor.from_pretrained(MODEL_DIR)
     shown = scenes(args.images)
     pixels = processor(images=[world.render(s) for s in shown], return_tensors="pt")["pixel_values"]
-    variants = {
-        "fp32": (torch.float32, {}),
-        "fp32 packed": (torch.float32, {"pack": True}),
-        "bf16": (torch.bfloat16, {}),
-        "bf16 packed": (torch.bfloat16, {"pack": True}),
-        "bf16 int8 LM": (torch.bfloat16, {"pack": True, "quantize": "int8"}),
-        "fp32 int8 LM": (torch.float32, {"pack": True, "quantize": "int8"}),
+    variants = {  # name: (dtype, from_pretrained's quantize, prepacked)
+        "fp32": (torch.float32, None, True),
+        "fp32 unpacked": (torch.float32, None, False),
+        "bf16": (torch.bfloat16, None, True),
+        "bf16 unpacked": (torch.bfloat16, None, False),
+        "bf16 int8 LM": (torch.bfloat16, "int8", True),
+        "bf16 int4 LM": (torch.bfloat16, "int4", True),
     }
     captions, seconds = {}, {}
-    for name, (dtype, opts) in variants.items():
-        model = Blip2ForConditionalGeneration.from_pretrained(MODEL_DIR, torch_dtype=dtype)
-        if opts:
-            optimize_for_inference(model, **opts)
+    for name, (dtype, quantize, pack) in variants.items():
+        model = Blip2ForConditionalGeneration.from_pretrained(MODEL_DIR, torch_dtype=dtype, quantize=quantize)
+        model.auto_pack = pack
         out, start = [], time.perf_counter()
         with torch.inference_mode():
             for i in range(0, len(pixels), args.batch):
@@ -69,7 +67,7 @@ def main() -> None:
             captions[f"{name} ({version})"], seconds[f"{name} ({version})"] = out, time.perf_counter() - start
     base = captions["fp32"]
     correct = lambda caps: sum(world.caption_correct(c, s) for c, s in zip(caps, shown))
-    print(f"demo model, {len(base)} test scenes, greedy, up to 30 new tokens")
+    print(f"demo model, {len(base)} test scenes, greedy, up to 30 new tokens; load average {common.load_average():.2f}")
     print("| variant | captions differing from ours fp32 | correct captions | seconds |")
     print("|---|---|---|---|")
     result = {}
@@ -77,6 +75,8 @@ def main() -> None:
         diff = sum(a != b for a, b in zip(caps, base))
         result[name] = {"differ": diff, "correct": correct(caps), "seconds": seconds[name]}
         print(f"| {name} | {diff} / {len(base)} | {correct(caps)} / {len(base)} | {seconds[name]:.1f} |")
+    same_tokens = sum(a == b for a, b in zip(captions["bf16"], captions["bf16 int4 LM"]))
+    print(f"bf16 int4 LM captions equal to bf16's: {same_tokens} / {len(base)}")
     examples = [(a, b) for a, b in zip(base, captions["bf16"]) if a != b][:3]
     for a, b in examples:
         print(f"  fp32: {a!r}\n  bf16: {b!r}")

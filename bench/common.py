@@ -18,18 +18,18 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("BLIP2_BENCH_CACHE", "/work/bench-cache"))
+CACHE = Path(os.environ.get("BLIP2_BENCH_CACHE", Path.home() / ".cache" / "blip2-bench"))
 SMALL_DIR = CACHE / "blip2-small-random"
 FULL_DIR = CACHE / "blip2-opt-2.7b-random-fp16"
 IMAGE_TOKEN = 50265
 BOS, PAD = 2, 1
 
-# name=python for each environment the drivers run their workers in; "here" is this interpreter.
-DEFAULT_PYTHONS = "4.37.2=/work/main/.venv/bin/python,newest=/work/newtf/bin/python"
+# $BLIP2_BENCH_PYTHONS: name=python,... for each environment the drivers run their workers in
+# (e.g. "4.37.2=.venv/bin/python,newest=../newtf/bin/python"); by default this interpreter, "here".
 
 
 def pythons() -> dict[str, str]:
-    spec = os.environ.get("BLIP2_BENCH_PYTHONS", DEFAULT_PYTHONS)
+    spec = os.environ.get("BLIP2_BENCH_PYTHONS", "")
     found = {}
     for item in filter(None, spec.split(",")):
         name, _, path = item.partition("=")

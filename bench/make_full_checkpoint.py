@@ -9,7 +9,7 @@ instance ever exists. Weights are drawn with a fixed seed: normal(0, 0.02) for m
 embeddings, small normal biases, layer norms at 1 / 0. The config carries `image_token_index`
 (as the newer hub snapshots do) so that transformers 5.x, which needs image tokens in the
 prompt, runs it too.
-Files go under $BLIP2_BENCH_CACHE (default /work/bench-cache), never into the repository.
+Files go under $BLIP2_BENCH_CACHE (default ~/.cache/blip2-bench), never into the repository.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-CACHE = Path(os.environ.get("BLIP2_BENCH_CACHE", "/work/bench-cache"))
+CACHE = Path(os.environ.get("BLIP2_BENCH_CACHE", Path.home() / ".cache" / "blip2-bench"))
 FULL_DIR = CACHE / "blip2-opt-2.7b-random-fp16"
 SMALL_DIR = CACHE / "blip2-small-random"
 IMAGE_TOKEN = 50265  # the newer checkpoints' <image> id; inside OPT's 50272-row table

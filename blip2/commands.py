@@ -19,7 +19,7 @@ from pathlib import Path
 from .cli import device_option, float_option, int_option, template_option
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: bfloat16 where the hardware computes it natively
 # Sampling and search settings passed through to `generate` when given (None: the model's default),
 # each with the range `generate` accepts, checked when the command line is read.
 GENERATION_OPTIONS = {
@@ -106,7 +106,9 @@ def _common(p: argparse.ArgumentParser, generation: bool, formats=("text", "json
                         f"{'' if generation else ', its retrieval part'})")
     p.add_argument("--device", default=None, type=device_option,
                    help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if present)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and activations (default float32)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="weights and activations (default auto: bfloat16 on CPUs with AVX512-BF16 or AMX and on "
+                        "GPUs with bf16, float32 elsewhere)")
     p.add_argument("--batch-size", type=int_option(1), default=16, help="images per forward pass")
     p.add_argument("--format", default=formats[0], choices=formats, help="output: plain text or JSON lines")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, even for many images")
@@ -232,11 +234,12 @@ def load(args, retrieval: bool) -> Loaded:
     import torch
 
     from .auto import load_model, load_processor
+    from .hf_compat import fast_dtype
     from .processing import Blip2Processor
 
     name = args.model or default_dir(retrieval)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype)
+    dtype = fast_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
         if retrieval:
             from .retrieval import Blip2ForImageTextRetrieval

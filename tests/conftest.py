@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -19,6 +20,15 @@ ATOL = 1e-5  # fp32 parity bound the issue asks for
 # hand-offs cost far more than the arithmetic (a tenfold slowdown measured). OMP_NUM_THREADS overrides.
 if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def pack_tiny_layers(monkeypatch):
+    """Models pack only large layers by themselves; the tests' tiny layers pack too, so every parity
+    test also covers the prepacked path."""
+    import blip2.modeling.packed as packed
+
+    monkeypatch.setattr(packed, "PACK_MIN_WEIGHTS", 1)
+
 
 # ---------------------------------------------------------------- tiny configurations
 # One small base; each parity configuration overrides parts of it.

@@ -171,3 +171,19 @@ def test_weight_only_quantization_opt_in_from_pretrained(saved, kind):
     assert _packed(model.vision_model) > 0  # the image side still packs
     with pytest.raises(ValueError, match="quantize"):
         _load(directory, quantize="int3")
+
+
+def test_only_layers_large_enough_to_gain_are_packed(saved, monkeypatch):
+    import blip2.modeling.packed as packed
+
+    directory, config = saved
+    sizes = []
+    for limit in (32 * 40, 1 << 18):  # some of the tiny model's layers; none of them
+        monkeypatch.setattr(packed, "PACK_MIN_WEIGHTS", limit)
+        model = _load(directory)
+        model.generate(make_inputs(config)["pixel_values"], max_new_tokens=2)
+        small = [m for m in model.modules() if type(m) is nn.Linear]
+        assert all(m.weight.numel() < limit for m in small)
+        assert all(m.packed.numel() >= limit for m in model.modules() if isinstance(m, PackedLinear))
+        sizes.append(_packed(model))
+    assert sizes[0] > 0 and sizes[1] == 0

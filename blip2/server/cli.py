@@ -13,7 +13,7 @@ import threading
 from ..cli import device_option, float_option, int_option
 from .limits import Settings
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("auto", "checkpoint", "float32", "float16", "bfloat16")  # auto: bf16 where native; checkpoint: config.json's
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
@@ -33,7 +33,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int_option(0, 65535), default=8000)
     p.add_argument("--device", default=None, type=device_option, help="torch device, e.g. cuda (default: cpu)")
-    p.add_argument("--dtype", default=None, choices=DTYPES, help="weights and activations (default: the checkpoint's)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="auto (default): bfloat16 where the CPU (AVX512-BF16, AMX) or GPU computes it natively, "
+                        "else float32; checkpoint: the dtype config.json records")
     p.add_argument("--api-key", default=os.environ.get("BLIP2_API_KEY"),
                    help="require this key as 'Authorization: Bearer KEY' (default: $BLIP2_API_KEY, else none)")
     g = p.add_argument_group("batching")
@@ -116,7 +118,8 @@ def run(args) -> int:
     if model is None:
         model, demo_retrieval = default_models()
         retrieval, name = retrieval or demo_retrieval, "blip2-demo"
-    engine = Engine.load(model, retrieval, settings, device=args.device, dtype=args.dtype, name=name)
+    dtype = {"auto": "fast", "checkpoint": "auto"}.get(args.dtype, args.dtype)  # from_pretrained's names
+    engine = Engine.load(model, retrieval, settings, device=args.device, dtype=dtype, name=name)
     app = create_app(engine, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.graceful_timeout, server_header=False,
