@@ -18,7 +18,7 @@ from blip2 import checkpoint as ckpt
 from blip2.keymap import llama_rules
 from blip2.modeling.attention import Positions
 from blip2.modeling.llama import LlamaLanguageModel
-from blip2.modeling.packed import optimize_for_inference
+from blip2.modeling.inference import optimize_for_inference
 from conftest import BASE_QFORMER, BASE_VISION, assert_close, make_ref, save_ref, scale_of
 from test_generate_blip2 import CASES, concrete, favourites
 
