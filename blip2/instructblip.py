@@ -53,6 +53,7 @@ class InstructBlipQFormerModel(PreTrainedModel, InstructQFormer):
                 raise ValueError(f"InstructBlipQFormerModel does not support {name}")
         if input_ids is None and query_embeds is None:
             raise ValueError("pass query_embeds, input_ids (the instruction), or both")
+        self.fit_layout()
         out = InstructQFormer.forward(self, query_embeds, input_ids, attention_mask, encoder_hidden_states,
                                       encoder_attention_mask, hidden, attn, position_ids)
         return qformer_output(out, as_dict)
@@ -108,6 +109,7 @@ class InstructBlipForConditionalGeneration(Blip2ForConditionalGeneration, Instru
         """
         base = self.generation_config if generation_config is None else generation_config
         config = base.updated(generate_kwargs)
+        self.fit_layout(generating=True)
         out = self.generate_tokens(pixel_values, input_ids, attention_mask, config, streamer=streamer,
                                    generator=generator, interpolate_pos_encoding=interpolate_pos_encoding,
                                    qformer_input_ids=qformer_input_ids, qformer_attention_mask=qformer_attention_mask)
