@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -53,15 +54,21 @@ def write_images(folder: Path, n: int) -> None:
         world.render(world.sample_scene("test", i)).save(folder / f"{i:03d}.png")
 
 
-def timed(cmd: list[str]) -> tuple[float, list[str]]:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(cmd: list[str]) -> tuple[float, float, list[str]]:
+    """(wall seconds, CPU seconds of the process, its output lines)."""
     env = {**os.environ, "PYTHONPATH": str(common.ROOT), "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(common.ROOT), timeout=900)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _children_cpu() - cpu
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return seconds, [line for line in proc.stdout.splitlines() if line.strip()]
+    return seconds, cpu, [line for line in proc.stdout.splitlines() if line.strip()]
 
 
 def main() -> None:
@@ -89,22 +96,26 @@ def main() -> None:
         ref = [sys.executable, str(Path(__file__).resolve()), "--reference-loop", "--folder", str(folder),
                "--model", args.model, "--dtype", args.dtype, "--max-new-tokens", str(args.max_new_tokens)]
         times: dict[str, list[float]] = {"ours": [], "reference": []}
+        cpu: dict[str, list[float]] = {"ours": [], "reference": []}
         lines: dict[str, list[str]] = {}
         for run in range(args.repeats):
             for name, cmd in (("ours", ours), ("reference", ref)):
                 load = common.load_average()
-                seconds, lines[name] = timed(cmd)
+                seconds, used, lines[name] = timed(cmd)
                 times[name].append(seconds)
-                print(f"run {run + 1} {name}: {seconds:.2f} s (load average {load:.2f})", flush=True)
+                cpu[name].append(used)
+                print(f"run {run + 1} {name}: {seconds:.2f} s wall, {used:.2f} s CPU (load average {load:.2f})", flush=True)
     same = sum(a == b for a, b in zip(lines["ours"], lines["reference"]))
     _, version = common.reference()
     ours_s, ref_s = statistics.median(times["ours"]), statistics.median(times["reference"])
+    ours_cpu, ref_cpu = statistics.median(cpu["ours"]), statistics.median(cpu["reference"])
     result = {"images": args.images, "dtype": args.dtype, "reference": version, "ours_s": ours_s,
-              "reference_s": ref_s, "speedup": ref_s / ours_s, "same_captions": same,
+              "reference_s": ref_s, "speedup": ref_s / ours_s, "ours_cpu_s": ours_cpu, "reference_cpu_s": ref_cpu, "same_captions": same,
               "lines": len(lines["ours"]), "load_end": common.load_average()}
     print(json.dumps(result))
     print(f"blip2 caption over {args.images} images ({args.dtype}): {ours_s:.2f} s vs transformers {version} loop "
-          f"{ref_s:.2f} s = {ref_s / ours_s:.2f}x (medians of {args.repeats}); captions equal: {same} / {args.images}")
+          f"{ref_s:.2f} s = {ref_s / ours_s:.2f}x (medians of {args.repeats}, wall); CPU time {ours_cpu:.2f} s vs "
+          f"{ref_cpu:.2f} s = {ref_cpu / ours_cpu:.2f}x; captions equal: {same} / {args.images}")
 
 
 if __name__ == "__main__":
