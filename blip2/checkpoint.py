@@ -367,15 +367,38 @@ def _short(keys: list[str], n: int = 8) -> str:
 
 
 # ---------------------------------------------------------------- whole models
-def build_on_meta(model_factory) -> nn.Module:
-    """The model `model_factory()` builds, on the meta device: no memory, no values drawn.
+# In-place ops that change values only. On a meta tensor there are no values, so they can be skipped.
+# Skipping them matters: torch has no C++ meta kernel for some (normal_, erfinv_), and the first one
+# imports its Python decompositions, about 1 s of every fresh process that loads a model.
+# `torch.nn.init`'s functions reach a torch function mode as themselves, before any tensor op.
+_VALUE_ONLY_INPLACE = frozenset(
+    [getattr(torch.Tensor, name) for name in (
+        "normal_", "uniform_", "erfinv_", "fill_", "zero_", "clamp_", "mul_", "add_", "sub_", "div_",
+        "exponential_", "bernoulli_", "random_", "log_normal_", "cauchy_", "geometric_",
+    )]
+    + [getattr(nn.init, name) for name in (
+        "normal_", "uniform_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_",
+        "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_",
+    ) if hasattr(nn.init, name)]
+)
 
-    Initialisers still run (shape-only on meta): skipping them by patching `torch.nn.init`
-    would reach every thread of the process, and a thread-local torch function mode costs
-    more than it saves (building OPT-2.7b's BLIP-2: 64 ms CPU as it is, 75 ms with a mode,
-    28 ms with the process-wide patch this replaced).
-    """
-    with torch.device("meta"):
+
+class _SkipMetaInit(torch.overrides.TorchFunctionMode):
+    """Initialisers on meta tensors do nothing. A torch function mode is per thread and ends with the
+    `with` block, so other threads and later code see torch unchanged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _VALUE_ONLY_INPLACE:
+            target = args[0] if args else kwargs.get("tensor")  # nn.init passes `tensor=` by name
+            if isinstance(target, Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
+def build_on_meta(model_factory) -> nn.Module:
+    """The model `model_factory()` builds, on the meta device: no memory, no values drawn."""
+    with torch.device("meta"), _SkipMetaInit():
         return model_factory()
 
 

@@ -374,3 +374,25 @@ def test_loading_does_not_switch_off_initialisers_elsewhere(setup: Setup):
 
     assert ckpt.build_on_meta(factory).query_tokens.is_meta
     assert drawn[0] > 0
+
+
+def test_build_on_meta_skips_initialisers_only_for_meta_tensors_and_only_inside():
+    from torch import nn
+
+    from blip2.checkpoint import build_on_meta
+
+    drawn = {}
+
+    def factory():
+        cpu = torch.zeros(1000, device="cpu")
+        nn.init.normal_(cpu)  # a CPU tensor made inside the build is still initialised
+        drawn["cpu"] = cpu
+        return nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 8), nn.LayerNorm(8))
+
+    model = build_on_meta(factory)
+    assert all(p.is_meta for p in model.parameters())
+    assert drawn["cpu"].std() > 0.5
+    after = torch.zeros(1000)
+    nn.init.normal_(after)  # and nothing stays changed once the build is over
+    assert after.std() > 0.5
+    assert not torch.overrides._get_current_function_mode_stack()
