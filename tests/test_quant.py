@@ -176,3 +176,32 @@ def test_feed_forward_activation_is_fused_and_restored(act):
     pack_linears(block)
     quantize_linears(block)  # int8 layers do not fuse: the activation comes back
     assert block.act is act and (block(x) - reference(x)).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_flan_t5_runs_with_its_output_projection_quantized(kind, tmp_path):
+    """Flan-T5 keeps wo's input in wo's dtype; a quantized wo (no float weight) must still run."""
+    from transformers import Blip2ForConditionalGeneration as RefBlip2
+
+    from blip2 import Blip2ForConditionalGeneration
+    from conftest import make_inputs, make_ref, ref_config, save_ref
+
+    t5 = dict(model_type="t5", vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+              feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+              tie_word_embeddings=False)
+    config = ref_config(text=t5)
+    config.text_config = type(config.text_config)(**t5)
+    folder = save_ref(make_ref(RefBlip2, config, std=0.05), tmp_path)
+    plain = Blip2ForConditionalGeneration.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    quantized = Blip2ForConditionalGeneration.from_pretrained(folder, torch_dtype=torch.bfloat16, quantize=kind)
+    layer = Int8Linear if kind == "int8" else Int4Linear
+    assert sum(isinstance(m, layer) for m in quantized.language_model.modules()) > 0
+    inputs = make_inputs(config, batch=2, seq=5)
+    inputs = dict(pixel_values=inputs["pixel_values"].bfloat16(), input_ids=inputs["input_ids"],
+                  attention_mask=inputs["attention_mask"], decoder_input_ids=inputs["input_ids"][:, :3])
+    with torch.no_grad():
+        a, b = plain(**inputs).logits.float(), quantized(**inputs).logits.float()
+        assert (a - b).abs().max() < 0.25 * a.abs().max()
+        tokens = quantized.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"],
+                                    max_new_tokens=4)
+    assert tokens.shape[0] == 2

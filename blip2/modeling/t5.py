@@ -178,6 +178,13 @@ class CrossAttention(nn.Module):
         return self.out(merge_heads(out)), weights
 
 
+def input_of(wo: nn.Module, h: Tensor) -> Tensor:
+    """h in the dtype of wo's weight: wo may be kept in float32 (the reference keeps T5's wo so).
+    A wo without a floating-point weight (int8 / int4 weight-only) takes h as it is."""
+    weight = getattr(wo, "weight", None)
+    return h.to(weight.dtype) if isinstance(weight, Tensor) and weight.is_floating_point() else h
+
+
 class FeedForward(nn.Module):
     """wo(act(wi x)): the original T5 (ReLU)."""
 
@@ -190,7 +197,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.dropout(self.act(self.wi(x)), self.dropout, self.training)
-        return self.wo(h.to(self.wo.weight.dtype))  # wo may be kept in float32
+        return self.wo(input_of(self.wo, h))
 
 
 class GatedFeedForward(nn.Module):
@@ -206,7 +213,7 @@ class GatedFeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gate, linear = self.wi(x).chunk(2, dim=-1)  # (B, T, d_ff) each
         h = F.dropout(self.act(gate) * linear, self.dropout, self.training)
-        return self.wo(h.to(self.wo.weight.dtype))  # wo may be kept in float32
+        return self.wo(input_of(self.wo, h))
 
 
 def feed_forward(cfg) -> nn.Module:
