@@ -8,6 +8,8 @@ from .config import (
     InstructBlipConfig,
     InstructBlipQFormerConfig,
     InstructBlipVideoConfig,
+    InstructBlipVideoQFormerConfig,
+    InstructBlipVideoVisionConfig,
     InstructBlipVisionConfig,
     LlamaConfig,
     OPTConfig,
@@ -34,7 +36,8 @@ from .retrieval import (
 __version__ = "0.1.0"
 
 # Processing pulls in Pillow and tokenizers; load it only when asked for.
-_PROCESSING = ("Blip2Processor", "InstructBlipProcessor", "Blip2ImageProcessor", "BlipImageProcessor", "Tokenizer")
+_PROCESSING = ("Blip2Processor", "InstructBlipProcessor", "InstructBlipVideoProcessor", "InstructBlipVideoVideoProcessor",
+               "Blip2ImageProcessor", "BlipImageProcessor", "Tokenizer")
 
 
 def __getattr__(name: str):
@@ -61,6 +64,8 @@ __all__ = [
     "InstructBlipQFormerModel",
     "InstructBlipForConditionalGeneration",
     "InstructBlipVideoConfig",
+    "InstructBlipVideoVisionConfig",
+    "InstructBlipVideoQFormerConfig",
     "InstructBlipVideoForConditionalGeneration",
     "Blip2VisionModel",
     "Blip2QFormerModel",

@@ -13,6 +13,7 @@ from typing import Any
 CLASSES = {
     "blip-2": ("Blip2ForConditionalGeneration", "Blip2Processor"),
     "instructblip": ("InstructBlipForConditionalGeneration", "InstructBlipProcessor"),
+    "instructblipvideo": ("InstructBlipVideoForConditionalGeneration", "InstructBlipVideoProcessor"),
 }
 _HUB = ("revision", "cache_dir", "local_files_only", "token")
 
@@ -38,11 +39,12 @@ def _class(name_or_path, kwargs: dict, which: int):
 
 
 def load_model(name_or_path: str | os.PathLike, **kwargs: Any):
-    """`Blip2ForConditionalGeneration` or `InstructBlipForConditionalGeneration`, as config.json says,
-    loaded with `from_pretrained(name_or_path, **kwargs)`."""
+    """`Blip2ForConditionalGeneration`, `InstructBlipForConditionalGeneration` or
+    `InstructBlipVideoForConditionalGeneration`, as config.json says (`CLASSES`), loaded with
+    `from_pretrained(name_or_path, **kwargs)`."""
     return _class(name_or_path, kwargs, 0).from_pretrained(name_or_path, **kwargs)
 
 
 def load_processor(name_or_path: str | os.PathLike, **kwargs: Any):
-    """`Blip2Processor` or `InstructBlipProcessor` for the checkpoint (from its config.json)."""
+    """The processor class `CLASSES` pairs with the checkpoint's model_type (from its config.json)."""
     return _class(name_or_path, kwargs, 1).from_pretrained(name_or_path, **kwargs)

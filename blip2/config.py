@@ -549,7 +549,7 @@ class Blip2Config(BaseConfig):
         out["qformer_config"] = self.qformer_config._as_dict(full)
         out["text_config"] = self.text_config._as_dict(full)
         if self.image_token_index is None and "image_token_index" not in self.given:
-            del out["image_token_index"]  # older files have no such key; write none either
+            out.pop("image_token_index", None)  # older files have no such key; write none either
         if self.image_text_hidden_size == 256 and "image_text_hidden_size" not in self.given:
             del out["image_text_hidden_size"]  # likewise: only newer files carry it, and readers default it
         return out
@@ -581,10 +581,29 @@ class InstructBlipConfig(Blip2Config):
     qformer_class = InstructBlipQFormerConfig
 
 
-class InstructBlipVideoConfig(InstructBlipConfig):
-    """InstructBLIP over videos (newer transformers releases): the same parts and weights."""
+class InstructBlipVideoVisionConfig(InstructBlipVisionConfig):
+    model_type = "instructblipvideo_vision_model"
+    composite_type = "instructblipvideo"
 
-    model_type = "instructblip_video"
+
+class InstructBlipVideoQFormerConfig(InstructBlipQFormerConfig):
+    model_type = "instructblipvideo_qformer"
+    composite_type = "instructblipvideo"
+
+
+class InstructBlipVideoConfig(InstructBlipConfig):
+    """InstructBLIP over videos (transformers 5.x `instructblipvideo`): the same parts and weights.
+
+    Its prompts hold `<video>` tokens (`video_token_index`), frames x num_query_tokens of them;
+    `image_token_index` reads and writes that same field, so the image path's merge fills them.
+    """
+
+    model_type = "instructblipvideo"
+    vision_class = InstructBlipVideoVisionConfig
+    qformer_class = InstructBlipVideoQFormerConfig
+    fields = {**{k: v for k, v in InstructBlipConfig.fields.items() if k != "image_token_index"},
+              "video_token_index": None}
+    aliases = {"image_token_index": "video_token_index", "video_token_id": "video_token_index"}
 
 
 def _plain(value: Any) -> Any:

@@ -195,7 +195,7 @@ def _device_from_map(device_map, device) -> torch.device | None:
 
 # model_type of a whole checkpoint -> the class that generates with it
 WHOLE_MODELS = {"blip-2": "Blip2ForConditionalGeneration", "instructblip": "InstructBlipForConditionalGeneration",
-                "instructblip_video": "InstructBlipVideoForConditionalGeneration"}
+                "instructblipvideo": "InstructBlipVideoForConditionalGeneration"}
 
 
 def check_model_family(cls, config_file: Path) -> None:

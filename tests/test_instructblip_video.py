@@ -1,18 +1,103 @@
-"""InstructBlipVideoForConditionalGeneration. Only transformers 4.37.2 is installed here and it has
-no video class, so there is no reference run: the video model is checked against the per-frame
-composition of our own image path (itself at parity with 4.37.2, tests/test_instructblip.py)."""
+"""InstructBlipVideoForConditionalGeneration and InstructBlipVideoProcessor.
+
+The test suite has transformers 4.37.2, which has no video class, so parity with the newest release
+is checked against a golden fixture it wrote (tests/fixtures/video_newest/, made by
+tests/fixtures/make_video_golden.py): its processor's outputs, logits and generated tokens for a
+tiny random model it saved. The video model is also checked against the per-frame composition of
+our own image path (itself at parity with 4.37.2, tests/test_instructblip.py).
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+import blip2
 from blip2 import InstructBlipForConditionalGeneration, InstructBlipVideoConfig, InstructBlipVideoForConditionalGeneration
 from blip2.generation import generate
+from blip2.processing import ImageInputError, InstructBlipVideoProcessor, InstructBlipVideoVideoProcessor
 from conftest import assert_close
 from test_instructblip import build_pair, inputs
+
+GOLDEN = Path(__file__).parent / "fixtures" / "video_newest"
+
+
+@pytest.fixture(scope="module")
+def golden():
+    from safetensors.torch import load_file
+
+    meta = json.loads((GOLDEN / "meta.json").read_text())
+    return load_file(str(GOLDEN / "expected.safetensors")), meta, list(np.load(GOLDEN / "frames.npy"))
+
+
+def test_processor_equals_the_newest_release(golden):
+    expected, meta, videos = golden
+    processor = blip2.load_processor(GOLDEN / "model")
+    assert isinstance(processor, InstructBlipVideoProcessor)
+    got = processor(images=videos, text=meta["texts"], padding=True, return_tensors="pt")
+    assert list(got.keys()) == meta["keys"]
+    for key in meta["keys"]:
+        assert torch.equal(got[key], expected[key]), key
+    assert got["pixel_values"].shape == (2, 4, 3, 30, 30)
+    assert int((got["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<video>")).sum(dim=1)[0]) == 4 * 4
+
+
+@torch.no_grad()
+def test_model_equals_the_newest_release(golden):
+    expected, meta, _ = golden
+    model = blip2.load_model(GOLDEN / "model")
+    assert isinstance(model, InstructBlipVideoForConditionalGeneration)
+    assert model.config.video_token_index == model.config.image_token_index == 300
+    x = {key: expected[key] for key in meta["keys"]}
+    assert_close(model(**x).logits, expected["logits"], "logits")
+    for name, kwargs in meta["generate"].items():
+        new = kwargs["max_new_tokens"]  # the reference returns the prompt first; ours BOS + the new tokens
+        assert torch.equal(model.generate(**x, **kwargs)[:, -new:], expected[f"generate_{name}"][:, -new:]), name
+
+
+def test_processor_save_and_load(golden, tmp_path):
+    expected, meta, videos = golden
+    InstructBlipVideoProcessor.from_pretrained(GOLDEN / "model").save_pretrained(tmp_path)
+    settings = json.loads((tmp_path / "processor_config.json").read_text())
+    assert settings["num_query_tokens"] == 4 and settings["video_processor"]["size"] == {"height": 30, "width": 30}
+    again = InstructBlipVideoProcessor.from_pretrained(tmp_path)
+    got = again(images=videos, text=meta["texts"], padding=True, return_tensors="pt")
+    for key in meta["keys"]:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_video_processor_inputs_and_errors(golden):
+    _, _, videos = golden
+    processor = InstructBlipVideoVideoProcessor.from_pretrained(GOLDEN / "model")
+    want = processor(videos, return_tensors="pt")["pixel_values"]  # (2, 4, 3, 30, 30)
+    as_tensor = torch.from_numpy(np.stack(videos)).permute(0, 1, 4, 2, 3)  # (B, F, 3, H, W)
+    assert torch.equal(processor(as_tensor, return_tensors="pt")["pixel_values"], want)
+    assert torch.equal(processor(list(videos[1]), return_tensors="pt")["pixel_values"], want[1:])  # a list of frames
+    assert torch.equal(processor(videos[0][2], return_tensors="pt")["pixel_values"], want[:1, 2:3])  # one frame
+    with pytest.raises(ValueError, match=r"different frame counts \[4, 3\]"):
+        processor([videos[0], videos[1][:3]], return_tensors="pt")
+    assert [v.shape[0] for v in processor([videos[0], videos[1][:3]])["pixel_values"]] == [4, 3]
+    with pytest.raises(ImageInputError, match="video 1: its frames differ in size"):
+        processor([videos[0], [videos[1][0], videos[1][1][:20]]])
+    with pytest.raises(ValueError, match="do_sample_frames"):
+        InstructBlipVideoVideoProcessor(do_sample_frames=True)
+    with pytest.raises(ValueError, match="bicubic"):
+        InstructBlipVideoVideoProcessor(resample=2)
+
+
+def test_text_holds_frames_times_queries_video_tokens(golden):
+    """The reference always writes 4 x num_query_tokens; ours counts the frames, so 2-frame videos fit the model."""
+    _, meta, videos = golden
+    processor = InstructBlipVideoProcessor.from_pretrained(GOLDEN / "model")
+    short = [v[:2] for v in videos]
+    x = processor(images=short, text=meta["texts"], padding=True, return_tensors="pt")
+    assert (x["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<video>")).sum(dim=1).tolist() == [8, 8]
+    model = blip2.load_model(GOLDEN / "model")
+    assert model.generate(**x, max_new_tokens=3).shape == (2, 4)
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +105,7 @@ def models(tmp_path_factory):
     image_model, _, _, folder = build_pair("vicuna_gqa_caf2", tmp_path_factory)
     data = json.loads((folder / "config.json").read_text())
     video = InstructBlipVideoForConditionalGeneration.from_pretrained(
-        folder, config=InstructBlipVideoConfig.from_dict({**data, "model_type": "instructblip_video"}))
+        folder, config=InstructBlipVideoConfig.from_dict({**data, "model_type": "instructblipvideo"}))
     return image_model, video
 
 

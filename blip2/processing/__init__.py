@@ -2,8 +2,9 @@
 
 from .batch import BatchEncoding, BatchFeature
 from .image import BlipImageProcessor, Blip2ImageProcessor, ImageInputError, ImageTooLargeError
-from .processor import Blip2Processor, InstructBlipProcessor
+from .processor import Blip2Processor, InstructBlipProcessor, InstructBlipVideoProcessor
 from .tokenizer import Tokenizer
+from .video import InstructBlipVideoVideoProcessor
 
 __all__ = [
     "BatchEncoding",
@@ -11,6 +12,8 @@ __all__ = [
     "Blip2ImageProcessor",
     "Blip2Processor",
     "InstructBlipProcessor",
+    "InstructBlipVideoProcessor",
+    "InstructBlipVideoVideoProcessor",
     "BlipImageProcessor",
     "ImageInputError",
     "ImageTooLargeError",

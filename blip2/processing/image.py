@@ -184,6 +184,7 @@ class Blip2ImageProcessor:
     """
 
     model_input_names = ["pixel_values"]
+    config_name = PREPROCESSOR_NAME  # the file save_pretrained writes
 
     def __init__(self, do_resize: bool = True, size: dict | int | None = None, resample: int | str = 3,
                  do_rescale: bool = True, rescale_factor: float = 1 / 255, do_normalize: bool = True,
@@ -294,8 +295,8 @@ class Blip2ImageProcessor:
         return cls(**{**data, **overrides})
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Writes preprocessor_config.json in transformers' format; returns its path."""
-        path = Path(directory) / PREPROCESSOR_NAME
+        """Writes `config_name` (preprocessor_config.json) in transformers' format; returns its path."""
+        path = Path(directory) / self.config_name
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, self.to_json_string())
         return path

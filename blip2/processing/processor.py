@@ -20,8 +20,10 @@ from .batch import BatchEncoding, BatchFeature
 from .config_io import json_text, pop_hub_kwargs
 from .image import PROCESSOR_NAME, Blip2ImageProcessor
 from .tokenizer import Tokenizer, text_list
+from .video import InstructBlipVideoVideoProcessor
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
 IGNORE = -100  # the label the loss skips
 
 
@@ -45,6 +47,9 @@ class Blip2Processor:
     """
 
     attributes = ["image_processor", "tokenizer"]
+    # The placeholder the language model's text holds for the queries: its key among the tokenizer's
+    # extra special tokens, and the token when the tokenizer names none.
+    placeholder = ("image_token", IMAGE_TOKEN)
 
     def __init__(self, image_processor: Blip2ImageProcessor, tokenizer: Tokenizer,
                  num_query_tokens: int | None = None, decoder_only: bool | None = None) -> None:
@@ -54,7 +59,7 @@ class Blip2Processor:
         self.tokenizer = tokenizer
         self.num_query_tokens = num_query_tokens
         self.decoder_only = _ends_open(tokenizer) if decoder_only is None else bool(decoder_only)
-        self.image_token = getattr(tokenizer, "extra_special_tokens", {}).get("image_token", IMAGE_TOKEN)
+        self.image_token = getattr(tokenizer, "extra_special_tokens", {}).get(*self.placeholder)
         if num_query_tokens is not None and tokenizer.backend_tokenizer.token_to_id(self.image_token) is None:
             tokenizer.add_tokens([AddedToken(self.image_token, normalized=False, special=True)], special_tokens=True)
 
@@ -99,7 +104,7 @@ class Blip2Processor:
         batch = None if images is None else self.image_processor(images, return_tensors=return_tensors)
         if text is None:
             return batch
-        image_tokens = self.num_query_tokens if batch is not None else None  # text alone: no image to place
+        image_tokens = self._image_token_count(batch) if batch is not None else None  # text alone: none to place
         if text_target is None and image_tokens is None:
             encoding = self.tokenizer(text, return_tensors=return_tensors, **text_options)
         else:
@@ -108,6 +113,10 @@ class Blip2Processor:
             return encoding
         batch.update(encoding)
         return batch
+
+    def _image_token_count(self, batch: BatchFeature) -> int | None:
+        """How many placeholders lead each text row (None: the older layout, queries in front)."""
+        return self.num_query_tokens
 
     def _encode(self, text: str | list[str], target: str | list[str] | None, options: dict,
                 image_tokens: int | None) -> BatchEncoding:
@@ -276,19 +285,89 @@ class InstructBlipProcessor(Blip2Processor):
 
     @classmethod
     def _load_parts(cls, name_or_path: str | os.PathLike, hub: dict) -> list:
-        from ..hub import ModelNotFoundError
-        from .tokenizer_files import find_tokenizer_files
+        return [*super()._load_parts(name_or_path, hub), _qformer_tokenizer(name_or_path, hub)]
 
-        parts = super()._load_parts(name_or_path, hub)
-        local = Path(name_or_path)
-        if local.is_dir() and not (local / QFORMER_TOKENIZER_FOLDER).is_dir():
-            raise FileNotFoundError(
-                f"{local} has no {QFORMER_TOKENIZER_FOLDER}/ folder: an InstructBLIP processor carries the "
-                "Q-Former's BERT tokenizer there (a BLIP-2 processor folder? use Blip2Processor)"
-            )
-        try:
-            files = find_tokenizer_files(name_or_path, subfolder=QFORMER_TOKENIZER_FOLDER, **hub)
-        except ModelNotFoundError as err:
-            raise FileNotFoundError(f"no Q-Former tokenizer in {QFORMER_TOKENIZER_FOLDER}/ of {name_or_path}: {err}") from None
-        where = f"{os.fspath(name_or_path)}/{QFORMER_TOKENIZER_FOLDER}"
-        return [*parts, Tokenizer.from_files(files, where=where)]
+
+def _qformer_tokenizer(name_or_path: str | os.PathLike, hub: dict) -> Tokenizer:
+    """The Q-Former's tokenizer from `qformer_tokenizer/`, or a clear error naming the folder."""
+    from ..hub import ModelNotFoundError
+    from .tokenizer_files import find_tokenizer_files
+
+    local = Path(name_or_path)
+    if local.is_dir() and not (local / QFORMER_TOKENIZER_FOLDER).is_dir():
+        raise FileNotFoundError(
+            f"{local} has no {QFORMER_TOKENIZER_FOLDER}/ folder: an InstructBLIP processor carries the "
+            "Q-Former's BERT tokenizer there (a BLIP-2 processor folder? use Blip2Processor)"
+        )
+    try:
+        files = find_tokenizer_files(name_or_path, subfolder=QFORMER_TOKENIZER_FOLDER, **hub)
+    except ModelNotFoundError as err:
+        raise FileNotFoundError(f"no Q-Former tokenizer in {QFORMER_TOKENIZER_FOLDER}/ of {name_or_path}: {err}") from None
+    where = f"{os.fspath(name_or_path)}/{QFORMER_TOKENIZER_FOLDER}"
+    return Tokenizer.from_files(files, where=where)
+
+
+class InstructBlipVideoProcessor(InstructBlipProcessor):
+    """InstructBLIP video's processor (transformers 5.x): the video processor, the language model's
+    tokenizer and the Q-Former's. With `num_query_tokens`, each text row starts with frames x
+    num_query_tokens `<video>` tokens (the reference always writes 4 x num_query_tokens, the frame
+    count its checkpoints use; this counts the videos' frames, so other counts fit the model too).
+
+    Args:
+        video_processor: an `InstructBlipVideoVideoProcessor`.
+        tokenizer, qformer_tokenizer, num_query_tokens, decoder_only: as for `InstructBlipProcessor`.
+    """
+
+    attributes = ["video_processor", "tokenizer", "qformer_tokenizer"]
+    placeholder = ("video_token", VIDEO_TOKEN)
+
+    def __init__(self, video_processor: InstructBlipVideoVideoProcessor, tokenizer: Tokenizer,
+                 qformer_tokenizer: Tokenizer, num_query_tokens: int | None = None,
+                 decoder_only: bool | None = None) -> None:
+        super().__init__(video_processor, tokenizer, qformer_tokenizer, num_query_tokens=num_query_tokens,
+                         decoder_only=decoder_only)
+
+    @property
+    def video_processor(self) -> InstructBlipVideoVideoProcessor:
+        return self.image_processor
+
+    @property
+    def video_token(self) -> str:
+        return self.image_token
+
+    def __call__(self, images: Any = None, text: str | list[str] | None = None, *, videos: Any = None,
+                 **kwargs: Any) -> BatchFeature:
+        """As `InstructBlipProcessor.__call__`, with videos (`images=` as in the reference, or `videos=`):
+        pixel_values (batch, frames, 3, H, W), and the reference's key order."""
+        if images is not None and videos is not None:
+            raise ValueError("pass the videos once, as images= or videos=")
+        batch = super().__call__(images if videos is None else videos, text, **kwargs)
+        order = ["qformer_input_ids", "qformer_attention_mask", "input_ids", "attention_mask", "labels", "pixel_values"]
+        return BatchFeature({k: batch[k] for k in sorted(batch, key=lambda k: order.index(k) if k in order else 0)})
+
+    def _image_token_count(self, batch: BatchFeature) -> int | None:
+        if self.num_query_tokens is None:
+            return None
+        frames = {len(video) for video in batch["pixel_values"]}
+        if len(frames) > 1:
+            raise ValueError(f"the videos have different frame counts {sorted(frames)}; one text batch needs one count")
+        return frames.pop() * self.num_query_tokens
+
+    def save_pretrained(self, directory: str | os.PathLike) -> list[Path]:
+        """The tokenizers' files, and processor_config.json holding num_query_tokens and the video
+        processor's settings (transformers 5.x's layout)."""
+        directory = Path(directory)
+        name = type(self).__name__
+        self.tokenizer.config["processor_class"] = name
+        written = [*self.qformer_tokenizer.save_pretrained(directory / QFORMER_TOKENIZER_FOLDER),
+                   *self.tokenizer.save_pretrained(directory)]
+        settings = {"processor_class": name, "video_processor": self.video_processor.to_dict()}
+        if self.num_query_tokens is not None:
+            settings["num_query_tokens"] = self.num_query_tokens
+        atomic_write_text(directory / PROCESSOR_NAME, json_text(settings))
+        return [*written, directory / PROCESSOR_NAME]
+
+    @classmethod
+    def _load_parts(cls, name_or_path: str | os.PathLike, hub: dict) -> list:
+        return [InstructBlipVideoVideoProcessor.from_pretrained(name_or_path, **hub),
+                Tokenizer.from_pretrained(name_or_path, **hub), _qformer_tokenizer(name_or_path, hub)]
