@@ -191,7 +191,21 @@ def test_embeddings(client):
 
 
 # ---------------------------------------------------------------- batching
-def test_concurrent_requests_share_a_batch_and_match_sequential_results(client, server):
+@pytest.fixture(scope="module")
+def micro_server(engine):
+    """The micro-batcher (`--batching micro`); continuous batching is tested in test_server_scheduler.py."""
+    with ServerThread(create_app(engine, server_settings(batching="micro"))) as running:
+        yield running
+
+
+@pytest.fixture
+def micro_client(micro_server):
+    with httpx.Client(base_url=micro_server.url, timeout=30) as c:
+        yield c
+
+
+def test_concurrent_requests_share_a_batch_and_match_sequential_results(micro_client, micro_server):
+    client, server = micro_client, micro_server
     images = [png_bytes(200 + i) for i in range(6)]
     sequential = [client.post("/v1/caption", json={"image": data_url(im), "max_new_tokens": 10}).json()["caption"]
                   for im in images]
@@ -236,7 +250,8 @@ def test_api_key(engine):
 
 
 class BlockingEngine:
-    """Wraps an engine so each batch waits for a gate: the test decides when the model finishes."""
+    """Wraps an engine so each batch waits for a gate: the test decides when the model finishes
+    (the micro-batcher's batch function; test_server_scheduler.py blocks the continuous one)."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
@@ -254,7 +269,7 @@ class BlockingEngine:
 
 def test_a_full_queue_answers_503_with_retry_after(engine):
     blocking = BlockingEngine(engine)
-    app = create_app(blocking, server_settings(max_queue=1, max_batch=1, max_wait_ms=0))
+    app = create_app(blocking, server_settings(max_queue=1, max_batch=1, max_wait_ms=0, batching="micro"))
     body = {"image": data_url(png_bytes(300)), "max_new_tokens": 2}
     with ServerThread(app) as s, concurrent.futures.ThreadPoolExecutor(2) as pool:
         post = lambda: httpx.post(f"{s.url}/v1/caption", json=body, timeout=30)  # noqa: E731
@@ -276,7 +291,7 @@ def test_a_full_queue_answers_503_with_retry_after(engine):
 
 def test_a_slow_request_times_out_with_504_and_the_server_goes_on(engine):
     blocking = BlockingEngine(engine)
-    app = create_app(blocking, server_settings(request_timeout_s=0.5, max_wait_ms=0))
+    app = create_app(blocking, server_settings(request_timeout_s=0.5, max_wait_ms=0, batching="micro"))
     with ServerThread(app) as s, httpx.Client(base_url=s.url, timeout=30) as c:
         r = c.post("/v1/caption", json={"image": data_url(png_bytes(301)), "max_new_tokens": 2})
         assert r.status_code == 504 and "longer than 0.5 s" in r.json()["error"]["message"]

@@ -100,5 +100,5 @@ def test_upload_an_image_see_its_caption_and_a_streamed_answer(tmp_path, browser
         assert answer.text == expected_answer
         assert "Ready" in browser.find_element("id", "status").text
 
-        batches = httpx.get(f"{server.url}/metrics").json()["batcher"]["batch_sizes_by_task"]
-        assert batches.get("stream"), batches  # the page's answer came through the streaming path
+        requests = httpx.get(f"{server.url}/metrics").json()["batcher"]["requests_by_task"]
+        assert requests.get("stream"), requests  # the page's answer came through the streaming path

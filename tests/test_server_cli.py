@@ -29,6 +29,9 @@ def test_serve_arguments_and_defaults():
     assert args.host == "127.0.0.1"  # loopback unless told otherwise
     settings = settings_from_args(args)
     assert settings.max_batch == 4 and settings.api_key == "k"
+    assert settings.batching == "continuous" and settings.kv_cache_mb is None
+    micro = settings_from_args(build_parser().parse_args(["serve", "--batching", "micro", "--kv-cache-mb", "64"]))
+    assert micro.batching == "micro" and micro.kv_cache_mb == 64
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
 

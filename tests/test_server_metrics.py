@@ -51,6 +51,8 @@ def test_prometheus_metrics_follow_the_requests(tmp_path, caplog):
         batches = client.get("/metrics").json()["batcher"]["batches"]  # JSON stays the default
         assert m["blip2_batch_occupancy_count"][()] == batches
         assert m["blip2_batch_occupancy_bucket"][(("le", "+Inf"),)] == batches
+        assert m["blip2_kv_slots"][()] == 8 and m["blip2_kv_slots_used"][()] == 0  # continuous: all rows free
+        assert m["blip2_kv_cache_bytes"][()] == client.get("/metrics").json()["batcher"]["kv_cache_bytes"] > 0
         # Prometheus itself asks through the Accept header
         again = scrape(client, headers={"Accept": "text/plain;version=0.0.4"})
         assert again["blip2_responses_total"][(("status", "200"),)] >= 4

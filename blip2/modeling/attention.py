@@ -158,6 +158,21 @@ class KVCache:
             self.v[layer][rows, :, slots] = v.transpose(1, 2)
         return self.k[layer][:, :, :window], self.v[layer][:, :, :window]
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A view of batch rows [start, stop) whose writes land in this cache (continuous batching
+        runs each forward over the rows in use, not over every row allocated)."""
+        view = object.__new__(KVCache)
+        view.k = [t[start:stop] for t in self.k]
+        view.v = [t[start:stop] for t in self.v]
+        view.length, view.max_len = self.length, self.max_len
+        return view
+
+    def copy_row(self, source: int, target: int, length: int) -> None:
+        """Row `target` takes the first `length` slots of row `source` (a row moving in the batch)."""
+        for cache in (self.k, self.v):
+            for t in cache:
+                t[target, :, :length] = t[source, :, :length]
+
     def fill_from(self, prefix: "KVCache") -> None:
         """Starts every row with the one row of `prefix` (a prompt head all rows share)."""
         n = prefix.length

@@ -27,6 +27,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import Batcher
+from .scheduler import ContinuousScheduler
 from .engine import EmbedJob, Engine, GenerateJob, GenerateResult, GenerationSettings, MatchJob
 from .limits import (
     ApiError, ImageData, Settings, bool_param, check_text, decode_base64, decode_image, float_param, image_digest,
@@ -44,13 +45,18 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     """The FastAPI app serving `engine`; model work runs in the batcher's single model thread."""
     settings = settings or engine.settings
     settings.validate()
-    def run(key, payloads):
-        results = engine.run(key, payloads)
+    def count(results):  # the telemetry is made below, with the app
         app.state.telemetry.generated(results)
         return results
 
-    batcher = Batcher(run, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue,
-                      settings.request_timeout_s, engine.batch_limit)
+    def run(key, payloads):
+        return count(engine.run(key, payloads))
+
+    if settings.batching == "continuous":  # the micro-batcher inside serves what cannot join (beams, T5...)
+        batcher = ContinuousScheduler(engine, run, settings, on_results=count)
+    else:
+        batcher = Batcher(run, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue,
+                          settings.request_timeout_s, engine.batch_limit)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -488,7 +494,7 @@ def _add_routes(app: FastAPI, engine: Engine, batcher: Batcher, settings: Settin
     async def healthz() -> dict:
         return {"status": "ok", "model": engine.name, "auth_required": bool(settings.api_key),
                 "captioning": engine.can_generate, "retrieval": engine.can_match,
-                "queued": len(batcher.pending)}
+                "queued": batcher.snapshot()["queued"]}
 
     @app.get("/metrics")
     async def metrics(request: Request):

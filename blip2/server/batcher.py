@@ -88,16 +88,7 @@ class Batcher:
         item = _Item(key, payload, loop.create_future())
         self.pending.append(item)
         self._arrival.set()
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        try:
-            # wait_for cancels the future on timeout; the worker skips cancelled items.
-            return await asyncio.wait_for(item.future, timeout)
-        except asyncio.TimeoutError:
-            self.stats.timeouts += 1
-            raise ApiError(504, f"the request took longer than {timeout:g} s and was abandoned") from None
-        finally:
-            if not item.future.done():
-                item.future.cancel()  # the client went away: drop the request if it is still queued
+        return await wait_result(item.future, self.timeout_s if timeout_s is None else timeout_s, self.stats)
 
     def retry_after(self) -> int:
         """Seconds until the queue has likely drained: queued batches times the mean batch time."""
@@ -189,25 +180,42 @@ class Batcher:
                 "max_wait_ms": self.max_wait_s * 1000, "max_queue": self.max_queue, **self.stats.as_dict()}
 
 
+async def wait_result(future: asyncio.Future, timeout: float, stats: "BatchStats") -> Any:
+    """The request's result, or ApiError 504 after `timeout` s; the future is cancelled when the
+    caller stops waiting (a timeout, or the client went away), so the worker drops the request."""
+    try:
+        return await asyncio.wait_for(future, timeout)  # cancels the future on timeout
+    except asyncio.TimeoutError:
+        stats.timeouts += 1
+        raise ApiError(504, f"the request took longer than {timeout:g} s and was abandoned") from None
+    finally:
+        if not future.done():
+            future.cancel()
+
+
 class BatchStats:
     """Counters for GET /metrics: how many batches of each size ran, per task."""
 
     def __init__(self) -> None:
         self.batches = 0
-        self.requests = 0
         self.rejected = 0
         self.timeouts = 0
         self.sizes: collections.Counter[int] = collections.Counter()
         self.sizes_by_task: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
+        self.requests_by_task: collections.Counter[str] = collections.Counter()
         self.recent: collections.deque[int] = collections.deque(maxlen=64)
         self.busy_seconds = 0.0
 
     def record_start(self, key: Hashable, size: int) -> None:
         task = key[0] if isinstance(key, tuple) and key else str(key)
-        self.batches += 1
-        self.requests += size
-        self.sizes[size] += 1
+        self.record_step(size)
+        self.requests_by_task[str(task)] += size
         self.sizes_by_task[str(task)][size] += 1
+
+    def record_step(self, size: int) -> None:
+        """One forward over `size` requests (continuous batching: one decode step over the live rows)."""
+        self.batches += 1
+        self.sizes[size] += 1
         self.recent.append(size)
 
     def record_end(self, seconds: float) -> None:
@@ -219,11 +227,12 @@ class BatchStats:
     def as_dict(self) -> dict[str, Any]:
         return {
             "batches": self.batches,
-            "batched_requests": self.requests,
+            "batched_requests": sum(self.requests_by_task.values()),
+            "requests_by_task": dict(sorted(self.requests_by_task.items())),
             "rejected": self.rejected,
             "timeouts": self.timeouts,
             "max_batch_size_seen": max(self.sizes, default=0),
-            "mean_batch_size": round(self.requests / self.batches, 3) if self.batches else 0.0,
+            "mean_batch_size": round(sum(self.sizes.elements()) / self.batches, 3) if self.batches else 0.0,
             "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())},
             "batch_sizes_by_task": {t: {str(k): v for k, v in sorted(c.items())} for t, c in self.sizes_by_task.items()},
             "recent_batch_sizes": list(self.recent),

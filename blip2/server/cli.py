@@ -39,9 +39,16 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("BLIP2_API_KEY"),
                    help="require this key as 'Authorization: Bearer KEY' (default: $BLIP2_API_KEY, else none)")
     g = p.add_argument_group("batching")
-    g.add_argument("--max-batch", type=int_option(1), default=d.max_batch, help="most requests in one forward pass")
+    g.add_argument("--batching", choices=("continuous", "micro"), default=d.batching,
+                   help="continuous (default): requests join and leave the running decode batch at every step; "
+                        "micro: requests arriving within --max-wait-ms run together to the end")
+    g.add_argument("--max-batch", type=int_option(1), default=d.max_batch,
+                   help="most requests in one forward pass (continuous: rows of the KV cache)")
+    g.add_argument("--kv-cache-mb", type=float_option(above=0.0), default=None,
+                   help="continuous: the most memory the KV cache may take (fewer rows than --max-batch when "
+                        "small); requests wait for a free row")
     g.add_argument("--max-wait-ms", type=float_option(0.0), default=d.max_wait_ms,
-                   help="how long the first request of a batch waits for company")
+                   help="micro: how long the first request of a batch waits for company")
     g.add_argument("--max-queue", type=int_option(1), default=d.max_queue, help="queued requests before answering 503")
     g.add_argument("--timeout", type=float_option(above=0.0), default=d.request_timeout_s,
                    help="seconds before a request gets 504")
@@ -67,7 +74,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 def settings_from_args(args) -> Settings:
     settings = Settings(
-        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        batching=args.batching, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         request_timeout_s=args.timeout, cache_size=args.cache_size, max_body_bytes=int(args.max_body_mb * 2**20),
         max_image_pixels=args.max_pixels, max_prompt_tokens=args.max_prompt_tokens,
         max_new_tokens=args.max_new_tokens, api_key=args.api_key or None, header_timeout_s=args.header_timeout,

@@ -91,6 +91,16 @@ class EmbedJob:
     image: ImageData | None = None
 
 
+@dataclass
+class RowInputs:
+    """What the continuous scheduler needs to start one request: its prompt as embeddings and its options."""
+
+    embeds: Tensor  # (1, Q + T, D): the image's queries, then the prompt's tokens
+    config: GenerationConfig  # the model's defaults with the request's own options
+    prompt_tokens: int
+    cached: bool  # the image's features came from the cache
+
+
 class Cancelled(Exception):
     """The client of a streaming request went away; generation stops at the next token."""
 
@@ -266,6 +276,41 @@ class Engine:
             mine = out[row, 1 : 1 + jobs[i].settings.max_new_tokens]
             results[i] = self._result(mine, config, len(prompts[row]), cached[row])
         return results
+
+    # ---- continuous batching (see scheduler.py) ----
+    def can_join(self, key: Hashable, job: Any) -> bool:
+        """Whether a request may run in the continuous decode batch: greedy or sampled generation on a
+        decoder-only model. Beam search, T5 and rotary scaling that follows the sequence length
+        (a row's window would depend on its neighbours) go to the micro-batcher."""
+        if key[0] not in ("generate", "stream") or not self.decoder_only:
+            return False
+        scaling = getattr(self.model.config.text_config, "rope_scaling", None) or {}
+        return job.settings.num_beams == 1 and scaling.get("type") != "dynamic"
+
+    def row_inputs(self, jobs: list[GenerateJob]) -> list[RowInputs | Exception]:
+        """Each job's prompt embeddings (image features from the cache, the image encoder and
+        Q-Former batched over the jobs), or the error that is that job's alone."""
+        out: list[Any] = [None] * len(jobs)
+        prompts: dict[int, list[int]] = {}
+        configs: dict[int, GenerationConfig] = {}
+        for i, job in enumerate(jobs):
+            try:
+                prompts[i] = self._prompt_ids(job.prompt, job.settings)
+                configs[i] = self.generation_defaults.updated(job.settings.generate_kwargs())
+            except (ApiError, ValueError) as err:
+                out[i] = err if isinstance(err, ApiError) else ApiError(400, str(err))
+        live = list(prompts)
+        if not live:
+            return out
+        device = self.model.device
+        states, cached = self._features([jobs[i].image for i in live], "image", self._image_states)
+        instruction = self._instruction_inputs([jobs[i].prompt for i in live], device)
+        lm_inputs = self.model.language_inputs_from_image(torch.stack(states).to(device), **instruction)  # (k, Q, D)
+        for row, i in enumerate(live):
+            ids = torch.tensor([prompts[i]], dtype=torch.long, device=device)  # (1, T)
+            embeds, _ = self.model.merge(lm_inputs[row : row + 1], ids, None)  # (1, Q + T, D), queries in front
+            out[i] = RowInputs(embeds, configs[i], len(prompts[i]), cached[row])
+        return out
 
     def _prompt_ids(self, prompt: str, settings: GenerationSettings) -> list[int]:
         text = self.model.config.text_config

@@ -36,8 +36,11 @@ class Settings:
     max_num_beams: int = 8
     max_texts: int = 32  # per /v1/match or /v1/embeddings request
     max_text_chars: int = 1000
-    # batching
-    max_batch: int = 8
+    # batching: "continuous" (requests join and leave the running decode batch at every step; see
+    # scheduler.py) or "micro" (requests arriving together run to the end together; batcher.py)
+    batching: str = "continuous"
+    max_batch: int = 8  # the most requests in one forward (continuous: rows of the KV cache)
+    kv_cache_mb: float | None = None  # continuous: a bound on the KV cache (fewer rows when it is small)
     max_wait_ms: float = 10.0
     max_queue: int = 64
     request_timeout_s: float = 60.0
@@ -63,6 +66,10 @@ class Settings:
         if not 1 <= self.default_max_new_tokens <= self.max_new_tokens:
             raise ValueError("default_max_new_tokens must be between 1 and max_new_tokens")
         _check_setting("max_wait_ms", self.max_wait_ms, 0)
+        if self.batching not in ("continuous", "micro"):
+            raise ValueError(f"batching must be 'continuous' or 'micro', got {self.batching!r}")
+        if self.kv_cache_mb is not None:
+            _check_setting("kv_cache_mb", self.kv_cache_mb, 1e-6)
         for name in ("request_timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s"):
             _check_setting(name, getattr(self, name), 1e-3)
 

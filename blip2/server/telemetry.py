@@ -83,6 +83,12 @@ class _LiveState:
         yield GaugeMetricFamily("blip2_batch_running", "Requests in the batch now running", value=batch["running"])
         yield GaugeMetricFamily("blip2_batch_capacity", "Most requests per batch", value=batch["max_batch"])
         yield _occupancy(self.t.batcher.stats.sizes, batch["max_batch"])
+        if "kv_slots" in batch:  # continuous batching: the KV cache's rows (each one running request)
+            yield GaugeMetricFamily("blip2_kv_slots", "Rows of the KV cache (most requests decoding at once)",
+                                    value=batch["kv_slots"])
+            yield GaugeMetricFamily("blip2_kv_slots_used", "KV cache rows holding a running request",
+                                    value=batch["kv_slots_used"])
+            yield GaugeMetricFamily("blip2_kv_cache_bytes", "Memory of the KV cache", value=batch["kv_cache_bytes"])
         yield CounterMetricFamily("blip2_rejected", "Requests refused with 503 (queue full)", value=batch["rejected"])
         yield CounterMetricFamily("blip2_timeouts", "Requests abandoned with 504", value=batch["timeouts"])
         yield CounterMetricFamily("blip2_busy_seconds", "Seconds the model thread ran batches",
@@ -108,5 +114,6 @@ def _occupancy(sizes, capacity: int):
     buckets = [(str(b), sum(n for size, n in sizes.items() if size / capacity <= b + 1e-9)) for b in bounds]
     total = sum(sizes.values())
     buckets.append(("+Inf", total))
-    return HistogramMetricFamily("blip2_batch_occupancy", "Batch size over the batch capacity, per batch",
+    return HistogramMetricFamily("blip2_batch_occupancy", "Batch size over the batch capacity, per batch "
+                                 "(continuous batching: per decode step)",
                                  buckets=buckets, sum_value=sum(size / capacity * n for size, n in sizes.items()))

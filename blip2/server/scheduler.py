@@ -1,0 +1,376 @@
+"""Continuous batching: requests join the running decode batch at step boundaries and leave when they finish.
+
+The micro-batcher (batcher.py) runs a batch to its end, so a request arriving one step late
+waits for the whole batch. Here the model thread runs one *tick* at a time:
+
+1. admit: waiting requests take free rows of a preallocated KV cache; each is prefilled alone
+   into its row (image features from the content-hash cache) and chooses its first token;
+2. step: every live row feeds its last token at its own position (`Positions` with per-row
+   slots and masks) and chooses the next;
+3. leave: rows that ended (an end token, their own max_new_tokens, an error, a client that went
+   away) are answered at once and free their row for the next tick's arrivals.
+
+Each row keeps its own options: greedy or sampling from its own seeded generator, penalties,
+min/max tokens, its own streamer. So what a request gets does not depend on its neighbours:
+its greedy tokens are those `generate` gives it alone. Rows stay packed at the front of the
+cache (a leaving row's place goes to the last row), so a step's forward runs over exactly the
+live rows: keys and values (live, H, S, D), S the longest live row.
+
+Admission is bounded twice: the waiting queue (a full queue is a 503 with Retry-After, as in the
+micro-batcher) and the KV cache (`max_batch` rows, fewer when `kv_cache_mb` says so): a request
+waits until a row is free. Beam search, encoder-decoder models (T5), match and embed go to the
+micro-batcher, which shares the one model thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable
+
+import torch
+from torch import Tensor
+
+from ..generation import CallbackStreamer, GenerationConfig
+from ..generation.processors import is_active, process, warp
+from ..modeling.attention import KVCache, Positions, padding_mask
+from ..modeling.inference import fit_layouts
+from .batcher import Batcher, BatchStats, wait_result
+from .engine import Engine, GenerateJob, GenerateResult
+from .limits import ApiError, Settings
+
+log = logging.getLogger("blip2.server")
+
+
+# ---------------------------------------------------------------- one request in the batch
+@dataclass(eq=False)
+class Row:
+    """One generation request, from the queue to its answer."""
+
+    job: GenerateJob
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+    abandoned: bool = False  # its waiter is gone (timeout, client left): set on the event loop
+    # filled in by the model thread on admission
+    config: GenerationConfig | None = None
+    limit: int = 0  # max new tokens
+    start_id: int = 0  # the history generation starts from (BOS), as `generate` counts it
+    prompt_tokens: int = 0
+    cached: bool = False
+    filled: int = 0  # cache slots holding this request: prompt, then every token fed back
+    tokens: list[int] = field(default_factory=list)  # new tokens; the last is fed at the next step
+    generator: torch.Generator | None = None
+    streamer: CallbackStreamer | None = None
+    outcome: GenerateResult | BaseException | None = None  # set when the row leaves
+
+    @property
+    def ended(self) -> bool:
+        return self.outcome is not None
+
+
+def _start(row: Row, config: GenerationConfig, device) -> None:
+    """Per-row generation state, as `generate` would set it up for this request alone."""
+    row.config = config
+    row.start_id = config.bos_token_id
+    row.limit = config.new_token_limit(1)
+    if config.do_sample and config.seed is not None:
+        row.generator = torch.Generator(device=device).manual_seed(config.seed)  # its own stream, in any batch
+
+
+def _pick(row: Row, logits: Tensor) -> int:
+    """The row's next token from its logits (1, V): penalties, then greedy or a draw from its generator."""
+    config = row.config
+    scores = logits
+    if is_active(config):
+        history = torch.tensor([[row.start_id, *row.tokens]], device=logits.device)  # (1, L) as generate's
+        scores = process(scores, history, config, 1)
+    if not config.do_sample:
+        return int(scores.argmax(dim=-1))
+    probs = torch.softmax(warp(scores, config), dim=-1)
+    return int(torch.multinomial(probs, num_samples=1, generator=row.generator))
+
+
+def _accept(row: Row, token: int, engine: Engine) -> None:
+    """Appends the token, streams it, and ends the row at an end token or its token limit."""
+    row.tokens.append(token)
+    if row.streamer is not None:
+        row.streamer.put(torch.tensor([token]))
+    if token in row.config.eos_ids or len(row.tokens) >= row.limit:
+        if row.streamer is not None:
+            row.streamer.end()
+        row.outcome = engine._result(torch.tensor(row.tokens), row.config, row.prompt_tokens, row.cached)
+
+
+# ---------------------------------------------------------------- the model side
+class SlotDecoder:
+    """A KV cache of `slots` rows of `row_len` positions, and the tick over it (model thread only)."""
+
+    def __init__(self, engine: Engine, slots: int, row_len: int) -> None:
+        self.engine = engine
+        self.lm = engine.model.language_model
+        self.slots, self.row_len = slots, row_len
+        self.cache: KVCache | None = None  # allocated on the first tick, in the model thread
+        self.rows: list[Row] = []  # live rows, in cache-row order
+
+    def tick(self, joining: list[Row]) -> list[Row]:
+        """Admits `joining` (at most the free rows), advances every live row one token; returns the rows that ended."""
+        if len(joining) > self.slots - len(self.rows):
+            raise ValueError(f"{len(joining)} requests joining but only {self.slots - len(self.rows)} rows are free")
+        ended: list[Row] = []
+        with torch.inference_mode():
+            if joining:
+                self._admit(joining, ended)
+            if self.rows:
+                self._step(ended)
+            self._drop(ended)
+        return ended
+
+    # ---- admit ----
+    def _admit(self, joining: list[Row], ended: list[Row]) -> None:
+        fit_layouts(self.engine.model)  # prepacked weights, as model.generate would use
+        if self.cache is None:
+            self.cache = self.lm.new_cache(self.slots, self.row_len)  # k, v: [layers] of (slots, H, row_len, D)
+        for row, inputs in zip(joining, self.engine.row_inputs([r.job for r in joining])):
+            if isinstance(inputs, Exception):
+                row.outcome = inputs  # this request's own fault: it fails alone
+                ended.append(row)
+                continue
+            try:
+                self._prefill(row, inputs)
+            except Exception as err:  # noqa: BLE001 - a request that breaks its prefill fails alone
+                log.exception("prefill failed")
+                row.outcome = err
+            if row.ended:
+                ended.append(row)
+                self._drop(ended)  # its row is free again for the next arrival
+
+    def _prefill(self, row: Row, inputs) -> None:
+        """Runs the prompt (1, T, D) alone into the next free cache row and chooses its first token."""
+        T = inputs.embeds.shape[1]
+        _start(row, inputs.config, inputs.embeds.device)
+        row.prompt_tokens, row.cached = inputs.prompt_tokens, inputs.cached
+        if T + row.limit - 1 > self.row_len:  # the last new token is never fed back
+            raise ApiError(400, f"the prompt and max_new_tokens need {T + row.limit - 1} cache positions; "
+                           f"this server's rows hold {self.row_len}", "max_new_tokens")
+        if row.job.on_text is not None:
+            row.streamer = self.engine._streamer(row.job)
+            row.streamer.put(torch.tensor([[row.start_id]]))  # the reference's protocol: start ids first
+        n = len(self.rows)
+        keep = torch.ones(1, T, dtype=torch.long, device=inputs.embeds.device)
+        at = Positions.after(keep, T, inputs.embeds.dtype)  # positions 0..T-1, slots 0..T-1, causal
+        logits = self.lm(inputs.embeds, cache=self.cache.rows(n, n + 1), positions=at, last_logits=1).logits
+        row.filled = T
+        self.rows.append(row)
+        _accept(row, _pick(row, logits[:, -1]), self.engine)
+
+    # ---- step ----
+    def _step(self, ended: list[Row]) -> None:
+        """One token for every live row that has not ended, each at its own position."""
+        self._drop(ended)  # rows that ended at admission, or were abandoned, leave before the step
+        if not self.rows:
+            return
+        rows, device = self.rows, self.cache.k[0].device
+        filled = torch.tensor([r.filled for r in rows], device=device)  # (n,)
+        tokens = torch.tensor([[r.tokens[-1]] for r in rows], device=device)  # (n, 1)
+        width = max(r.filled for r in rows) + 1
+        visible = torch.arange(width, device=device)[None, :] <= filled[:, None]  # (n, width): its own slots
+        at = Positions(ids=filled[:, None], slots=filled[:, None], mask=padding_mask(visible, self.cache.k[0].dtype))
+        logits = self.lm(self.lm.embed(tokens), cache=self.cache.rows(0, len(rows)), positions=at,
+                         last_logits=1).logits[:, -1]  # (n, V)
+        best = logits.argmax(dim=-1).tolist()  # plain greedy rows need nothing more
+        for i, row in enumerate(rows):
+            row.filled += 1
+            try:
+                plain = not row.config.do_sample and not is_active(row.config)
+                _accept(row, best[i] if plain else _pick(row, logits[i : i + 1]), self.engine)
+            except Exception as err:  # noqa: BLE001 - a streamer whose client left, a bad draw: this row only
+                row.outcome = err
+
+    # ---- leave ----
+    def _drop(self, ended: list[Row]) -> None:
+        """Removes rows that ended or were abandoned; the last row moves into each freed place."""
+        for i in reversed(range(len(self.rows))):
+            row = self.rows[i]
+            if row.abandoned and not row.ended:
+                row.outcome = ApiError(499, "the client went away")
+            if not row.ended:
+                continue
+            if row not in ended:
+                ended.append(row)
+            last = self.rows.pop()
+            if last is not row:
+                self.cache.copy_row(len(self.rows), i, last.filled)
+                self.rows[i] = last
+
+    def fail_all(self, err: BaseException) -> list[Row]:
+        """After an error outside any one row: every live row fails, the cache is rebuilt."""
+        rows, self.rows, self.cache = self.rows, [], None
+        for row in rows:
+            row.outcome = err
+        return rows
+
+    def cache_bytes(self) -> int:
+        """What the KV cache takes (or will, once allocated): rows x positions x bytes per position."""
+        one = self.lm.new_cache(1, 1, device="meta")
+        per_position = sum(t.element_size() * t.numel() for t in one.k + one.v)
+        return self.slots * self.row_len * per_position
+
+
+def kv_rows(engine: Engine, settings: Settings) -> tuple[int, int]:
+    """(rows, positions per row) of the scheduler's KV cache.
+
+    A row holds the longest request the limits allow (query tokens + prompt + new tokens, within
+    a learned position table); `kv_cache_mb` lowers the number of rows to fit."""
+    text = engine.model.config.text_config
+    row_len = engine.model.config.num_query_tokens + settings.max_prompt_tokens + settings.max_new_tokens
+    if engine.decoder_only and getattr(text, "max_position_embeddings", None):
+        from ..families import family_of
+
+        if family_of(engine.model.config).learned_positions:
+            row_len = min(row_len, text.max_position_embeddings)
+    rows = settings.max_batch
+    if settings.kv_cache_mb is not None:
+        probe = SlotDecoder(engine, 1, row_len).cache_bytes()
+        rows = min(rows, int(settings.kv_cache_mb * 2**20 // probe))
+        if rows < 1:
+            raise ValueError(f"kv_cache_mb={settings.kv_cache_mb:g} holds no request: one row of "
+                             f"{row_len} positions takes {probe / 2**20:.1f} MB")
+    return rows, row_len
+
+
+# ---------------------------------------------------------------- the event-loop side
+class ContinuousScheduler:
+    """The batcher's interface (`submit`, `check_room`, `start`, `stop`, `snapshot`) over a `SlotDecoder`.
+
+    `run` is the micro-batcher's batch function, for the requests that cannot join (see
+    `Engine.can_join`); `on_results` sees every finished generation (telemetry)."""
+
+    def __init__(self, engine: Engine, run: Callable, settings: Settings,
+                 on_results: Callable[[list], None] | None = None) -> None:
+        self.engine = engine
+        self.micro = Batcher(run, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue,
+                             settings.request_timeout_s, engine.batch_limit)
+        self.executor = self.micro.executor  # one model thread for both: the model is not re-entrant
+        # None: no decoder-only language model (T5, retrieval only), so every request goes to the micro-batcher
+        self.decoder = SlotDecoder(engine, *kv_rows(engine, settings)) if engine.decoder_only else None
+        self.max_queue, self.timeout_s = settings.max_queue, settings.request_timeout_s
+        self.on_results = on_results or (lambda results: None)
+        self.pending: collections.deque[Row] = collections.deque()
+        self.stats = BatchStats()  # one "batch" per step: its size is the live rows
+        self.request_seconds: collections.deque[float] = collections.deque(maxlen=64)
+        self._arrival: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._closing = False
+
+    # ---- lifecycle ----
+    async def start(self) -> None:
+        await self.micro.start()
+        self._arrival = asyncio.Event()
+        if self.decoder is not None:
+            self._worker = asyncio.create_task(self._loop(), name="blip2-scheduler")
+
+    async def stop(self) -> None:
+        """Finishes every queued and running request, then stops (graceful drain)."""
+        self._closing = True
+        if self._arrival is not None:
+            self._arrival.set()
+        if self._worker is not None:
+            await self._worker
+        await self.micro.stop()
+
+    # ---- submitting ----
+    def check_room(self) -> None:
+        if self.decoder is None:
+            return self.micro.check_room()
+        if self._closing or self._worker is None:
+            raise ApiError(503, "the server is shutting down", headers={"Retry-After": "5"})
+        if len(self.pending) >= self.max_queue:
+            self.stats.rejected += 1
+            raise ApiError(503, f"the server is busy: {len(self.pending)} requests are queued; retry later",
+                           headers={"Retry-After": str(self.retry_after())})
+
+    async def submit(self, key: Hashable, payload: Any, timeout_s: float | None = None) -> Any:
+        if self.decoder is None or not self.engine.can_join(key, payload):
+            return await self.micro.submit(key, payload, timeout_s)
+        self.check_room()
+        self.stats.requests_by_task[str(key[0])] += 1
+        row = Row(payload, asyncio.get_running_loop().create_future())
+        row.future.add_done_callback(lambda _: setattr(row, "abandoned", True))  # the tick drops it
+        self.pending.append(row)
+        self._arrival.set()
+        return await wait_result(row.future, self.timeout_s if timeout_s is None else timeout_s, self.stats)
+
+    def retry_after(self) -> int:
+        """Seconds until a queued request likely gets a row: queued rounds of rows times a request's time."""
+        mean = sum(self.request_seconds) / len(self.request_seconds) if self.request_seconds else 1.0
+        return max(1, math.ceil(len(self.pending) / self.decoder.slots * mean))
+
+    # ---- the worker ----
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            joining = self._take_joining()
+            if not joining and not self.decoder.rows:
+                if self._closing and not self.pending:
+                    return
+                self._arrival.clear()
+                await self._arrival.wait()
+                continue
+            started = time.monotonic()
+            try:
+                ended = await loop.run_in_executor(self.executor, self.decoder.tick, joining)
+            except Exception as err:  # noqa: BLE001 - a bug here must not leave every request hanging
+                log.exception("a decode step failed; failing the rows it held")
+                failure = ApiError(500, f"generation failed: {type(err).__name__}: {err}")
+                ended = self.decoder.fail_all(failure) + [r for r in joining if not r.ended]
+                for row in ended:
+                    row.outcome = failure
+            self.stats.record_step(len(self.decoder.rows) + len(ended))
+            self.stats.record_end(time.monotonic() - started)
+            self._answer(ended)
+
+    def _take_joining(self) -> list[Row]:
+        """Waiting requests for the free rows, oldest first; abandoned ones are dropped."""
+        free = self.decoder.slots - len(self.decoder.rows)
+        joining = []
+        while self.pending and len(joining) < free:
+            row = self.pending.popleft()
+            if not row.future.done():
+                joining.append(row)
+        return joining
+
+    def _answer(self, ended: list[Row]) -> None:
+        now = time.monotonic()
+        results = []
+        for row in ended:
+            self.request_seconds.append(now - row.arrived)
+            if row.future.done():
+                continue  # timed out or abandoned
+            if isinstance(row.outcome, BaseException):
+                row.future.set_exception(row.outcome)
+            else:
+                row.future.set_result(row.outcome)
+                results.append(row.outcome)
+        if results:
+            self.on_results(results)
+
+    def snapshot(self) -> dict[str, Any]:
+        micro = self.micro.snapshot()
+        mine = self.stats.as_dict()
+        live = len(self.decoder.rows) if self.decoder is not None else 0
+        slots = self.decoder.slots if self.decoder is not None else 0
+        return {**mine, "batching": "continuous",
+                "queued": len(self.pending) + micro["queued"], "running": live + micro["running"],
+                "max_batch": slots, "max_queue": self.max_queue,
+                "rejected": mine["rejected"] + micro["rejected"], "timeouts": mine["timeouts"] + micro["timeouts"],
+                "busy_seconds": round(mine["busy_seconds"] + micro["busy_seconds"], 3),
+                "steps": mine["batches"], "micro_batches": micro["batches"],
+                "batched_requests": mine["batched_requests"] + micro["batched_requests"],
+                "requests_by_task": dict(collections.Counter(mine["requests_by_task"]) + collections.Counter(micro["requests_by_task"])),
+                "kv_slots": slots, "kv_slots_used": live,
+                "kv_row_positions": self.decoder.row_len if self.decoder is not None else 0,
+                "kv_cache_bytes": self.decoder.cache_bytes() if self.decoder is not None else 0}

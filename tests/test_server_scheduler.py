@@ -1,0 +1,236 @@
+"""Continuous batching (blip2/server/scheduler.py): requests join and leave the decode batch at step
+boundaries, and each still gets what `generate` gives it alone (greedy tokens, seeded draws,
+penalties), whatever step it arrived at and however long its neighbours run. Also: per-row
+streaming, a bad request failing alone, the KV-row bound, the bounded queue, draining on stop,
+and the requests that go to the micro-batcher (beam search)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+
+import pytest
+import torch
+from test_server_fixtures import make_engine, png_bytes, server_settings
+
+from blip2.server.engine import GenerateJob, GenerationSettings
+from blip2.server.limits import ApiError, ImageData, decode_image, image_digest
+from blip2.server.scheduler import ContinuousScheduler, Row, SlotDecoder, kv_rows
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return make_engine(tmp_path_factory.mktemp("sched"), server_settings(), retrieval=False)
+
+
+def image(seed: int) -> ImageData:
+    data = png_bytes(seed)
+    return ImageData(image_digest(data), image=decode_image(data, 10**6))
+
+
+def alone(engine, job: GenerateJob) -> list[int]:
+    """The new tokens the model's own generate gives this request by itself, from pixels."""
+    pixels = engine.processor(images=[job.image.image], return_tensors="pt")["pixel_values"]
+    ids = torch.tensor([engine.processor.tokenizer(job.prompt)["input_ids"]]) if job.prompt else None
+    kwargs = job.settings.generate_kwargs()
+    out = engine.model.generate(pixels, ids, **kwargs)
+    tokens = out[0, 1:].tolist()
+    eos = engine.generation_defaults.eos_ids
+    end = next((n for n, t in enumerate(tokens) if t in eos), None)
+    return tokens if end is None else tokens[: end + 1]
+
+
+PROMPTS = ["", "Question: what colour is the circle ? Answer:", "a photo of", "Question: how many shapes ? Answer:"]
+
+
+def job(picture: int, max_new: int, prompt: str = "", **options) -> GenerateJob:
+    return GenerateJob(image(picture), prompt, GenerationSettings(max_new_tokens=max_new, **options))
+
+
+def run_ticks(decoder: SlotDecoder, arrivals: dict[int, list[Row]]) -> list[Row]:
+    """Ticks until every row ended; `arrivals[t]` arrive at tick t and wait for a free row, as in
+    the scheduler. Returns the rows in the order they ended."""
+    ended, waiting, t = [], [], 0
+    while t <= max(arrivals) or decoder.rows or waiting:
+        waiting += arrivals.get(t, [])
+        free = decoder.slots - len(decoder.rows)
+        joining, waiting = waiting[:free], waiting[free:]
+        ended += decoder.tick(joining)
+        t += 1
+    return ended
+
+
+def test_rows_joining_at_different_steps_decode_exactly_as_alone(engine):
+    jobs = [job(1, 12, PROMPTS[0]), job(2, 4, PROMPTS[1]), job(3, 20, PROMPTS[2]), job(4, 7, PROMPTS[3]),
+            job(5, 9, PROMPTS[1]), job(6, 1, PROMPTS[2])]
+    rows = [Row(j, None) for j in jobs]
+    slots, row_len = kv_rows(engine, engine.settings)
+    decoder = SlotDecoder(engine, 3, row_len)  # 3 rows: later arrivals take the rows that finish
+    sizes = []
+    original = decoder._step
+
+    def counting_step(ended):
+        sizes.append(len(decoder.rows))
+        original(ended)
+
+    decoder._step = counting_step
+    ended = run_ticks(decoder, {0: rows[:2], 2: rows[2:3], 5: rows[3:4], 9: rows[4:6]})
+    assert sorted(map(id, ended)) == sorted(map(id, rows))
+    for row in rows:
+        assert not isinstance(row.outcome, BaseException), row.outcome
+        expected = alone(engine, row.job)
+        assert row.tokens == expected, (row.job.settings, row.job.prompt)
+        assert row.outcome.completion_tokens == len(expected)
+        assert row.outcome.text == engine.processor.decode(expected, skip_special_tokens=True).strip()
+    assert max(sizes) == 3 and decoder.rows == []  # rows were shared, and all were freed
+    assert rows[1].ended and rows[1] in ended[:2]  # the 4-token request left before the 12-token one
+
+
+def test_per_row_options_sampling_penalties_and_min_tokens(engine):
+    jobs = [job(1, 10, do_sample=True, seed=7, temperature=0.8, top_k=5),
+            job(1, 10, PROMPTS[1], repetition_penalty=1.5),
+            job(2, 8, min_new_tokens=8),
+            job(3, 10, do_sample=True, seed=11, top_p=0.9),
+            job(4, 6)]
+    rows = [Row(j, None) for j in jobs]
+    decoder = SlotDecoder(engine, 4, kv_rows(engine, engine.settings)[1])
+    run_ticks(decoder, {0: rows[:3], 1: rows[3:]})
+    for row in rows:
+        assert row.tokens == alone(engine, row.job), row.job.settings
+    assert len(rows[2].tokens) == 8
+
+
+def test_a_bad_request_fails_alone_and_the_rest_decode(engine):
+    too_long = " ".join(["red"] * (engine.settings.max_prompt_tokens + 5))
+    rows = [Row(job(1, 6), None), Row(job(2, 6, too_long), None), Row(job(3, 6), None)]
+    decoder = SlotDecoder(engine, 4, kv_rows(engine, engine.settings)[1])
+    run_ticks(decoder, {0: rows})
+    assert isinstance(rows[1].outcome, ApiError) and rows[1].outcome.status == 400
+    assert rows[0].tokens == alone(engine, rows[0].job) and rows[2].tokens == alone(engine, rows[2].job)
+
+
+def test_streams_follow_their_own_row(engine):
+    pieces = {0: [], 1: []}
+    jobs = [job(8, 12), job(9, 5, PROMPTS[1])]
+    for n, j in enumerate(jobs):
+        j.on_text = pieces[n].append
+    rows = [Row(j, None) for j in jobs]
+    run_ticks(SlotDecoder(engine, 2, kv_rows(engine, engine.settings)[1]), {0: rows[:1], 3: rows[1:]})
+    for n, row in enumerate(rows):
+        assert "".join(pieces[n]).strip() == row.outcome.text
+    # a client that leaves mid-stream ends its row alone
+    leaving = job(8, 12)
+    leaving.on_text = lambda piece: leaving.cancelled.set()
+    rows = [Row(leaving, None), Row(job(9, 5), None)]
+    run_ticks(SlotDecoder(engine, 2, kv_rows(engine, engine.settings)[1]), {0: rows})
+    assert isinstance(rows[0].outcome, Exception) and rows[1].tokens == alone(engine, rows[1].job)
+
+
+# ---------------------------------------------------------------- the scheduler on an event loop
+def scheduler(engine, **settings) -> ContinuousScheduler:
+    return ContinuousScheduler(engine, engine.run, server_settings(**settings))
+
+
+def test_concurrent_requests_arriving_at_random_times_get_their_own_answers(engine):
+    jobs = [job(20 + n, 4 + (n * 7) % 37, PROMPTS[n % 4]) for n in range(10)]
+
+    async def main():
+        s = scheduler(engine, max_batch=4)
+        await s.start()
+
+        async def late(n, j):
+            await asyncio.sleep(0.01 * (n % 3))
+            return await s.submit(("generate", j.settings), j)
+
+        results = await asyncio.gather(*(late(n, j) for n, j in enumerate(jobs)))
+        await s.stop()
+        return results, s.snapshot()
+
+    results, snap = asyncio.run(main())
+    for result, j in zip(results, jobs):
+        assert result.text == engine.processor.decode(alone(engine, j), skip_special_tokens=True).strip()
+    assert 1 < snap["max_batch_size_seen"] <= 4 and snap["kv_slots"] == 4 and snap["kv_slots_used"] == 0
+    assert snap["queued"] == 0 and snap["running"] == 0
+
+
+def test_kv_memory_bounds_the_rows_and_beam_search_goes_to_the_micro_batcher(engine):
+    one_row = SlotDecoder(engine, 1, kv_rows(engine, engine.settings)[1]).cache_bytes()
+    s = scheduler(engine, max_batch=8, kv_cache_mb=2.5 * one_row / 2**20)
+    assert s.decoder.slots == 2
+    jobs = [job(40 + n, 6) for n in range(5)]
+    beam = job(45, 6, num_beams=2)
+
+    async def main():
+        await s.start()
+        results = await asyncio.gather(*(s.submit(("generate", j.settings), j) for j in jobs),
+                                       s.submit(("generate", beam.settings), beam))
+        await s.stop()
+        return results
+
+    results = asyncio.run(main())
+    assert [r.text for r in results[:-1]] == [engine.run(("generate", j.settings), [j])[0].text for j in jobs]
+    assert results[-1].text == engine.run(("generate", beam.settings), [beam])[0].text
+    snap = s.snapshot()
+    assert snap["max_batch_size_seen"] == 2 and snap["micro_batches"] == 1
+    with pytest.raises(ValueError, match="kv_cache_mb"):
+        scheduler(engine, kv_cache_mb=0.5 * one_row / 2**20)
+
+
+def test_a_full_queue_is_503_and_stop_drains_everything_queued(engine):
+    gate = threading.Event()
+
+    async def main():
+        s = scheduler(engine, max_queue=1, max_batch=1)
+        await s.start()
+        blocker = asyncio.get_running_loop().run_in_executor(s.executor, gate.wait, 30)  # hold the model thread
+        first = asyncio.ensure_future(s.submit(("generate", jobs[0].settings), jobs[0]))
+        await asyncio.sleep(0.01)
+        while s.pending:  # the worker takes it for a tick, which waits behind the blocker
+            await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(s.submit(("generate", jobs[1].settings), jobs[1]))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ApiError) as refused:
+            await s.submit(("generate", jobs[2].settings), jobs[2])
+        gate.set()
+        await blocker
+        stopping = asyncio.ensure_future(s.stop())  # drains: both waiting requests are answered
+        results = await asyncio.gather(first, second)
+        await stopping
+        with pytest.raises(ApiError) as closed:
+            s.check_room()
+        return refused.value, closed.value, results
+
+    jobs = [job(60 + n, 5) for n in range(3)]
+    refused, closed, results = asyncio.run(main())
+    assert refused.status == 503 and int(refused.headers["Retry-After"]) >= 1 and "busy" in refused.message
+    assert closed.status == 503 and "shutting down" in closed.message
+    assert [r.text for r in results] == [engine.run(("generate", j.settings), [j])[0].text for j in jobs[:2]]
+
+
+
+def test_over_http_streamed_and_whole_answers_interleave_and_match_alone(engine):
+    httpx = pytest.importorskip("httpx")
+    from test_server_fixtures import ServerThread, data_url, sse_events
+
+    from blip2.server.app import create_app
+
+    bodies = [{"image": data_url(png_bytes(80 + n)), "max_new_tokens": 4 + 9 * n, "stream": n % 2 == 1}
+              for n in range(4)]
+    expected = [engine.run(("generate", job(80 + n, b["max_new_tokens"]).settings),
+                           [job(80 + n, b["max_new_tokens"])])[0].text for n, b in enumerate(bodies)]
+    with ServerThread(create_app(engine, server_settings(max_batch=4))) as server:
+        def send(body):
+            with httpx.Client(base_url=server.url, timeout=30) as c:
+                if not body["stream"]:
+                    return c.post("/v1/caption", json=body).json()["caption"]
+                with c.stream("POST", "/v1/caption", json=body) as r:
+                    events = sse_events(r)
+                assert "".join(e.get("delta", "") for e in events).strip() == events[-1]["caption"]
+                return events[-1]["caption"]
+
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            got = list(pool.map(send, bodies))
+        snap = httpx.get(f"{server.url}/metrics").json()["batcher"]
+    assert got == expected
+    assert snap["batching"] == "continuous" and snap["requests_by_task"] == {"generate": 2, "stream": 2}
