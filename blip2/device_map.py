@@ -4,9 +4,10 @@ The reference's meaning: "auto" / "balanced" / "balanced_low_0" / "sequential" l
 place whole modules on the GPUs, then the CPU, then disk, within `max_memory`, never splitting
 a module whose class is in `_no_split_modules`; a dict names modules and their devices; a
 single device puts everything there. Modules on "cpu" or "disk" (beside a GPU) are loaded onto
-the GPU for their forward by accelerate's hooks. `model.hf_device_map` reports the placement,
-by our module names. A dict may also name the reference's modules
-(`language_model.model.decoder.layers.3`); they are translated through the key table.
+the GPU for their forward by accelerate's hooks. `model.hf_device_map` reports the placement
+by the reference's module names (`language_model.model.decoder.layers.3`), as the reference's
+users read it. A dict may name our modules or the reference's; the latter are translated
+through the key table, so `hf_device_map` can be passed back as a `device_map`.
 
 accelerate is imported only here, only when a device map is asked for (`pip install -e ".[accelerate]"`).
 """
@@ -46,7 +47,8 @@ def our_module_name(model: nn.Module, name: str) -> str:
     if name == "" or name in dict(model.named_modules()) or name in dict(model.named_parameters()):
         return name
     table = model.key_table()
-    ours = sorted({r.ours for r in table.rules if any(h.startswith(name + ".") or h == name for h in r.hf)})
+    ours = {r.ours for r in table.rules if any(h.startswith(name + ".") or h == name for h in r.hf)}
+    ours = sorted(ours | {src for copy, src in table.tied.items() if copy.startswith(name + ".") or copy == name})
     if ours:
         parts = [o.split(".") for o in ours]
         common = os.path.commonprefix(parts)
@@ -61,6 +63,35 @@ def our_module_name(model: nn.Module, name: str) -> str:
                          f"other tensors; name {candidate!r} (or a larger module) instead")
     raise ValueError(f"device_map names {name!r}, which is not a module of {type(model).__name__} "
                      f"(top-level modules: {[n for n, _ in model.named_children()]})")
+
+
+def _device_of(name: str, placement: dict):
+    """The device of our tensor `name`: that of the longest placement key holding it."""
+    return placement[max((k for k in placement if k == "" or name == k or name.startswith(k + ".")), key=len)]
+
+
+def reference_device_map(model: nn.Module, placement: dict) -> dict:
+    """Our placement by the reference's names: each tensor of the reference's checkpoint gets
+    the device of our tensor it comes from (a tied copy, that of its source), and every
+    reference module whose tensors all share one device is reported as one entry."""
+    table = model.key_table()
+    devices = {h: _device_of(r.ours, placement) for r in table.rules for h in r.hf}
+    devices.update({copy: _device_of(source, placement) for copy, source in table.tied.items()})
+
+    def collapse(prefix: str, keys: list[str], out: dict) -> None:
+        if len({str(devices[k]) for k in keys}) == 1:
+            out[prefix] = devices[keys[0]]
+            return
+        depth = len(prefix.split(".")) if prefix else 0
+        children: dict[str, list[str]] = {}
+        for k in keys:
+            children.setdefault(".".join(k.split(".")[: depth + 1]), []).append(k)
+        for child in children:  # in checkpoint-table order, as the keys came
+            collapse(child, children[child], out)
+
+    out: dict = {}
+    collapse("", list(devices), out)
+    return out
 
 
 def _translate(model: nn.Module, device_map: dict) -> dict:
@@ -113,8 +144,7 @@ def dispatch(model: nn.Module, device_map, max_memory: dict | None = None, offlo
         raise ValueError(f"{budget}device_map puts {where[:3]}{'...' if len(where) > 3 else ''} on disk; pass "
                          "offload_folder=DIR for them, or give more memory")
     acc = _accelerate()
-    model.hf_device_map = placement
-    if set(placement.values()) <= {"cpu"}:
-        return model  # already there; no hooks needed
-    acc.dispatch_model(model, device_map=placement, offload_dir=offload_folder)
+    if not set(placement.values()) <= {"cpu"}:  # on the CPU already: no hooks needed
+        acc.dispatch_model(model, device_map=placement, offload_dir=offload_folder)
+    model.hf_device_map = reference_device_map(model, placement)  # after accelerate, which sets its own
     return model

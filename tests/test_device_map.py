@@ -14,7 +14,7 @@ from transformers import Blip2ForConditionalGeneration as RefBlip2  # noqa: E402
 
 from blip2 import Blip2ForConditionalGeneration  # noqa: E402
 from blip2 import checkpoint as ckpt  # noqa: E402
-from blip2.device_map import infer_device_map  # noqa: E402
+from blip2.device_map import infer_device_map, reference_device_map  # noqa: E402
 from conftest import make_inputs, make_ref, ref_config, save_ref  # noqa: E402
 
 CONFIG = dict(text=dict(num_hidden_layers=6, hidden_size=64, ffn_dim=128, word_embed_proj_dim=64))
@@ -64,6 +64,11 @@ def test_placement_matches_the_reference_on_fake_budgets(strategy, budget):
     mine = infer_device_map(ours, strategy, max_memory=dict(budget))
     theirs = _ours_from_reference(ours, reference_map())
     assert {n: _device_of(n, mine) for n in theirs} == theirs  # the language model is placed as the reference's
+    # hf_device_map's names are the reference's, and passing them back places every tensor alike.
+    named = reference_device_map(ours, mine)
+    assert set(named) <= set(dict(ref.named_modules())) | set(dict(ref.named_parameters())), named
+    back = infer_device_map(ours, named)
+    assert {n: _device_of(n, back) for n, _ in ours.named_parameters()} == {n: _device_of(n, mine) for n, _ in ours.named_parameters()}
     # Budgets hold and no layer of a no-split class is split.
     sizes = compute_module_sizes(ours)
     used: dict = {}
@@ -89,7 +94,8 @@ def test_cpu_and_disk_offload_give_the_same_outputs(base, tmp_path):
                   "qformer": "disk"}
     model = Blip2ForConditionalGeneration.from_pretrained(folder, device_map=device_map,
                                                           offload_folder=tmp_path / "offload")
-    assert model.hf_device_map["language_model.layers.4"] == "disk"
+    ref_names = {f"language_model.model.decoder.layers.{i}": "disk" for i in (1, 4)}
+    assert {k: v for k, v in model.hf_device_map.items() if v == "disk"} == {"qformer": "disk", **ref_names}
     assert model.language_model.layers[4].fc1.weight.device.type == "meta"  # read from disk when used
     assert any((tmp_path / "offload").iterdir())
     with torch.no_grad():
