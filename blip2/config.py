@@ -99,6 +99,8 @@ class BaseConfig:
     section: ClassVar[str | None] = None
     composite_type: ClassVar[str] = "blip-2"
     is_composition: ClassVar[bool] = False
+    # Other model_types whose files hold this config too (read without complaint).
+    also_reads: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.pop("model_type", None)
@@ -235,7 +237,7 @@ class BaseConfig:
         """`data` read from `file`, refused when its model_type names another kind of model (the
         reference only warns, then fails later or loads weights into the wrong shapes)."""
         found = data.get("model_type")
-        allowed = {cls.model_type} | ({cls.composite_type} if cls.section else set())
+        allowed = {cls.model_type, *cls.also_reads} | ({cls.composite_type} if cls.section else set())
         if cls.model_type and found is not None and found not in allowed:
             raise ValueError(f"{file}: model_type {found!r} is not a {cls.__name__} "
                              f"(expected {' or '.join(repr(a) for a in sorted(allowed))})")
@@ -599,6 +601,7 @@ class InstructBlipVideoConfig(InstructBlipConfig):
     """
 
     model_type = "instructblipvideo"
+    also_reads = ("instructblip",)  # the same parts and weights; transformers' docs load those repos so
     vision_class = InstructBlipVideoVisionConfig
     qformer_class = InstructBlipVideoQFormerConfig
     fields = {**{k: v for k, v in InstructBlipConfig.fields.items() if k != "image_token_index"},

@@ -208,7 +208,8 @@ def check_model_family(cls, config_file: Path) -> None:
         found = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError, AttributeError):
         return  # the config reader reports unreadable files itself
-    if expected in WHOLE_MODELS and found in WHOLE_MODELS and found != expected:
+    if expected in WHOLE_MODELS and found in WHOLE_MODELS and found != expected and \
+            found not in cls.config_class.also_reads:
         raise ValueError(
             f"{config_file.parent} holds a {found!r} checkpoint, but {cls.__name__} loads {expected!r} ones: "
             f"use {WHOLE_MODELS[found]} (or blip2.load_model, which picks the class from config.json)"
