@@ -16,7 +16,7 @@ from test_server_fixtures import make_engine, png_bytes, server_settings
 
 from blip2.server.engine import GenerateJob, GenerationSettings
 from blip2.server.limits import ApiError, ImageData, decode_image, image_digest
-from blip2.server.scheduler import ContinuousScheduler, Row, SlotDecoder, kv_rows
+from blip2.server.scheduler import ContinuousScheduler, Row, SlotDecoder
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +65,7 @@ def test_rows_joining_at_different_steps_decode_exactly_as_alone(engine):
     jobs = [job(1, 12, PROMPTS[0]), job(2, 4, PROMPTS[1]), job(3, 20, PROMPTS[2]), job(4, 7, PROMPTS[3]),
             job(5, 9, PROMPTS[1]), job(6, 1, PROMPTS[2])]
     rows = [Row(j, None) for j in jobs]
-    slots, row_len = kv_rows(engine, engine.settings)
-    decoder = SlotDecoder(engine, 3, row_len)  # 3 rows: later arrivals take the rows that finish
+    decoder = SlotDecoder(engine, 3)  # 3 rows: later arrivals take the rows that finish
     sizes = []
     original = decoder._step
 
@@ -94,7 +93,7 @@ def test_per_row_options_sampling_penalties_and_min_tokens(engine):
             job(3, 10, do_sample=True, seed=11, top_p=0.9),
             job(4, 6)]
     rows = [Row(j, None) for j in jobs]
-    decoder = SlotDecoder(engine, 4, kv_rows(engine, engine.settings)[1])
+    decoder = SlotDecoder(engine, 4)
     run_ticks(decoder, {0: rows[:3], 1: rows[3:]})
     for row in rows:
         assert row.tokens == alone(engine, row.job), row.job.settings
@@ -104,7 +103,7 @@ def test_per_row_options_sampling_penalties_and_min_tokens(engine):
 def test_a_bad_request_fails_alone_and_the_rest_decode(engine):
     too_long = " ".join(["red"] * (engine.settings.max_prompt_tokens + 5))
     rows = [Row(job(1, 6), None), Row(job(2, 6, too_long), None), Row(job(3, 6), None)]
-    decoder = SlotDecoder(engine, 4, kv_rows(engine, engine.settings)[1])
+    decoder = SlotDecoder(engine, 4)
     run_ticks(decoder, {0: rows})
     assert isinstance(rows[1].outcome, ApiError) and rows[1].outcome.status == 400
     assert rows[0].tokens == alone(engine, rows[0].job) and rows[2].tokens == alone(engine, rows[2].job)
@@ -116,14 +115,14 @@ def test_streams_follow_their_own_row(engine):
     for n, j in enumerate(jobs):
         j.on_text = pieces[n].append
     rows = [Row(j, None) for j in jobs]
-    run_ticks(SlotDecoder(engine, 2, kv_rows(engine, engine.settings)[1]), {0: rows[:1], 3: rows[1:]})
+    run_ticks(SlotDecoder(engine, 2), {0: rows[:1], 3: rows[1:]})
     for n, row in enumerate(rows):
         assert "".join(pieces[n]).strip() == row.outcome.text
     # a client that leaves mid-stream ends its row alone
     leaving = job(8, 12)
     leaving.on_text = lambda piece: leaving.cancelled.set()
     rows = [Row(leaving, None), Row(job(9, 5), None)]
-    run_ticks(SlotDecoder(engine, 2, kv_rows(engine, engine.settings)[1]), {0: rows})
+    run_ticks(SlotDecoder(engine, 2), {0: rows})
     assert isinstance(rows[0].outcome, Exception) and rows[1].tokens == alone(engine, rows[1].job)
 
 
@@ -155,7 +154,7 @@ def test_concurrent_requests_arriving_at_random_times_get_their_own_answers(engi
 
 
 def test_kv_memory_bounds_the_rows_and_beam_search_goes_to_the_micro_batcher(engine):
-    one_row = SlotDecoder(engine, 1, kv_rows(engine, engine.settings)[1]).cache_bytes()
+    one_row = SlotDecoder(engine, 1).cache_bytes()
     s = scheduler(engine, max_batch=8, kv_cache_mb=2.5 * one_row / 2**20)
     assert s.decoder.slots == 2
     jobs = [job(40 + n, 6) for n in range(5)]

@@ -61,7 +61,8 @@ class Row:
     start_id: int = 0  # the history generation starts from (BOS), as `generate` counts it
     prompt_tokens: int = 0
     cached: bool = False
-    filled: int = 0  # cache slots holding this request: prompt, then every token fed back
+    filled: int = 0  # cache slots this request uses (padding included); its next token goes to slot `filled`
+    position: int = 0  # its real tokens so far: the position of its next token
     tokens: list[int] = field(default_factory=list)  # new tokens; the last is fed at the next step
     generator: torch.Generator | None = None
     streamer: CallbackStreamer | None = None
@@ -70,15 +71,6 @@ class Row:
     @property
     def ended(self) -> bool:
         return self.outcome is not None
-
-
-def _start(row: Row, config: GenerationConfig, device) -> None:
-    """Per-row generation state, as `generate` would set it up for this request alone."""
-    row.config = config
-    row.start_id = config.bos_token_id
-    row.limit = config.new_token_limit(1)
-    if config.do_sample and config.seed is not None:
-        row.generator = torch.Generator(device=device).manual_seed(config.seed)  # its own stream, in any batch
 
 
 def _pick(row: Row, logits: Tensor) -> int:
@@ -107,13 +99,19 @@ def _accept(row: Row, token: int, engine: Engine) -> None:
 
 # ---------------------------------------------------------------- the model side
 class SlotDecoder:
-    """A KV cache of `slots` rows of `row_len` positions, and the tick over it (model thread only)."""
+    """A KV cache of `slots` rows and the tick over it (model thread only).
 
-    def __init__(self, engine: Engine, slots: int, row_len: int) -> None:
+    A row holds the longest request the server's limits allow: query tokens + max_prompt_tokens
+    (prompts prefilled together are left-padded to the longest) + max_new_tokens."""
+
+    def __init__(self, engine: Engine, slots: int, limits: Settings | None = None) -> None:
         self.engine = engine
         self.lm = engine.model.language_model
-        self.slots, self.row_len = slots, row_len
+        limits = limits or engine.settings
+        self.slots, self.max_new = slots, limits.max_new_tokens
+        self.row_len = engine.model.config.num_query_tokens + limits.max_prompt_tokens + limits.max_new_tokens
         self.cache: KVCache | None = None  # allocated on the first tick, in the model thread
+        self.keep: Tensor | None = None  # (slots, row_len) bool: the cache slots holding each row's tokens
         self.rows: list[Row] = []  # live rows, in cache-row order
 
     def tick(self, joining: list[Row]) -> list[Row]:
@@ -134,56 +132,78 @@ class SlotDecoder:
         fit_layouts(self.engine.model)  # prepacked weights, as model.generate would use
         if self.cache is None:
             self.cache = self.lm.new_cache(self.slots, self.row_len)  # k, v: [layers] of (slots, H, row_len, D)
+            self.keep = torch.zeros(self.slots, self.row_len, dtype=torch.bool, device=self.cache.k[0].device)
+        ready = []
         for row, inputs in zip(joining, self.engine.row_inputs([r.job for r in joining])):
-            if isinstance(inputs, Exception):
-                row.outcome = inputs  # this request's own fault: it fails alone
-                ended.append(row)
-                continue
             try:
-                self._prefill(row, inputs)
-            except Exception as err:  # noqa: BLE001 - a request that breaks its prefill fails alone
-                log.exception("prefill failed")
+                if isinstance(inputs, Exception):
+                    raise inputs  # this request's own fault (a prompt too long...): it fails alone
+                self._start(row, inputs)
+                ready.append((row, inputs.embeds))
+            except Exception as err:  # noqa: BLE001
                 row.outcome = err
-            if row.ended:
                 ended.append(row)
-                self._drop(ended)  # its row is free again for the next arrival
+        if ready:
+            self._prefill([r for r, _ in ready], [e for _, e in ready])
+            self._drop(ended)  # rows that ended on their first token free their row at once
 
-    def _prefill(self, row: Row, inputs) -> None:
-        """Runs the prompt (1, T, D) alone into the next free cache row and chooses its first token."""
-        T = inputs.embeds.shape[1]
-        _start(row, inputs.config, inputs.embeds.device)
+    def _start(self, row: Row, inputs) -> None:
+        """Per-row generation state, as `generate` would set it up for this request alone."""
+        config = row.config = inputs.config
+        row.start_id, row.limit = config.bos_token_id, config.new_token_limit(1)
         row.prompt_tokens, row.cached = inputs.prompt_tokens, inputs.cached
-        if T + row.limit - 1 > self.row_len:  # the last new token is never fed back
-            raise ApiError(400, f"the prompt and max_new_tokens need {T + row.limit - 1} cache positions; "
-                           f"this server's rows hold {self.row_len}", "max_new_tokens")
+        if config.do_sample and config.seed is not None:  # its own stream, in any batch
+            row.generator = torch.Generator(device=inputs.embeds.device).manual_seed(config.seed)
+        if row.limit > self.max_new:  # the HTTP layer checks this too; the cache rows are sized by it
+            raise ApiError(400, f"max_new_tokens is {row.limit}; the limit is {self.max_new}", "max_new_tokens")
         if row.job.on_text is not None:
             row.streamer = self.engine._streamer(row.job)
             row.streamer.put(torch.tensor([[row.start_id]]))  # the reference's protocol: start ids first
-        n = len(self.rows)
-        keep = torch.ones(1, T, dtype=torch.long, device=inputs.embeds.device)
-        at = Positions.after(keep, T, inputs.embeds.dtype)  # positions 0..T-1, slots 0..T-1, causal
-        logits = self.lm(inputs.embeds, cache=self.cache.rows(n, n + 1), positions=at, last_logits=1).logits
-        row.filled = T
-        self.rows.append(row)
-        _accept(row, _pick(row, logits[:, -1]), self.engine)
+
+    def _prefill(self, rows: list[Row], embeds: list[Tensor]) -> None:
+        """Runs the prompts together into the next free cache rows, left-padded to the longest
+        (positions count only real tokens, as in `generate`'s padded batches), and chooses each
+        row's first token."""
+        n, k, T = len(self.rows), len(rows), max(e.shape[1] for e in embeds)
+        x = embeds[0].new_zeros(k, T, embeds[0].shape[-1])  # (k, T, D)
+        keep = torch.zeros(k, T, dtype=torch.long, device=x.device)  # (k, T): 1 on real tokens
+        for j, e in enumerate(embeds):
+            x[j, T - e.shape[1]:] = e[0]
+            keep[j, T - e.shape[1]:] = 1
+        at = Positions.after(keep, T, x.dtype)  # slots 0..T-1 of each row, causal, padding hidden
+        logits = self.lm(x, cache=self.cache.rows(n, n + k), positions=at, last_logits=1).logits[:, -1]  # (k, V)
+        self.keep[n : n + k] = False  # what a previous request left there is not this row's
+        self.keep[n : n + k, :T] = keep.bool()
+        for j, row in enumerate(rows):
+            row.filled, row.position = T, embeds[j].shape[1]
+            self.rows.append(row)
+        self._choose(rows, logits)
 
     # ---- step ----
     def _step(self, ended: list[Row]) -> None:
-        """One token for every live row that has not ended, each at its own position."""
-        self._drop(ended)  # rows that ended at admission, or were abandoned, leave before the step
+        """One token for every live row, each at its own slot and position."""
+        self._drop(ended)  # rows that were abandoned leave before the step
         if not self.rows:
             return
         rows, device = self.rows, self.cache.k[0].device
-        filled = torch.tensor([r.filled for r in rows], device=device)  # (n,)
+        n = len(rows)
+        slots = torch.tensor([[r.filled] for r in rows], device=device)  # (n, 1): where each new token goes
+        ids = torch.tensor([[r.position] for r in rows], device=device)  # (n, 1): its position (real tokens before it)
         tokens = torch.tensor([[r.tokens[-1]] for r in rows], device=device)  # (n, 1)
+        self.keep[torch.arange(n, device=device), slots[:, 0]] = True  # the new token sees itself
         width = max(r.filled for r in rows) + 1
-        visible = torch.arange(width, device=device)[None, :] <= filled[:, None]  # (n, width): its own slots
-        at = Positions(ids=filled[:, None], slots=filled[:, None], mask=padding_mask(visible, self.cache.k[0].dtype))
-        logits = self.lm(self.lm.embed(tokens), cache=self.cache.rows(0, len(rows)), positions=at,
+        at = Positions(ids=ids, slots=slots, mask=padding_mask(self.keep[:n, :width], self.cache.k[0].dtype))
+        logits = self.lm(self.lm.embed(tokens), cache=self.cache.rows(0, n), positions=at,
                          last_logits=1).logits[:, -1]  # (n, V)
+        for row in rows:
+            row.filled += 1
+            row.position += 1
+        self._choose(rows, logits)
+
+    def _choose(self, rows: list[Row], logits: Tensor) -> None:
+        """Each row's next token from its logits (len(rows), V); an error ends only its row."""
         best = logits.argmax(dim=-1).tolist()  # plain greedy rows need nothing more
         for i, row in enumerate(rows):
-            row.filled += 1
             try:
                 plain = not row.config.do_sample and not is_active(row.config)
                 _accept(row, best[i] if plain else _pick(row, logits[i : i + 1]), self.engine)
@@ -204,11 +224,12 @@ class SlotDecoder:
             last = self.rows.pop()
             if last is not row:
                 self.cache.copy_row(len(self.rows), i, last.filled)
+                self.keep[i] = self.keep[len(self.rows)]
                 self.rows[i] = last
 
     def fail_all(self, err: BaseException) -> list[Row]:
         """After an error outside any one row: every live row fails, the cache is rebuilt."""
-        rows, self.rows, self.cache = self.rows, [], None
+        rows, self.rows, self.cache, self.keep = self.rows, [], None, None
         for row in rows:
             row.outcome = err
         return rows
@@ -220,26 +241,16 @@ class SlotDecoder:
         return self.slots * self.row_len * per_position
 
 
-def kv_rows(engine: Engine, settings: Settings) -> tuple[int, int]:
-    """(rows, positions per row) of the scheduler's KV cache.
-
-    A row holds the longest request the limits allow (query tokens + prompt + new tokens, within
-    a learned position table); `kv_cache_mb` lowers the number of rows to fit."""
-    text = engine.model.config.text_config
-    row_len = engine.model.config.num_query_tokens + settings.max_prompt_tokens + settings.max_new_tokens
-    if engine.decoder_only and getattr(text, "max_position_embeddings", None):
-        from ..families import family_of
-
-        if family_of(engine.model.config).learned_positions:
-            row_len = min(row_len, text.max_position_embeddings)
+def kv_rows(engine: Engine, settings: Settings) -> int:
+    """How many rows the KV cache has: `max_batch`, fewer when `kv_cache_mb` holds fewer."""
     rows = settings.max_batch
     if settings.kv_cache_mb is not None:
-        probe = SlotDecoder(engine, 1, row_len).cache_bytes()
-        rows = min(rows, int(settings.kv_cache_mb * 2**20 // probe))
+        one = SlotDecoder(engine, 1, settings)
+        rows = min(rows, int(settings.kv_cache_mb * 2**20 // one.cache_bytes()))
         if rows < 1:
             raise ValueError(f"kv_cache_mb={settings.kv_cache_mb:g} holds no request: one row of "
-                             f"{row_len} positions takes {probe / 2**20:.1f} MB")
-    return rows, row_len
+                             f"{one.row_len} positions takes {one.cache_bytes() / 2**20:.2f} MB")
+    return rows
 
 
 # ---------------------------------------------------------------- the event-loop side
@@ -256,7 +267,11 @@ class ContinuousScheduler:
                              settings.request_timeout_s, engine.batch_limit)
         self.executor = self.micro.executor  # one model thread for both: the model is not re-entrant
         # None: no decoder-only language model (T5, retrieval only), so every request goes to the micro-batcher
-        self.decoder = SlotDecoder(engine, *kv_rows(engine, settings)) if engine.decoder_only else None
+        self.decoder = SlotDecoder(engine, kv_rows(engine, settings), settings) if engine.decoder_only else None
+        # A prefill costs about what a step costs whatever its batch, so arrivals join a running batch
+        # together: `admit_batch` of them, or fewer once the oldest has waited max_wait_ms.
+        self.admit_batch = max(1, settings.max_batch // 4)
+        self.max_wait_s = settings.max_wait_ms / 1000
         self.max_queue, self.timeout_s = settings.max_queue, settings.request_timeout_s
         self.on_results = on_results or (lambda results: None)
         self.pending: collections.deque[Row] = collections.deque()
@@ -336,6 +351,10 @@ class ContinuousScheduler:
     def _take_joining(self) -> list[Row]:
         """Waiting requests for the free rows, oldest first; abandoned ones are dropped."""
         free = self.decoder.slots - len(self.decoder.rows)
+        if self.decoder.rows and self.pending and not self._closing:
+            waited = time.monotonic() - self.pending[0].arrived
+            if len(self.pending) < min(free, self.admit_batch) and waited < self.max_wait_s:
+                return []  # wait a step or two for company
         joining = []
         while self.pending and len(joining) < free:
             row = self.pending.popleft()
