@@ -124,7 +124,8 @@ FROM_PRETRAINED_KWARGS: dict[str, tuple[object, str]] = {
     "offload_folder": (None, "where modules a device_map puts on 'disk' are written and read back from"),
     "quantization_config": (None, "transformers' BitsAndBytesConfig (or a dict of its fields): 8-bit or 4-bit "
                                   "linear layers on a CUDA GPU through bitsandbytes, chosen as the reference "
-                                  "chooses them (blip2.bnb)"),
+                                  "chooses them (blip2.bnb); or a TorchAoConfig asking for int8 / int4 "
+                                  "weight-only, which selects quantize= (blip2.torchao_config)"),
     "load_in_8bit": (False, "the reference's shortcut for quantization_config=BitsAndBytesConfig(load_in_8bit=True)"),
     "load_in_4bit": (False, "the reference's shortcut for quantization_config=BitsAndBytesConfig(load_in_4bit=True)"),
     "quantize": (None, "'int8' or 'int4': the language model's linear layers as int8 weights with per-channel "
@@ -214,6 +215,19 @@ def check_model_family(cls, config_file: Path) -> None:
             f"{config_file.parent} holds a {found!r} checkpoint, but {cls.__name__} loads {expected!r} ones: "
             f"use {WHOLE_MODELS[found]} (or blip2.load_model, which picks the class from config.json)"
         )
+
+
+def _torchao_to_quantize(opts: dict) -> None:
+    """A torchao quantization_config (the reference's CPU int8 / int4) becomes quantize= (blip2.torchao_config)."""
+    from .torchao_config import is_torchao, quantize_kind
+
+    if opts["quantization_config"] is None or not is_torchao(opts["quantization_config"]):
+        return
+    if opts["quantize"] is not None or opts["load_in_8bit"] or opts["load_in_4bit"]:
+        raise ValueError("a torchao quantization_config and quantize= / load_in_8bit / load_in_4bit exclude each "
+                         "other; pass one")
+    opts["quantize"] = quantize_kind(opts["quantization_config"])
+    opts["quantization_config"] = None
 
 
 def _bnb_settings(opts: dict):
@@ -386,6 +400,7 @@ class PreTrainedModel(PeftAdapterMixin, InferenceLayout):
             config = cls.config_class.from_json_file(folder / "config.json")
         for key, value in overrides.items():
             setattr(config, key, value)
+        _torchao_to_quantize(opts)
         bnb = _bnb_settings(opts)
         if bnb is not None and opts["torch_dtype"] is None:
             opts["torch_dtype"] = torch.float16  # the reference's default for 8/4-bit loading
