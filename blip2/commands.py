@@ -219,25 +219,28 @@ class Loaded:
     dtype: object
 
 
-def default_dir(retrieval: bool) -> str:
-    from .demo import MODEL_DIR, RETRIEVAL_DIR
+def default_dir(retrieval: bool, task: str = "caption") -> str:
+    """The shipped demo model for a task: retrieval, "caption" (the better captioner) or "answer"
+    (the instruction-aware model)."""
+    from .demo import ANSWER_DIR, CAPTION_DIR, RETRIEVAL_DIR
 
-    folder = RETRIEVAL_DIR if retrieval else MODEL_DIR
+    folder = RETRIEVAL_DIR if retrieval else ANSWER_DIR if task == "answer" else CAPTION_DIR
     if not (folder / "config.json").is_file():
         raise SystemExit(f"blip2: the demo model is not installed at {folder}; pass --model DIR "
                          "(or build it: python -m blip2.demo.recipe --out blip2/demo)")
     return str(folder)
 
 
-def load(args, retrieval: bool) -> Loaded:
-    """The model and its processor, on the device and in the dtype asked for."""
+def load(args, retrieval: bool, task: str = "caption") -> Loaded:
+    """The model and its processor, on the device and in the dtype asked for (without --model: the
+    demo model for `task`, see `default_dir`)."""
     import torch
 
     from .auto import load_model, load_processor
     from .hf_compat import fast_dtype
     from .processing import Blip2Processor
 
-    name = args.model or default_dir(retrieval)
+    name = args.model or default_dir(retrieval, task)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = fast_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
@@ -342,17 +345,18 @@ def _generate_over(args, prompt: str, key: str, questions: list[str] | None = No
             prompts = [INSTRUCT_CAPTION_PROMPT]  # InstructBLIP's Q-Former needs an instruction
         return lambda names, pixel_values: _generation_rows(m, names, pixel_values, prompts, kwargs, key, questions)
 
-    return _drive(args, paths, shards, _builder(args, False, make_rows), key, failures)
+    task = "answer" if questions is not None else "caption"
+    return _drive(args, paths, shards, _builder(args, False, make_rows, task), key, failures)
 
 
-def _builder(args, retrieval: bool, make_rows):
+def _builder(args, retrieval: bool, make_rows, task: str = "caption"):
     """A picklable `build() -> (Loaded, rows)`, loading once: where the model loads (here, or in each
     Ray actor) is the caller's."""
     built = []
 
     def build():
         if not built:
-            m = load(args, retrieval=retrieval)
+            m = load(args, retrieval=retrieval, task=task)
             built.append((m, make_rows(m)))
         return built[0]
 
@@ -375,6 +379,7 @@ def _generation_rows(m: "Loaded", names: list, pixel_values, prompts: list[str],
         if text is not None and "qformer_input_ids" in text:  # InstructBLIP: the Q-Former reads the prompt too
             instruction = {k: text[k].to(m.device) for k in ("qformer_input_ids", "qformer_attention_mask")}
             pixels = pixels.expand(len(texts), -1, -1, -1)  # one instruction per image row
+        _check_lengths(m, text, kwargs)
         with torch.inference_mode():
             ids = m.model.generate(
                 pixel_values=pixels,
@@ -395,6 +400,26 @@ def _generation_rows(m: "Loaded", names: list, pixel_values, prompts: list[str],
             shown = f"{name}: {question} {' | '.join(results)}" if len(questions) > 1 else shown
         out.append((record, shown))
     return out
+
+
+def _check_lengths(m: "Loaded", text, kwargs: dict) -> None:
+    """A prompt too long for the model's position tables stops the command with a message naming
+    the limit, not a trace from inside the model."""
+    from .families import family_of
+
+    if text is None:
+        return
+    config = m.model.config
+    longest = int(text["attention_mask"].sum(dim=1).max())
+    if "qformer_attention_mask" in text:
+        limit = config.qformer_config.max_position_embeddings
+        if int(text["qformer_attention_mask"].sum(dim=1).max()) > limit:
+            raise SystemExit(f"blip2: the question or prompt is too long for the Q-Former: more than {limit} tokens")
+    if family_of(config).learned_positions:
+        room = config.text_config.max_position_embeddings - config.num_query_tokens - kwargs["max_new_tokens"] + 1
+        if longest > room:
+            raise SystemExit(f"blip2: the question or prompt takes {longest} tokens; with --max-new-tokens "
+                             f"{kwargs['max_new_tokens']} this model has room for {max(room, 0)}")
 
 
 def _rows(names: list[str], questions: list[str] | None):
@@ -419,6 +444,9 @@ def run_ask(args) -> int:
             raise SystemExit("blip2 ask: give images and a question (or --question / --questions FILE)")
         *args.images, last = args.images
         questions = [last]
+    questions = [q.strip() for q in questions]
+    if not all(questions):
+        raise SystemExit("blip2 ask: the question is empty; ask something about the image")
     return _generate_over(args, args.template, "answer", questions)
 
 

@@ -102,6 +102,17 @@ def test_ask_needs_a_question(capsys, tmp_path):
     empty.write_text("\n", encoding="utf-8")
     with pytest.raises(SystemExit, match="none.txt: the file holds no questions"):
         main(["ask", str(EXAMPLES[0]), "--questions", str(empty)])
+    with pytest.raises(SystemExit, match="the question is empty"):
+        main(["ask", str(EXAMPLES[0]), "  "])
+    with pytest.raises(SystemExit, match="the question is empty"):
+        main(["ask", str(EXAMPLES[0]), "--question", "what colour is it?", "--question", ""])
+
+
+def test_a_question_too_long_for_the_model_gets_a_message(capsys):
+    with pytest.raises(SystemExit, match="takes .* tokens; with --max-new-tokens 30 this model has room for"):
+        main(["ask", str(EXAMPLES[0]), "why " * 80])
+    code, out, err = run(capsys, "ask", str(EXAMPLES[0]), "colour circle where how ???")
+    assert code == 0 and out.strip()  # not a question the model was taught, still an answer
 
 
 def test_dtype_auto_is_bfloat16_only_where_the_hardware_has_it():

@@ -1,0 +1,437 @@
+"""The instruction-aware demo model: InstructBLIP's recipe, in miniature, on the synthetic world.
+
+    python -m blip2.demo.instruct --out blip2/demo [--base blip2/demo] [--quick]
+
+InstructBLIP (Dai et al., 2023) starts from a trained BLIP-2 and fine-tunes only its Q-Former,
+which now reads the instruction too; the image encoder and the language model stay frozen. So
+does this recipe, after `python -m blip2.demo.recipe` has made the BLIP-2 demo model:
+
+1. Start from the shipped BLIP-2 model (`--base`/model: image encoder, Q-Former, language model,
+   tokenizer) and read the instruction with the stage-1 Q-Former's text side (`--base`/retrieval:
+   word and position embeddings, the text feed-forwards), as InstructBLIP's Q-Former reads it with
+   BLIP-2's BERT side. The Q-Former's tokenizer is the language model's (as in stage 1).
+2. Train on instruction-formatted pairs (`blip2.demo.instructions`): six question kinds, several
+   phrasings each, on training images of seen colour-shape pairs only. The Q-Former and the
+   language model read the same prompt ("Question: ... Answer:", or a caption instruction).
+3. Once more with the instruction hidden from the Q-Former (the LM still reads it): the ablation,
+   which is BLIP-2's way.
+4. Ship the model (float16, with InstructBlipProcessor's files) in `--out`/instruct, load it back
+   and score it, the BLIP-2 model and the ablation per kind, in seen and unseen wordings, on new
+   images of seen pairs and on held-out pairs; pick the captioner on validation images; append
+   the figures to `--out`/REPORT.md's instruct section (written to `--out`/INSTRUCT_REPORT.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ..config import InstructBlipConfig
+from ..hf_compat import Blip2ForConditionalGeneration
+from ..io import atomic_write_text
+from ..instructblip import InstructBlipForConditionalGeneration
+from ..processing import Blip2ImageProcessor, InstructBlipProcessor, Tokenizer
+from ..retrieval import Blip2ForImageTextRetrieval
+from ..train.data import DecoderLMCollate, InstructionCollate
+from ..train.frozen import FeatureCache, image_features
+from ..train.loop import Trainer
+from ..train.stage2 import Stage2Objective
+from . import evaluate, instructions, world
+from .pretrain import to_pixels
+from .recipe import Timer, draw_images, idle_cores, log, trainer_config
+from .tokenizer import PAD_ID
+
+INSTRUCT_DIR_NAME = "instruct"
+
+
+@dataclass
+class InstructRecipe:
+    """Sizes and schedules; `QUICK` shrinks them for CI."""
+
+    seed: int = 0
+    train_images: int = 12000  # seen colour-shape pairs only, as for BLIP-2's stages
+    image_size: int = 64
+    steps: int = 3000
+    batch: int = 64
+    lr: float = 1e-3
+    describe_share: float = 0.1  # of the instructions; a caption has five times an answer's tokens
+    ablation_steps: int = 0  # 0: as many as `steps`
+    grad_clip: float = 20.0
+    qformer_positions: int = 64  # instruction tokens the Q-Former reads (stage 1 read 32)
+    answer_len: int = 64  # language-model tokens of prompt and answer
+    eval_per_kind: int = 100  # questions per kind, split and wording
+    eval_scenes: int = 200  # captioned images per split
+    ablation: bool = True
+    save_dtype: str = "float16"
+
+
+QUICK = InstructRecipe(train_images=256, steps=20, batch=16, eval_per_kind=8, eval_scenes=16)
+
+
+# ---------------------------------------------------------------- 1. the model
+def instruct_config(base: Blip2ForConditionalGeneration, positions: int) -> InstructBlipConfig:
+    c = base.config
+    qformer = c.qformer_config.to_dict()
+    qformer.pop("use_qformer_text_input", None)  # always on for InstructBLIP
+    qformer["max_position_embeddings"] = positions
+    return InstructBlipConfig(vision_config=c.vision_config.to_dict(), qformer_config=qformer,
+                              text_config=c.text_config.to_dict(), num_query_tokens=c.num_query_tokens)
+
+
+@torch.no_grad()
+def from_blip2(base: Blip2ForConditionalGeneration, retrieval: Blip2ForImageTextRetrieval,
+               positions: int) -> InstructBlipForConditionalGeneration:
+    """InstructBLIP from the BLIP-2 model (everything it has) and the stage-1 model's text side
+    (what reads the instruction). Position rows beyond stage 1's repeat its last one."""
+    model = InstructBlipForConditionalGeneration(instruct_config(base, positions))
+    model.generation_config = copy.deepcopy(base.generation_config)
+    have = base.state_dict()
+    text = {("qformer." + k if k.startswith("embeddings.") else k): v for k, v in retrieval.state_dict().items()}
+    state = {}
+    for key, value in model.state_dict().items():
+        source = have.get(key, text.get(key))
+        if source is None:
+            raise ValueError(f"neither the BLIP-2 model nor the retrieval model has {key}")
+        if source.shape != value.shape:  # the longer position table
+            rows = source.shape[0]
+            source = torch.cat([source, source[-1:].expand(value.shape[0] - rows, -1)])
+        state[key] = source.float()
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- 2. the data
+class InstructionPairs(Dataset):
+    """Training images with one instruction each, drawn afresh every time (kind, phrasing, target)."""
+
+    def __init__(self, data, seed: int, describe_share: float) -> None:
+        self.data, self.describe_share = data, describe_share
+        self.rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.data.scenes)
+
+    def __getitem__(self, i: int) -> dict:
+        scene = self.data.scenes[i]
+        # The loss is a mean over tokens: descriptions, left as common as the one-word kinds,
+        # would hold most of it. So they are asked less often.
+        kinds = [k for k in instructions.KINDS if k != "describe"]
+        kind = "describe" if self.rng.random() < self.describe_share else self.rng.choice(kinds)
+        ins = instructions.instruction(scene, kind, self.rng, "seen")
+        if ins is None:  # e.g. one shape, no position question: a kind every scene allows
+            ins = instructions.instruction(scene, self.rng.choice(["count", "exist"]), self.rng)
+        return {"key": f"train/{i}", "pixel_values": to_pixels(self.data.images[i:i + 1])[0],
+                "prompt": ins.prompt, "answer": ins.answer}
+
+
+class InstructionText:
+    """(prompt, text to learn) for `DecoderLMCollate`: the answer after the prompt, then OPT's end."""
+
+    def __call__(self, example: dict) -> tuple[str, str]:
+        prompt = example["prompt"]
+        return prompt, (" " if prompt else "") + example["answer"] + "\n"
+
+
+class HiddenInstruction(InstructionCollate):
+    """The ablation: the Q-Former reads an empty instruction (its start token alone), so its queries
+    cannot depend on the question, as in BLIP-2; the language model still reads the whole prompt."""
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collate(examples)
+        batch["qformer_input_ids"], batch["qformer_attention_mask"] = _ids(self.tokenize([""] * len(examples)))
+        return batch
+
+
+def _ids(rows: list[list[int]]) -> tuple[Tensor, Tensor]:
+    ids = torch.tensor(rows)
+    return ids, torch.ones_like(ids)
+
+
+def train(r: InstructRecipe, model: InstructBlipForConditionalGeneration, data, tok, cache: FeatureCache,
+          work: Path, name: str, hide: bool = False) -> InstructBlipForConditionalGeneration:
+    tokenize = lambda texts: [e.ids for e in tok.encode_batch(texts)]  # noqa: E731
+    lm = DecoderLMCollate(tokenize, pad_id=PAD_ID, max_len=r.answer_len, text=InstructionText())
+    collate = (HiddenInstruction if hide else InstructionCollate)(lm, tokenize, pad_id=PAD_ID,
+                                                                  max_len=r.qformer_positions)
+    objective = Stage2Objective(model, feature_cache=cache)
+    steps = (r.ablation_steps or r.steps) if hide else r.steps
+    cfg = trainer_config(r, work, name, steps, r.batch, r.lr)
+    log(f"{name}: {steps} steps of {r.batch} instructions{' (hidden from the Q-Former)' if hide else ''}")
+    history = Trainer(objective, InstructionPairs(data, r.seed + (7 if hide else 3), r.describe_share), collate, cfg).fit()
+    log(f"{name}: lm loss {history[-1]['lm']:.3f}")
+    return model.eval()
+
+
+def fill_cache(vision, images: np.ndarray, batch: int = 256) -> FeatureCache:
+    cache = FeatureCache(dtype=torch.float16)
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            stop = min(start + batch, len(images))
+            image_features(vision, to_pixels(images[start:stop]), [f"train/{i}" for i in range(start, stop)], cache)
+    return cache
+
+
+# ---------------------------------------------------------------- 3. scoring
+@dataclass
+class Questions:
+    """Instructions about drawn scenes: images (N, S, S, 3) uint8 and (scene index, instruction) pairs."""
+
+    scenes: list[world.Scene]
+    images: np.ndarray
+    asked: list[tuple[int, instructions.Instruction]]
+
+
+def build_questions(split: str, per_kind: int, wording: str, image_size: int, seed: int) -> Questions:
+    """`per_kind` instructions of each kind, one per scene and kind, on the first scenes of `split`."""
+    scenes, images, asked = [], [], []
+    counts = dict.fromkeys(instructions.KINDS, 0)
+    i = 0
+    while min(counts.values()) < per_kind:
+        ex = world.example(split, i, seed)
+        rng = random.Random(f"blip2-demo-instruct-eval/{seed}/{split}/{wording}/{i}")
+        scenes.append(ex.scene)
+        images.append(evaluate.resized(ex.image, image_size))
+        for ins in instructions.instructions(ex.scene, rng, wording):
+            if counts[ins.kind] < per_kind:
+                asked.append((len(scenes) - 1, ins))
+                counts[ins.kind] += 1
+        i += 1
+    return Questions(scenes, np.stack(images), asked)
+
+
+@torch.no_grad()
+def answer(model, tok, pixel_values: Tensor, prompts: list[str], max_new_tokens: int, instruct: bool,
+           batch: int = 64) -> list[str]:
+    """Greedy answers; an InstructBLIP model's Q-Former reads the prompt too (right-padded)."""
+    out = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        ids, mask = evaluate.left_padded(tok, chunk)
+        extra = {}
+        if instruct:
+            extra["qformer_input_ids"], extra["qformer_attention_mask"] = _right_padded(tok, chunk)
+        new = model.generate(pixel_values=pixel_values[start:start + batch], input_ids=ids, attention_mask=mask,
+                             max_new_tokens=max_new_tokens, num_beams=1, do_sample=False, **extra)
+        out += [t.strip() for t in tok.decode_batch(new.tolist(), skip_special_tokens=True)]
+    return out
+
+
+def _right_padded(tok, texts: list[str]) -> tuple[Tensor, Tensor]:
+    from ..train.data import pad
+
+    rows = [e.ids for e in tok.encode_batch(texts)]
+    return pad(rows, PAD_ID, max(len(s) for s in rows))
+
+
+def per_kind(model, tok, qs: Questions, instruct: bool, hide: bool = False) -> dict[str, float]:
+    """Accuracy per kind. BLIP-2 (instruct False) reads each instruction in the VQA template as the
+    LM's prompt; `hide` gives the Q-Former an empty instruction (the ablation)."""
+    hits: dict[str, list[bool]] = {kind: [] for kind in instructions.KINDS}
+    for long in (False, True):  # one-word answers, then descriptions (more tokens)
+        chosen = [(i, ins) for i, ins in qs.asked if (ins.kind == "describe") == long]
+        if not chosen:
+            continue
+        pixels = to_pixels(qs.images[[i for i, _ in chosen]])
+        prompts = [ins.prompt for _, ins in chosen]
+        said = answer(model, tok, pixels, prompts, 40 if long else 6, instruct) if not hide else \
+            answer_hidden(model, tok, pixels, prompts, 40 if long else 6)
+        for (i, ins), text in zip(chosen, said):
+            hits[ins.kind].append(instructions.is_right(ins, text, qs.scenes[i]))
+    return {kind: float(np.mean(h)) for kind, h in hits.items() if h}
+
+
+@torch.no_grad()
+def answer_hidden(model, tok, pixel_values: Tensor, prompts: list[str], max_new_tokens: int) -> list[str]:
+    out = []
+    for start in range(0, len(prompts), 64):
+        chunk = prompts[start:start + 64]
+        ids, mask = evaluate.left_padded(tok, chunk)
+        q_ids, q_mask = _ids([e.ids for e in tok.encode_batch([""] * len(chunk))])
+        new = model.generate(pixel_values=pixel_values[start:start + 64], input_ids=ids, attention_mask=mask,
+                             qformer_input_ids=q_ids, qformer_attention_mask=q_mask,
+                             max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
+        out += [t.strip() for t in tok.decode_batch(new.tolist(), skip_special_tokens=True)]
+    return out
+
+
+def caption_accuracy(model, tok, ev: evaluate.EvalSet, instruct: bool) -> float:
+    """Caption accuracy as the base recipe scores it; the instruct model gets `blip2 caption`'s instruction."""
+    prompt = instructions.CAPTION_PROMPT if instruct else ""
+    texts = answer(model, tok, to_pixels(ev.images), [prompt] * len(ev.scenes), 40, instruct)
+    return float(np.mean([world.caption_correct(t, s) for t, s in zip(texts, ev.scenes)]))
+
+
+# ---------------------------------------------------------------- 4. export and report
+def export(r: InstructRecipe, model: InstructBlipForConditionalGeneration, base_dir: Path, folder: Path) -> None:
+    """Weights (save_dtype), configs and InstructBlipProcessor's files (the Q-Former's tokenizer is the LM's)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    copy.deepcopy(model).to(getattr(torch, r.save_dtype)).save_pretrained(folder)
+    processor = InstructBlipProcessor(Blip2ImageProcessor.from_pretrained(base_dir), Tokenizer.from_pretrained(base_dir),
+                                      Tokenizer.from_pretrained(base_dir, model_max_length=r.qformer_positions))
+    processor.save_pretrained(folder)
+
+
+MARKER = "<!-- the instruction-aware model: written by python -m blip2.demo.instruct -->"
+NAMES = {"blip2": "BLIP-2 (shipped model/, Q-Former without the instruction, not tuned on these)",
+         "hidden": "ablation: tuned the same way, instruction hidden from the Q-Former",
+         "instruct": "InstructBLIP (shipped instruct/)"}
+
+
+def report(scores: dict, quick: bool) -> str:
+    """The instruct section of REPORT.md."""
+    kinds = instructions.KINDS
+    r = scores["settings"]
+    lines = [
+        MARKER,
+        "## The instruction-aware model (InstructBLIP)",
+        "",
+        f"`python -m blip2.demo.instruct --out blip2/demo{' --quick' if quick else ''}` (seed {r['seed']}, "
+        f"{scores['threads']} threads, load average {scores['load']}): {scores['minutes']:.1f} minutes, after the "
+        "BLIP-2 recipe above. It starts from the shipped BLIP-2 model and tunes only the Q-Former, which "
+        "reads the instruction (the stage-1 Q-Former's text side reads it at the start); the image encoder "
+        f"and the language model stay frozen. {r['steps']} steps of {r['batch']} instructions on "
+        f"{r['train_images']} training images of seen pairs; six kinds, several phrasings each "
+        "(`blip2.demo.instructions`); the unseen wordings are phrasings held out of training.",
+        "",
+        "VQA: exact match (greedy; the question in `Question: {} Answer:`, which the Q-Former reads too); "
+        "describe: every shape named with its colour. Test: new images of seen pairs; held-out: images "
+        f"holding a pair no training image held. {r['eval_per_kind']} questions per kind and cell.",
+        "",
+        "| model | images | wording | " + " | ".join(kinds) + " |",
+        "|---|---|---|" + "---|" * len(kinds),
+    ]
+    for name, cells in scores["vqa"].items():
+        for cell, acc in cells.items():
+            split, wording = cell.split("/")
+            lines.append(f"| {NAMES[name]} | {split} | {wording} | "
+                         + " | ".join(f"{acc.get(k, float('nan')):.1%}" for k in kinds) + " |")
+    cap, val = scores["captions"], scores["validation_captions"]
+    lines += [
+        "",
+        f"Captions (BLIP-2: no prompt; InstructBLIP: `{instructions.CAPTION_PROMPT}`), {r['eval_scenes']} images: "
+        f"BLIP-2 test {cap['test']['blip2']:.1%}, held-out {cap['heldout']['blip2']:.1%}; InstructBLIP test "
+        f"{cap['test']['instruct']:.1%}, held-out {cap['heldout']['instruct']:.1%}. On validation images of seen "
+        f"pairs (another seed): BLIP-2 {val['blip2']:.1%}, InstructBLIP {val['instruct']:.1%}: `blip2 caption` "
+        f"uses {'the instruction-aware model' if scores['captioner'] == 'instruct' else 'the BLIP-2 model'}.",
+        "",
+        f"Shipped size of instruct/: {scores['size_mb']:.1f} MB ({r['save_dtype']}).",
+        "",
+        "Wall time per stage (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in scores["stages_s"].items()) + ".",
+        "",
+        "Settings: `" + json.dumps(r) + "`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, text: str) -> None:
+    """Replaces the instruct section of out/REPORT.md (everything from MARKER on), keeping the rest."""
+    path = out / "REPORT.md"
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    kept = old.split(MARKER)[0].rstrip("\n")
+    atomic_write_text(path, (kept + "\n\n" if kept else "") + text)
+
+
+def run(r: InstructRecipe, base: Path, out: Path, work: Path, quick: bool = False) -> dict:
+    torch.manual_seed(r.seed)
+    timer = Timer()
+    t = time.perf_counter()
+    blip2 = Blip2ForConditionalGeneration.from_pretrained(base / "model", torch_dtype=torch.float32).eval()
+    retrieval = Blip2ForImageTextRetrieval.from_pretrained(base / "retrieval", torch_dtype=torch.float32)
+    from tokenizers import Tokenizer as FastTokenizer
+
+    tok = FastTokenizer.from_file(str(base / "model" / "tokenizer.json"))
+    data = draw_images(r, "train", r.train_images)
+    cache = fill_cache(blip2.vision_model, data.images)
+    timer.stage("world and features", t)
+
+    models = {}
+    t = time.perf_counter()
+    models["instruct"] = train(r, from_blip2(blip2, retrieval, r.qformer_positions), data, tok, cache, work, "instruct")
+    timer.stage("instruction tuning", t)
+    if r.ablation:
+        t = time.perf_counter()
+        models["hidden"] = train(r, from_blip2(blip2, retrieval, r.qformer_positions), data, tok, cache, work,
+                                 "hidden", hide=True)
+        timer.stage("ablation (instruction hidden from the Q-Former)", t)
+
+    t = time.perf_counter()
+    folder = out / INSTRUCT_DIR_NAME
+    export(r, models["instruct"], base / "model", folder)
+    shipped = InstructBlipForConditionalGeneration.from_pretrained(folder)  # score what ships, from its files
+    scores: dict = {"vqa": {}, "captions": {}}
+    runs = {"blip2": (blip2, False, False), "instruct": (shipped, True, False)}
+    if "hidden" in models:
+        runs["hidden"] = (models["hidden"], True, True)
+    for split in ("test", "heldout"):
+        for wording in instructions.WORDINGS:
+            qs = build_questions(split, r.eval_per_kind, wording, r.image_size, r.seed)
+            for name, (model, instruct, hide) in runs.items():
+                acc = per_kind(model, tok, qs, instruct, hide)
+                scores["vqa"].setdefault(name, {})[f"{split}/{wording}"] = acc
+                log(f"{name} {split} {wording}: " + "  ".join(f"{k} {v:.1%}" for k, v in acc.items()))
+    val = evaluate.build_eval_set("test", r.eval_scenes, 0, r.image_size, r.seed + 1)
+    scores["validation_captions"] = {"blip2": caption_accuracy(blip2, tok, val, False),
+                                     "instruct": caption_accuracy(shipped, tok, val, True)}
+    scores["captioner"] = max(scores["validation_captions"], key=lambda k: (scores["validation_captions"][k], k == "instruct"))
+    for split in ("test", "heldout"):
+        ev = evaluate.build_eval_set(split, r.eval_scenes, 0, r.image_size, r.seed)
+        scores["captions"][split] = {"blip2": caption_accuracy(blip2, tok, ev, False),
+                                     "instruct": caption_accuracy(shipped, tok, ev, True)}
+    log(f"captions: {scores['captions']}; validation {scores['validation_captions']}; captioner {scores['captioner']}")
+    timer.stage("export and evaluation", t)
+    scores["stages_s"] = timer.stages
+    scores["minutes"] = timer.total() / 60
+    scores["threads"] = torch.get_num_threads()
+    scores["size_mb"] = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+    scores["settings"] = asdict(r)
+    scores["load"] = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    atomic_write_text(out / "instruct_scores.json", json.dumps(scores, indent=2) + "\n")
+    write_report(out, report(scores, quick))
+    return scores
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m blip2.demo.instruct", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="where instruct/ and instruct_scores.json go")
+    parser.add_argument("--base", type=Path, default=None,
+                        help="the BLIP-2 demo (model/ and retrieval/; default: the shipped one)")
+    parser.add_argument("--quick", action="store_true", help="the short CI version")
+    parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the idle cores)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a recipe field")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads or idle_cores())
+    r = QUICK if args.quick else InstructRecipe()
+    for item in args.set:
+        name, value = item.split("=", 1)
+        kind = type(getattr(r, name))
+        r = replace(r, **{name: value == "true" if kind is bool else kind(value)})
+    from . import DEMO_DIR
+
+    base = args.base or DEMO_DIR
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="blip2-instruct-") as scratch:
+        work = args.work or Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        scores = run(r, base, args.out, work, args.quick)
+    print(json.dumps({k: scores[k] for k in ("vqa", "captions", "validation_captions", "captioner", "minutes")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

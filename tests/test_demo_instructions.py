@@ -1,0 +1,112 @@
+"""The instruction data of the instruction-aware demo (blip2.demo.instructions) and its recipe
+(blip2.demo.instruct) at toy size: answers follow from the scene, negations flip them, held-out
+phrasings stay out of training, and the recipe writes a checkpoint that loads as InstructBLIP."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+
+from blip2.auto import load_model, load_processor
+from blip2.demo import DEMO_DIR, instruct, instructions, world
+from blip2.instructblip import InstructBlipForConditionalGeneration
+from blip2.processing import InstructBlipProcessor
+
+
+def scenes(n: int = 300):
+    return [world.sample_scene("test", i) for i in range(n)]
+
+
+def test_answers_follow_from_the_scene_and_negations_flip_them():
+    negated = re.compile(r"\bno\b|\bnot\b|missing|absent")
+    seen = {"yes": 0, "no": 0, "negated": 0}
+    for i, scene in enumerate(scenes()):
+        rng = random.Random(i)
+        for wording in instructions.WORDINGS:
+            ins = instructions.instruction(scene, "exist", rng, wording)
+            thing = re.search(r"(?:an? |no )((?:\w+ )?(?:shape|circle|square|rectangle|triangle))", ins.text).group(1)
+            colour, _, shape = thing.rpartition(" ")
+            there = any((not colour or c == colour) and (shape == "shape" or s == shape) for c, s in scene.pairs)
+            flip = bool(negated.search(ins.text))
+            assert ins.answer == ("yes" if there != flip else "no"), (ins, scene.pairs)
+            seen[ins.answer] += 1
+            seen["negated"] += flip
+            count = instructions.instruction(scene, "count", rng, wording)
+            assert count.answer in world.NUMBERS
+            if count.text in ("how many shapes are there?", "how many things are in the image?"):
+                assert count.answer == world.NUMBERS[len(scene.shapes)]
+    assert min(seen.values()) > 60  # both answers, and negations, are common
+
+
+def test_colour_shape_position_and_describe_answers():
+    for i, scene in enumerate(scenes(100)):
+        rng = random.Random(i)
+        for ins in instructions.instructions(scene, rng):
+            if ins.kind == "colour":
+                shape = next(s for s in world.SHAPES if s in ins.text)
+                assert (ins.answer, shape) in scene.pairs
+            elif ins.kind == "shape":
+                colour = next(c for c in world.COLOURS if re.search(rf"\b{c}\b", ins.text))
+                assert (colour, ins.answer) in scene.pairs
+            elif ins.kind == "position":
+                assert ins.answer in ("left", "right", "above", "below", "yes", "no")
+            elif ins.kind == "describe":
+                assert world.caption_correct(ins.answer, scene)
+                assert instructions.is_right(ins, "there are " + ins.answer + ".", scene)
+
+
+def test_unseen_wordings_are_not_trained_and_prompts_match_the_commands():
+    for kind in instructions.KINDS:
+        assert not set(instructions.phrasings(kind, "seen")) & set(instructions.phrasings(kind, "unseen"))
+    question = instructions.Instruction("colour", "what colour is the circle?", "red")
+    assert question.prompt == "Question: what colour is the circle? Answer:"  # OPT's template, as `blip2 ask` sends
+    from blip2.commands import INSTRUCT_CAPTION_PROMPT
+
+    assert instructions.CAPTION_PROMPT == INSTRUCT_CAPTION_PROMPT  # `blip2 caption`'s instruction is trained on
+    assert instructions.Instruction("describe", instructions.CAPTION_PROMPT, "x").prompt == INSTRUCT_CAPTION_PROMPT
+    assert instructions.normalise(" Yes. ") == "yes"
+
+
+def test_answer_words_are_words_of_the_language_model():
+    """Every one-word answer but "zero" is one token of the frozen LM, and all appear in its reading."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(DEMO_DIR / "model" / "tokenizer.json"))
+    words = ["yes", "no", "one", "two", "three", "left", "right", "above", "below", *world.COLOURS, *world.SHAPES]
+    for word in words:
+        assert len(tok.encode(" " + word).ids) == 2, word  # BOS + the word
+
+
+TOY = replace(instruct.QUICK, train_images=32, steps=2, batch=8, eval_per_kind=2, eval_scenes=4)
+
+
+@pytest.mark.skipif(not (DEMO_DIR / "model" / "config.json").is_file(), reason="needs the shipped BLIP-2 demo model")
+def test_toy_recipe_writes_an_instructblip_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "REPORT.md").write_text("# the BLIP-2 part\n", encoding="utf-8")
+    scores = instruct.run(TOY, DEMO_DIR, out, tmp_path / "work", quick=True)
+    assert set(scores["vqa"]) == {"blip2", "instruct", "hidden"}
+    assert set(scores["vqa"]["instruct"]) == {"test/seen", "test/unseen", "heldout/seen", "heldout/unseen"}
+    assert set(scores["vqa"]["instruct"]["test/seen"]) == set(instructions.KINDS)
+    report = (out / "REPORT.md").read_text()
+    assert report.startswith("# the BLIP-2 part\n") and report.count(instruct.MARKER) == 1
+    instruct.write_report(out, instruct.report(scores, True))  # a rerun replaces its section
+    assert (out / "REPORT.md").read_text() == report
+
+    folder = out / instruct.INSTRUCT_DIR_NAME
+    model, processor = load_model(folder), load_processor(folder)
+    assert isinstance(model, InstructBlipForConditionalGeneration) and isinstance(processor, InstructBlipProcessor)
+    assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "float16"
+    image = world.example("test", 0).image
+    inputs = processor(images=image, text="Question: what colour is the circle? Answer:", return_tensors="pt")
+    assert inputs["qformer_input_ids"].shape[1] > 5
+    with torch.inference_mode():
+        assert model.generate(**inputs, max_new_tokens=3).shape[0] == 1
+    shutil.rmtree(tmp_path / "work", ignore_errors=True)
