@@ -96,3 +96,52 @@ def test_serve_loads_checkpoints_and_drains_in_flight_requests_on_sigterm(checkp
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc), the multiprocessing helper excepted."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == pid and b"resource_tracker" not in cmdline:
+                found.append(int(entry))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="counts worker processes through /proc")
+def test_serve_workers_share_one_port_each_with_its_model(checkpoints):
+    proc, url = start(checkpoints, "--workers", "2", "--max-batch", "2")
+    try:
+        deadline = time.monotonic() + 60
+        while len(_children(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        body = {"image": data_url(png_bytes(9)), "max_new_tokens": 6}
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(lambda _: httpx.post(f"{url}/v1/caption", json=body, timeout=60), range(8)))
+        assert [r.status_code for r in responses] == [200] * 8
+        assert len({r.json()["caption"] for r in responses}) == 1  # the same model in every worker
+        assert httpx.get(f"{url}/healthz").json()["pid"] in workers
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert not any(_running(w) for w in workers)  # the workers drained and exited with it
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -494,7 +495,7 @@ def _add_routes(app: FastAPI, engine: Engine, batcher: Batcher, settings: Settin
     async def healthz() -> dict:
         return {"status": "ok", "model": engine.name, "auth_required": bool(settings.api_key),
                 "captioning": engine.can_generate, "retrieval": engine.can_match,
-                "queued": batcher.snapshot()["queued"]}
+                "queued": batcher.snapshot()["queued"], "pid": os.getpid()}  # pid: which --workers process
 
     @app.get("/metrics")
     async def metrics(request: Request):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -67,6 +69,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="most open connections and requests; more get 503 (default: no limit)")
     g.add_argument("--graceful-timeout", type=float_option(0.0), default=30.0,
                    help="seconds in-flight requests get to finish on shutdown")
+    p.add_argument("--workers", type=int_option(1), default=1,
+                   help="server processes on the one port, each with its own model and batcher (default 1)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=run)
     return p
@@ -113,8 +117,6 @@ def run(args) -> int:
     except ImportError:
         print("blip2 serve needs the server extras: pip install 'blip2[serve]'", file=sys.stderr)
         return 2
-    from .app import create_app
-    from .engine import Engine
     from .sockets import uvicorn_options
 
     settings = settings_from_args(args)
@@ -127,14 +129,61 @@ def run(args) -> int:
         model, demo_retrieval = default_models()
         retrieval, name = retrieval or demo_retrieval, "blip2-demo"
     dtype = {"auto": "fast", "checkpoint": "auto"}.get(args.dtype, args.dtype)  # from_pretrained's names
-    engine = Engine.load(model, retrieval, settings, device=args.device, dtype=dtype, name=name)
-    app = create_app(engine, settings)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.graceful_timeout, server_header=False,
-                            **uvicorn_options(settings))
+    spec = {"model": model, "retrieval": retrieval, "name": name, "device": args.device, "dtype": dtype}
+    options = dict(host=args.host, port=args.port, log_level=args.log_level, server_header=False,
+                   timeout_graceful_shutdown=args.graceful_timeout, **uvicorn_options(settings))
+    if args.workers > 1:
+        return _run_workers(args.workers, spec, settings, options)
+    config = uvicorn.Config(build_app(settings=settings, **spec), **options)
     _exit_cleanly_on_sigterm()
     uvicorn.Server(config).run()
     return 0
+
+
+def build_app(model: str, retrieval: str | None, name: str | None, device: str | None, dtype: str | None,
+              settings: Settings):
+    from .app import create_app
+    from .engine import Engine
+
+    engine = Engine.load(model, retrieval, settings, device=device, dtype=dtype, name=name)
+    return create_app(engine, settings)
+
+
+# ---------------------------------------------------------------- --workers N
+WORKER_ENV = "BLIP2_SERVE_WORKER"  # the parent's options, for each worker process
+
+
+def _run_workers(workers: int, spec: dict, settings: Settings, options: dict) -> int:
+    """N worker processes on one socket (uvicorn's supervisor: it restarts a worker that dies and
+    passes SIGTERM on, so each drains). Each loads its own model and batches its own requests;
+    torch threads are split between them."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    threads = None if os.environ.get("OMP_NUM_THREADS") else max(1, (os.cpu_count() or 1) // workers)
+    os.environ[WORKER_ENV] = json.dumps({**spec, "threads": threads, "settings": dataclasses.asdict(settings)})
+    # Workers are spawned, so the protocol goes by name; `worker_app` gives it the header deadline.
+    options["http"] = "blip2.server.sockets:DeadlineH11Protocol"
+    config = uvicorn.Config("blip2.server.cli:worker_app", factory=True, workers=workers, **options)
+    Multiprocess(config, sockets=[config.bind_socket()]).run()
+    print("blip2 serve: workers stopped after finishing in-flight requests", file=sys.stderr)
+    return 0
+
+
+def worker_app():
+    """The app of one `--workers` process (uvicorn calls this factory in each): its own model."""
+    from . import sockets
+
+    spec = json.loads(os.environ[WORKER_ENV])
+    settings = Settings(**spec.pop("settings"))
+    threads = spec.pop("threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    sockets.DeadlineH11Protocol.header_timeout_s = settings.header_timeout_s
+    logging.getLogger("blip2.server").info("worker %d: loading %s", os.getpid(), spec["model"])
+    return build_app(settings=settings, **spec)
 
 
 def _exit_cleanly_on_sigterm() -> None:
