@@ -16,6 +16,7 @@ the environment) rank r takes shards r, r + N, ...; the files are the same as on
 
 from __future__ import annotations
 
+import collections
 import glob
 import json
 import os
@@ -390,7 +391,8 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
 # ---------------------------------------------------------------- Ray Data
 def run_ray(args, paths: list[str], shards: list[Shard], build, key: str, failures) -> int:
     """The same shard files through Ray Data: shards read by Ray tasks, rows made by `--ray-workers`
-    model actors (`map_batches`), each shard's rows put back in sample order and written atomically."""
+    model actors (`map_batches`), each shard's rows put back in sample order and written atomically
+    as soon as they are all back (a killed run redoes only the shards it had not written)."""
     try:
         import ray
     except ModuleNotFoundError:
@@ -407,23 +409,64 @@ def run_ray(args, paths: list[str], shards: list[Shard], build, key: str, failur
         ds = ds.flat_map(_RaySamples(todo))
         ds = ds.map_batches(_RayRows, fn_constructor_args=(build, args), batch_size=args.batch_size,
                             concurrency=args.ray_workers, num_cpus=1, batch_format="numpy")
-        made: dict[int, list[tuple[int, int, str, str]]] = {i: [] for i in range(len(todo))}
-        for row in ds.iter_rows():
-            made[int(row["shard"])].append((int(row["index"]), int(row["order"]), str(row["key"]), str(row["record"])))
+        collector = _ShardCollector(len(todo))
+        sample_errors = 0
+        # A shard is written as soon as all its rows are back, so a killed run keeps the shards it finished.
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for i in collector.add(batch):
+                sample_errors += _write_ray_shard(todo[i], collector.take(i), out, args, failures)
+        for i in collector.left():  # shards with no samples
+            sample_errors += _write_ray_shard(todo[i], collector.take(i), out, args, failures)
     finally:
         if local:
             ray.shutdown()
-    sample_errors = 0
-    for i, shard in enumerate(todo):
-        rows = sorted(made[i])
-        broken = [r for r in rows if r[0] < 0]
-        if broken:
-            failures.report(shard.source, json.loads(broken[0][3])["error"])
-            continue
-        records = [{"key": k, "shard": shard.source, **json.loads(record)} for _, _, k, record in rows]
-        sample_errors += sum(1 for r in records if "error" in r)
-        write_rows(output_path(out, shard, args.output_format), records, args.output_format)
     return _finish(failures, sample_errors, out)
+
+
+def _write_ray_shard(shard: Shard, rows: list[tuple[int, int, str, str]], out: Path, args, failures) -> int:
+    """One shard's rows (index, order, key, record JSON) in sample order to its file; returns its sample errors."""
+    broken = [r for r in rows if r[0] < 0]
+    if broken:
+        failures.report(shard.source, json.loads(broken[0][3])["error"])
+        return 0
+    records = [{"key": k, "shard": shard.source, **json.loads(record)} for _, _, k, record in rows]
+    write_rows(output_path(out, shard, args.output_format), records, args.output_format)
+    return sum(1 for r in records if "error" in r)
+
+
+class _ShardCollector:
+    """The rows coming back from Ray, per shard. Every row says how many samples its shard has
+    (`total`) and how many rows its sample made (`parts`: one per question); a shard is complete
+    when every sample's rows are back."""
+
+    def __init__(self, shards: int) -> None:
+        self.rows: dict[int, list[tuple[int, int, str, str]]] = {i: [] for i in range(shards)}
+        self.got: dict[int, collections.Counter] = {i: collections.Counter() for i in range(shards)}
+        self.done = collections.Counter()  # samples with all their rows back, per shard
+        self.total: dict[int, int] = {}
+
+    def add(self, batch: dict) -> list[int]:
+        """Takes one batch of rows; returns the shards it completed."""
+        completed = []
+        for shard, index, order, key, record, total, parts in zip(
+                batch["shard"], batch["index"], batch["order"], batch["key"], batch["record"], batch["total"],
+                batch["parts"]):
+            shard, index = int(shard), int(index)
+            self.rows[shard].append((index, int(order), str(key), str(record)))
+            self.total[shard] = int(total)
+            self.got[shard][index] += 1
+            if self.got[shard][index] == int(parts):
+                self.done[shard] += 1
+                if self.done[shard] == self.total[shard]:
+                    completed.append(shard)
+        return completed
+
+    def take(self, shard: int) -> list[tuple[int, int, str, str]]:
+        """A shard's rows in sample order (and question order within a sample); forgotten here."""
+        return sorted(self.rows.pop(shard))
+
+    def left(self) -> list[int]:
+        return sorted(self.rows)
 
 
 class _RaySamples:
@@ -441,8 +484,8 @@ class _RaySamples:
                 image, error = _bytes_of(source)
                 out.append({"shard": shard, "index": index, "key": key, "image": image, "error": error})
         except ShardError as err:
-            return [{"shard": shard, "index": -1, "key": "", "image": b"", "error": str(err)}]
-        return out
+            return [{"shard": shard, "index": -1, "key": "", "image": b"", "error": str(err), "total": 1}]
+        return [{**sample, "total": len(out)} for sample in out]  # the driver knows when a shard is complete
 
 
 def _bytes_of(source) -> tuple[bytes, str]:
@@ -480,7 +523,10 @@ class _RayRows:
         for names, pixel_values in image_batches(items, self.args, self.m, errors, tqdm(disable=True)):
             made += [(record.pop("image"), record) for record, _ in self.rows(names, pixel_values)]
         made += [(i, {"error": message}) for i, message in errors.by_name.items()]
+        parts = collections.Counter(i for i, _ in made)  # rows per sample (one per question)
         return {
+            "total": [int(batch["total"][i]) for i, _ in made],
+            "parts": [parts[i] for i, _ in made],
             "shard": [int(batch["shard"][i]) for i, _ in made],
             "index": [int(batch["index"][i]) for i, _ in made],
             "order": list(range(len(made))),  # several rows of one sample (questions) keep their order

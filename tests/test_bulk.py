@@ -164,3 +164,20 @@ def test_ray_data_with_two_workers_gives_the_same_rows(capsys, tmp_path):
     assert code == 1, err
     assert rows_of(distributed) == rows_of(single)
     assert sum(len(rows) for rows in rows_of(single).values()) == 2 * len(EXAMPLES) + 1
+
+
+def test_ray_rows_complete_a_shard_as_soon_as_all_its_samples_are_back():
+    from blip2.bulk import _ShardCollector
+
+    def batch(rows):  # (shard, index, order, total, parts)
+        cols = ("shard", "index", "order", "total", "parts")
+        out = {c: [r[n] for r in rows] for n, c in enumerate(cols)}
+        return {**out, "key": [f"k{r[1]}" for r in rows], "record": ["{}" for _ in rows]}
+
+    c = _ShardCollector(3)
+    # shard 0: 2 samples, sample 1 asked two questions; shard 1: 1 sample; shard 2: no samples at all
+    assert c.add(batch([(0, 1, 0, 2, 2), (1, 0, 0, 1, 1)])) == [1]
+    assert c.add(batch([(0, 0, 0, 2, 1)])) == []  # sample 1's second row is still out
+    assert c.add(batch([(0, 1, 1, 2, 2)])) == [0]
+    assert [r[:2] for r in c.take(0)] == [(0, 0), (1, 0), (1, 1)]  # sample order, then question order
+    assert c.take(1) and c.left() == [2] and c.take(2) == []
