@@ -3,8 +3,10 @@
 The micro-batcher (batcher.py) runs a batch to its end, so a request arriving one step late
 waits for the whole batch. Here the model thread runs one *tick* at a time:
 
-1. admit: waiting requests take free rows of a preallocated KV cache; each is prefilled alone
-   into its row (image features from the content-hash cache) and chooses its first token;
+1. admit: waiting requests take free rows of a preallocated KV cache, prefilled together into
+   their rows (left-padded; image features from the content-hash cache), and choose their first
+   token; they join a running batch a few at a time (a prefill costs about a step, whatever its
+   size), or alone once the oldest has waited --max-wait-ms;
 2. step: every live row feeds its last token at its own position (`Positions` with per-row
    slots and masks) and chooses the next;
 3. leave: rows that ended (an end token, their own max_new_tokens, an error, a client that went
