@@ -90,6 +90,27 @@ def test_parameters_after_inference_are_all_there(saved):
     assert model.num_parameters() == count and _packed(model) == 0  # asking for them unpacks
 
 
+def test_unpacking_frees_each_packed_weight_before_refilling_the_next(saved, monkeypatch):
+    # Otherwise the model exists twice (packed and plain) while it unpacks: 2x peak memory on train().
+    import weakref
+
+    directory, config = saved
+    model = _load(directory).eval()
+    model.generate(make_inputs(config)["pixel_values"], max_new_tokens=1)
+    done: list[weakref.ref] = []
+    still_alive: list[int] = []
+    original = PackedLinear.unpacked
+
+    def spy(self):
+        still_alive.append(sum(ref() is not None for ref in done))
+        done.append(weakref.ref(self.packed))
+        return original(self)
+
+    monkeypatch.setattr(PackedLinear, "unpacked", spy)
+    model.train()
+    assert len(done) > 3 and max(still_alive) <= 1  # at most the layer just unpacked, still being let go
+
+
 def test_forward_with_grad_in_eval_mode_unpacks(saved):
     directory, config = saved
     model = _load(directory)

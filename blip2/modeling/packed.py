@@ -200,14 +200,18 @@ def pack_linears(module: nn.Module, batch_hint: int = 8, skip: tuple[str, ...] =
 
 def unpack_linears(module: nn.Module) -> int:
     """Turns every `PackedLinear` under `module` back into an `nn.Linear` (same Parameters)."""
+    # Only the parents are listed: a list of every module would keep each packed weight alive until the
+    # end, so the model would exist twice (packed and plain) at the peak.
+    parents = [m for m in module.modules() if any(isinstance(c, PackedLinear) for c in m.children())]
     count = 0
-    for child in list(module.modules()):
-        for attr, sub in list(child.named_children()):
-            if isinstance(sub, PackedLinear):
-                setattr(child, attr, sub.unpacked())
-                if sub.activation is not None:
-                    child.act = sub.activation
-                count += 1
+    for parent in parents:
+        for attr in [a for a, sub in parent.named_children() if isinstance(sub, PackedLinear)]:
+            sub = getattr(parent, attr)
+            setattr(parent, attr, sub.unpacked())
+            if sub.activation is not None:
+                parent.act = sub.activation
+            del sub  # its packed weight goes now, before the next layer's plain one is refilled
+            count += 1
     return count
 
 
