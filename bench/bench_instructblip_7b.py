@@ -4,13 +4,16 @@
     python bench/bench_instructblip_7b.py --make            # the random fp16 checkpoint (~16 GB on disk;
                                                             #   run under an interpreter with transformers)
     python bench/bench_instructblip_7b.py                   # ours bf16, ours bf16 + int8, reference bf16
+    for c in ours:bf16 ours:bf16:int8 ref:bf16; do          # the same, one process per command (e.g. each
+      python bench/bench_instructblip_7b.py --configs $c --rows rows.jsonl; done   # under a lock of its own)
     python bench/bench_instructblip_7b.py --tiny --make && python bench/bench_instructblip_7b.py --tiny
                                                             # the same pipeline on a tiny model (smoke test)
 
 Shapes are those of Salesforce/instructblip-vicuna-7b (ViT-g/14, the base Q-Former, a 32-layer
-4096-wide Llama with 32001 tokens + the image token), weights drawn normal(0, 0.02). The full run
-needs about 16 GB of memory for ours in bf16 (the file is read lazily) and more for the reference;
-run it on a quiet machine. One image, a short instruction, greedy, --tokens new tokens (min = max);
+4096-wide Llama with 32001 tokens + the image token), weights drawn normal(0, 0.02), norms at 1 / 0,
+written shard by shard (--make needs ~2 GB of memory). Measured peaks: ours 16.3 GB in bf16 (the
+file is read lazily), 17.6 GB with int8 (quantized after the bf16 load), the reference 18.2 GB; run
+one configuration at a time on a quiet machine. One image, a short instruction, greedy, --tokens new tokens (min = max);
 the decode rate is (tokens - 1) over the time from the first new token to the last. The newer
 layout (image tokens in the prompt) is used when the reference is transformers 5.x.
 """
