@@ -180,21 +180,18 @@ def test_a_full_queue_is_503_and_stop_drains_everything_queued(engine):
     gate = threading.Event()
 
     async def main():
-        s = scheduler(engine, max_queue=1, max_batch=1)
+        s = scheduler(engine, max_queue=2, max_batch=1)
         await s.start()
         blocker = asyncio.get_running_loop().run_in_executor(s.executor, gate.wait, 30)  # hold the model thread
-        first = asyncio.ensure_future(s.submit(("generate", jobs[0].settings), jobs[0]))
-        await asyncio.sleep(0.01)
-        while s.pending:  # the worker takes it for a tick, which waits behind the blocker
-            await asyncio.sleep(0.01)
-        second = asyncio.ensure_future(s.submit(("generate", jobs[1].settings), jobs[1]))
+        waiting = [asyncio.ensure_future(s.submit(("generate", j.settings), j)) for j in jobs[:2]]
         await asyncio.sleep(0.05)
+        assert len(s.pending) == 2
         with pytest.raises(ApiError) as refused:
             await s.submit(("generate", jobs[2].settings), jobs[2])
         gate.set()
         await blocker
         stopping = asyncio.ensure_future(s.stop())  # drains: both waiting requests are answered
-        results = await asyncio.gather(first, second)
+        results = await asyncio.gather(*waiting)
         await stopping
         with pytest.raises(ApiError) as closed:
             s.check_room()
@@ -205,7 +202,6 @@ def test_a_full_queue_is_503_and_stop_drains_everything_queued(engine):
     assert refused.status == 503 and int(refused.headers["Retry-After"]) >= 1 and "busy" in refused.message
     assert closed.status == 503 and "shutting down" in closed.message
     assert [r.text for r in results] == [engine.run(("generate", j.settings), [j])[0].text for j in jobs[:2]]
-
 
 
 def test_over_http_streamed_and_whole_answers_interleave_and_match_alone(engine):
@@ -233,3 +229,21 @@ def test_over_http_streamed_and_whole_answers_interleave_and_match_alone(engine)
         snap = httpx.get(f"{server.url}/metrics").json()["batcher"]
     assert got == expected
     assert snap["batching"] == "continuous" and snap["requests_by_task"] == {"generate": 2, "stream": 2}
+
+
+def test_a_request_that_times_out_leaves_the_batch_and_the_others_go_on(engine):
+    slow, other = job(90, 60, min_new_tokens=60), job(91, 6)
+
+    async def main():
+        s = scheduler(engine, max_batch=2)
+        await s.start()
+        with pytest.raises(ApiError) as late:
+            await s.submit(("generate", slow.settings), slow, timeout_s=0.001)
+        result = await s.submit(("generate", other.settings), other)
+        await s.stop()
+        return late.value, result, s
+
+    late, result, s = asyncio.run(main())
+    assert late.status == 504 and s.snapshot()["timeouts"] == 1
+    assert result.text == engine.run(("generate", other.settings), [other])[0].text
+    assert s.decoder.rows == [] and not s.pending

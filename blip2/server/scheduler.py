@@ -328,18 +328,27 @@ class ContinuousScheduler:
 
     # ---- the worker ----
     async def _loop(self) -> None:
+        """Hands the model thread to `_drive` whenever there is work; the ticks run there."""
         loop = asyncio.get_running_loop()
         while True:
-            joining = self._take_joining()
-            if not joining and not self.decoder.rows:
-                if self._closing and not self.pending:
+            if not self.pending and not self.decoder.rows:
+                if self._closing:
                     return
                 self._arrival.clear()
                 await self._arrival.wait()
                 continue
+            await loop.run_in_executor(self.executor, self._drive, loop)
+
+    def _drive(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Model thread: ticks while rows are live or requests wait, without a trip through the event
+        loop between steps (answers are sent to it); returns when idle, or to let a micro-batch run."""
+        while True:
+            joining = self._take_joining()
+            if not joining and not self.decoder.rows:
+                return
             started = time.monotonic()
             try:
-                ended = await loop.run_in_executor(self.executor, self.decoder.tick, joining)
+                ended = self.decoder.tick(joining)
             except Exception as err:  # noqa: BLE001 - a bug here must not leave every request hanging
                 log.exception("a decode step failed; failing the rows it held")
                 failure = ApiError(500, f"generation failed: {type(err).__name__}: {err}")
@@ -348,10 +357,14 @@ class ContinuousScheduler:
                     row.outcome = failure
             self.stats.record_step(len(self.decoder.rows) + len(ended))
             self.stats.record_end(time.monotonic() - started)
-            self._answer(ended)
+            if ended:
+                loop.call_soon_threadsafe(self._answer, ended)
+            if self.micro.pending:
+                return  # beam search, match, embed: their batch gets the model thread next
 
     def _take_joining(self) -> list[Row]:
-        """Waiting requests for the free rows, oldest first; abandoned ones are dropped."""
+        """Model thread: waiting requests for the free rows, oldest first; abandoned ones are dropped.
+        (`pending` is appended on the event loop; deque appends and pops are atomic.)"""
         free = self.decoder.slots - len(self.decoder.rows)
         if self.decoder.rows and self.pending and not self._closing:
             waited = time.monotonic() - self.pending[0].arrived
@@ -360,7 +373,7 @@ class ContinuousScheduler:
         joining = []
         while self.pending and len(joining) < free:
             row = self.pending.popleft()
-            if not row.future.done():
+            if not row.abandoned:
                 joining.append(row)
         return joining
 
