@@ -220,11 +220,11 @@ class Loaded:
 
 
 def default_dir(retrieval: bool, task: str = "caption") -> str:
-    """The shipped demo model for a task: retrieval, "caption" (the better captioner) or "answer"
-    (the instruction-aware model)."""
-    from .demo import ANSWER_DIR, CAPTION_DIR, RETRIEVAL_DIR
+    """The shipped demo model for a task: retrieval, "caption" (the better captioner), "answer"
+    (the instruction-aware model) or "blip2" (the BLIP-2 model, which `blip2 eval` scores)."""
+    from .demo import ANSWER_DIR, CAPTION_DIR, MODEL_DIR, RETRIEVAL_DIR
 
-    folder = RETRIEVAL_DIR if retrieval else ANSWER_DIR if task == "answer" else CAPTION_DIR
+    folder = RETRIEVAL_DIR if retrieval else {"answer": ANSWER_DIR, "caption": CAPTION_DIR, "blip2": MODEL_DIR}[task]
     if not (folder / "config.json").is_file():
         raise SystemExit(f"blip2: the demo model is not installed at {folder}; pass --model DIR "
                          "(or build it: python -m blip2.demo.recipe --out blip2/demo)")
@@ -411,15 +411,15 @@ def _check_lengths(m: "Loaded", text, kwargs: dict) -> None:
         return
     config = m.model.config
     longest = int(text["attention_mask"].sum(dim=1).max())
-    if "qformer_attention_mask" in text:
-        limit = config.qformer_config.max_position_embeddings
-        if int(text["qformer_attention_mask"].sum(dim=1).max()) > limit:
-            raise SystemExit(f"blip2: the question or prompt is too long for the Q-Former: more than {limit} tokens")
     if family_of(config).learned_positions:
         room = config.text_config.max_position_embeddings - config.num_query_tokens - kwargs["max_new_tokens"] + 1
         if longest > room:
             raise SystemExit(f"blip2: the question or prompt takes {longest} tokens; with --max-new-tokens "
                              f"{kwargs['max_new_tokens']} this model has room for {max(room, 0)}")
+    if "qformer_attention_mask" in text:
+        limit = config.qformer_config.max_position_embeddings
+        if int(text["qformer_attention_mask"].sum(dim=1).max()) > limit:
+            raise SystemExit(f"blip2: the question or prompt is too long for the Q-Former: more than {limit} tokens")
 
 
 def _rows(names: list[str], questions: list[str] | None):

@@ -11,6 +11,7 @@ INSTRUCT_DIR = DEMO_DIR / "instruct"  # InstructBlipForConditionalGeneration: an
 EXAMPLES_DIR = DEMO_DIR / "examples"  # a few images drawn by the world generator
 
 # What the commands and the server use without --model: answers come from the instruction-aware
-# model; captions from whichever captioned validation images better (blip2/demo/REPORT.md).
+# model; captions from whichever captioned validation images better, which was the instruction-aware
+# one (blip2/demo/REPORT.md).
 ANSWER_DIR = INSTRUCT_DIR if (INSTRUCT_DIR / "config.json").is_file() else MODEL_DIR
-CAPTION_DIR = MODEL_DIR
+CAPTION_DIR = ANSWER_DIR

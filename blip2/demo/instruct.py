@@ -287,8 +287,8 @@ def export(r: InstructRecipe, model: InstructBlipForConditionalGeneration, base_
 
 MARKER = "<!-- the instruction-aware model: written by python -m blip2.demo.instruct -->"
 NAMES = {"blip2": "BLIP-2 (shipped model/, Q-Former without the instruction, not tuned on these)",
-         "hidden": "ablation: tuned the same way, instruction hidden from the Q-Former",
-         "instruct": "InstructBLIP (shipped instruct/)"}
+         "hidden": "ablation: tuned the same way for {hidden} steps, instruction hidden from the Q-Former",
+         "instruct": "InstructBLIP (shipped instruct/), {steps} steps"}
 
 
 def report(scores: dict, quick: bool) -> str:
@@ -317,7 +317,8 @@ def report(scores: dict, quick: bool) -> str:
     for name, cells in scores["vqa"].items():
         for cell, acc in cells.items():
             split, wording = cell.split("/")
-            lines.append(f"| {NAMES[name]} | {split} | {wording} | "
+            label = NAMES[name].format(steps=r["steps"], hidden=r["ablation_steps"] or r["steps"])
+            lines.append(f"| {label} | {split} | {wording} | "
                          + " | ".join(f"{acc.get(k, float('nan')):.1%}" for k in kinds) + " |")
     cap, val = scores["captions"], scores["validation_captions"]
     lines += [
@@ -346,7 +347,9 @@ def write_report(out: Path, text: str) -> None:
     atomic_write_text(path, (kept + "\n\n" if kept else "") + text)
 
 
-def run(r: InstructRecipe, base: Path, out: Path, work: Path, quick: bool = False) -> dict:
+def run(r: InstructRecipe, base: Path, out: Path, work: Path, quick: bool = False,
+        start_from: Path | None = None) -> dict:
+    """The recipe; `start_from` (an instruct checkpoint) continues its tuning instead of starting from BLIP-2."""
     torch.manual_seed(r.seed)
     timer = Timer()
     t = time.perf_counter()
@@ -361,7 +364,9 @@ def run(r: InstructRecipe, base: Path, out: Path, work: Path, quick: bool = Fals
 
     models = {}
     t = time.perf_counter()
-    models["instruct"] = train(r, from_blip2(blip2, retrieval, r.qformer_positions), data, tok, cache, work, "instruct")
+    start = from_blip2(blip2, retrieval, r.qformer_positions) if start_from is None else \
+        InstructBlipForConditionalGeneration.from_pretrained(start_from, torch_dtype=torch.float32)
+    models["instruct"] = train(r, start, data, tok, cache, work, "instruct")
     timer.stage("instruction tuning", t)
     if r.ablation:
         t = time.perf_counter()
@@ -399,6 +404,8 @@ def run(r: InstructRecipe, base: Path, out: Path, work: Path, quick: bool = Fals
     scores["threads"] = torch.get_num_threads()
     scores["size_mb"] = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
     scores["settings"] = asdict(r)
+    scores["continued_from"] = None if start_from is None else json.loads(
+        (Path(start_from).parent / "instruct_scores.json").read_text())["settings"] if (Path(start_from).parent / "instruct_scores.json").is_file() else str(start_from)
     scores["load"] = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     atomic_write_text(out / "instruct_scores.json", json.dumps(scores, indent=2) + "\n")
     write_report(out, report(scores, quick))
@@ -413,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the short CI version")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the idle cores)")
+    parser.add_argument("--start-from", type=Path, default=None,
+                        help="an instruct/ checkpoint to continue tuning (default: start from the BLIP-2 model)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a recipe field")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads or idle_cores())
@@ -428,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="blip2-instruct-") as scratch:
         work = args.work or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
-        scores = run(r, base, args.out, work, args.quick)
+        scores = run(r, base, args.out, work, args.quick, args.start_from)
     print(json.dumps({k: scores[k] for k in ("vqa", "captions", "validation_captions", "captioner", "minutes")}, indent=1))
     return 0
 

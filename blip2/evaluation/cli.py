@@ -54,7 +54,7 @@ def _model_dir(args, retrieval: bool) -> Path:
     from ..commands import default_dir
     from ..hf_compat import checkpoint_dir
 
-    return checkpoint_dir(args.model) if args.model else Path(default_dir(retrieval))
+    return checkpoint_dir(args.model) if args.model else Path(default_dir(retrieval, task="blip2"))
 
 
 def _tasks(args, ev) -> list[str]:
@@ -95,7 +95,7 @@ def run_eval(args) -> int:
         if not retrieval and not _has_language_model(_model_dir(args, retrieval=False)):
             raise SystemExit(f"blip2: {_model_dir(args, False)}: the checkpoint has no language model (a retrieval "
                              "or stage-1 model): it cannot caption or answer; try --task retrieval")
-        m = load(args, retrieval=retrieval)
+        m = load(args, retrieval=retrieval, task="blip2")
         image_processor = m.processor.image_processor
         load_images = lambda paths: _pixels(image_processor, paths)  # noqa: E731
         codec = TextCodec(_model_dir(args, retrieval))

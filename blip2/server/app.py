@@ -550,7 +550,7 @@ def _add_routes(app: FastAPI, engine: Engine, batcher: Batcher, settings: Settin
         """An image's caption; `prompt` (e.g. "a photo of") starts the caption. JSON or multipart; `stream` for SSE."""
         _require(engine.can_generate, "caption images")
         fields, files = await read_fields(request, settings)
-        prompt = text_param(fields, "prompt", settings.max_prompt_chars)
+        prompt = text_param(fields, "prompt", settings.max_prompt_chars) or engine.caption_prompt()
         gen = generation_settings(fields, settings)
         return await run_generation(fields, files, prompt, gen,
                                     lambda image, result: {"caption": result.text, **common(image, result)})
@@ -581,6 +581,7 @@ def _add_routes(app: FastAPI, engine: Engine, batcher: Batcher, settings: Settin
         _require(engine.can_generate, "chat")
         fields, _ = await read_fields(request, settings)
         url, prompt = chat_request(fields, settings)
+        prompt = prompt or engine.caption_prompt()  # an image alone: describe it
         gen = chat_settings(fields, settings)
         stream = _stream_param(fields, gen)
         image = await load_image(engine, settings, url, "generate", "image_url")

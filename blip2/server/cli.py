@@ -28,7 +28,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         description="Serve a BLIP-2 model over HTTP: POST /v1/caption, /v1/answer, /v1/match, /v1/embeddings, "
                     "/v1/chat/completions; GET /v1/models, /healthz, /metrics, and a web page at /.",
     )
-    p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the shipped demo model)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory or hub id (default: the shipped instruction-aware demo model)")
     p.add_argument("--retrieval-model", default=None,
                    help="a retrieval checkpoint (Blip2ForImageTextRetrieval) for /v1/match and /v1/embeddings "
                         "(default with the demo model: the demo's retrieval model)")
@@ -100,9 +101,10 @@ def is_loopback(host: str) -> bool:
 
 
 def default_models() -> tuple[str, str | None]:
-    """The shipped demo model's directories: captioning, and retrieval when it is there."""
+    """The shipped demo model's directories: the instruction-aware model (answers, chat and captions;
+    the BLIP-2 model where it is not installed), and retrieval when it is there."""
     try:
-        from ..demo import MODEL_DIR, RETRIEVAL_DIR
+        from ..demo import ANSWER_DIR as MODEL_DIR, RETRIEVAL_DIR
     except ImportError:
         MODEL_DIR = RETRIEVAL_DIR = None
     if MODEL_DIR is None or not (MODEL_DIR / "config.json").is_file():

@@ -207,6 +207,15 @@ class Engine:
         """The paper's VQA prompt for this language model (its family's, see `blip2.families`)."""
         return family_of(self.model.config).question_template if self.model is not None else "Question: {} Answer:"
 
+    def caption_prompt(self) -> str:
+        """The prompt of a caption asked without one: none for BLIP-2; an InstructBLIP model's Q-Former
+        needs an instruction, the one `blip2 caption` gives it."""
+        if getattr(self.processor, "qformer_tokenizer", None) is None:
+            return ""
+        from ..commands import INSTRUCT_CAPTION_PROMPT
+
+        return INSTRUCT_CAPTION_PROMPT
+
     def feature_kind(self, task: str) -> str:
         """The cache entry a task reads: language inputs for generation, image-encoder states for retrieval."""
         return "image" if task in ("generate", "stream") else "vision"
