@@ -396,3 +396,24 @@ def test_build_on_meta_skips_initialisers_only_for_meta_tensors_and_only_inside(
     nn.init.normal_(after)  # and nothing stays changed once the build is over
     assert after.std() > 0.5
     assert not torch.overrides._get_current_function_mode_stack()
+
+
+@pytest.mark.parametrize("stored, wanted", [(torch.float16, torch.float32), (torch.float16, torch.bfloat16),
+                                            (torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_reader_converts_across_its_buffer_and_never_maps_the_file(tmp_path: Path, monkeypatch, stored, wanted):
+    # A tiny read buffer: every tensor crosses several buffer fills, odd-sized tails included.
+    from blip2 import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_BOUNCE_BYTES", 96)
+    tensors = {"a": torch.randn(37, 13).to(stored), "b": torch.randn(5).to(stored), "c": torch.randn(0, 4).to(stored)}
+    save_file(tensors, str(tmp_path / SAFE))
+    reader = checkpoint.SafetensorsReader(tmp_path / SAFE)
+    for key, tensor in tensors.items():
+        out = torch.full(tensor.shape, float("nan"), dtype=wanted)
+        reader.read_into(key, out)
+        assert torch.equal(out, tensor.to(wanted)), key
+        assert torch.equal(reader[key], tensor), key
+    if os.path.exists("/proc/self/maps"):  # Linux: the file is read, not mapped
+        with open("/proc/self/maps") as maps:
+            assert str(tmp_path / SAFE) not in maps.read()
+    reader.close()
