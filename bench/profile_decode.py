@@ -43,6 +43,16 @@ def weight_pass_s(layers: list[torch.nn.Module], dtype: torch.dtype, repeats: in
     return statistics.median(times[1:])
 
 
+def repack(layers: list[torch.nn.Module], hint: int) -> None:
+    """Packs each prepacked layer again for `hint` rows, one at a time (no second copy of the model)."""
+    from blip2.modeling.packed import _pack
+
+    for m in layers:
+        if getattr(m, "packed", None) is not None and m.packed.is_mkldnn:
+            m.packed = _pack(m.weight, hint)
+            m.batch_hint = hint
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=str(common.FULL_DIR))
@@ -50,10 +60,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", type=int, default=25, help="profiler table rows")
+    parser.add_argument("--hints", type=int, nargs="*", default=[],
+                        help="also repack the LM's layers for these batch sizes (oneDNN's layout hint) and time again")
     args = parser.parse_args()
     dtype = torch.bfloat16
     print(f"load average {common.load_average():.2f}, threads {torch.get_num_threads()}", flush=True)
     model = common.load_ours(Path(args.checkpoint), dtype, quantize=args.quantize)
+    model_bytes = common.model_bytes(model)  # before the first use packs it (asking a packed model unpacks it)
     torch.manual_seed(0)
     pixels = torch.randn(1, 3, 224, 224).to(dtype)
     ids = torch.tensor([common.prompt_ids(PROMPT)])
@@ -71,7 +84,20 @@ def main() -> None:
         floor = weight_pass_s(layers, dtype, args.repeats)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             model.generate(**gen)
+        for hint in args.hints:
+            repack(layers, hint)
+            floor_h = weight_pass_s(layers, dtype, args.repeats)
+            steps_h = []
+            for _ in range(args.repeats):
+                stamps = Stamps()
+                model.generate(streamer=stamps, **gen)
+                steps_h.append((stamps.times[-1] - stamps.times[0]) / (len(stamps.times) - 1))
+            print(f"LM repacked for batch {hint}: step {statistics.median(steps_h) * 1e3:.1f} ms, "
+                  f"weight reads alone {floor_h * 1e3:.1f} ms (load {common.load_average():.2f})", flush=True)
     weights = lm_weight_bytes(lm)
+    cfg = lm.config  # keys and values of every layer, for the prompt (image queries included) and the new tokens
+    kv = 2 * cfg.num_hidden_layers * cfg.hidden_size * (ids.shape[1] + args.tokens) * torch.finfo(dtype).bits // 8
+    rss = common.peak_rss_bytes()
     bandwidth = common.peaks().get("bandwidth_gbs", float("nan"))
     print(f"\nLM weights {weights / 1e9:.2f} GB in {len(layers)} linear layers; measured bandwidth {bandwidth:.1f} GB/s")
     print(f"step {step * 1e3:.1f} ms/token ({1 / step:.2f} tok/s, {weights / step / 1e9:.1f} GB/s, "
@@ -79,6 +105,8 @@ def main() -> None:
     print(f"weight reads alone {floor * 1e3:.1f} ms ({weights / floor / 1e9:.1f} GB/s, "
           f"{weights / floor / 1e9 / bandwidth:.0%} of bandwidth); the rest of the step {(step - floor) * 1e3:.1f} ms "
           f"({(step - floor) / step:.0%})")
+    print(f"peak RSS {rss / 1e9:.2f} GB = {rss / (model_bytes + kv):.3f}x the weights ({model_bytes / 1e9:.2f} GB) "
+          f"plus the KV cache ({kv / 1e6:.1f} MB)")
     print(f"load average {common.load_average():.2f}\n")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
