@@ -95,6 +95,7 @@ def worker(args) -> dict:
     else:
         model = common.load_reference(checkpoint, dtype)
     load_s = time.perf_counter() - t0
+    model_gb = common.model_bytes(model) / 1e9  # before the first use packs it (asking a packed model unpacks it)
     gen = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens)
     with torch.inference_mode():
         model.generate(pixel_values=pixels, input_ids=ids, max_new_tokens=3, min_new_tokens=3)  # warm-up
@@ -107,7 +108,16 @@ def worker(args) -> dict:
     weights = lm_weight_bytes(model.language_model)
     return {"config": args.config, "reference": common.reference()[1], "load_s": load_s,
             "tokens_per_s": statistics.median(rates), "rates": rates, "tokens": tokens, "lm_weight_gb": weights / 1e9,
-            "peak_rss_gb": common.peak_rss_bytes() / 1e9, "load": common.load_average()}
+            "peak_rss_gb": common.peak_rss_bytes() / 1e9, "model_gb": model_gb, "kv_gb": kv_bytes(model, ids, args) / 1e9,
+            "load": common.load_average()}
+
+
+def kv_bytes(model, ids: torch.Tensor, args) -> int:
+    """Keys and values of every layer for the prompt (image queries included) and the new tokens."""
+    cfg = model.config.text_config
+    dtype = next(iter(model.language_model.state_dict().values())).dtype
+    positions = ids.shape[1] + args.tokens + (model.config.num_query_tokens if ids.shape[1] < 32 else 0)
+    return 2 * cfg.num_hidden_layers * cfg.hidden_size * positions * torch.finfo(dtype).bits // 8
 
 
 def main() -> None:
@@ -151,8 +161,8 @@ def main() -> None:
     print(f"clock: {args.clock}; memory bandwidth measured: {bandwidth:.1f} GB/s"
           f"{' (one thread)' if args.clock == 'cpu' else ''}")
     print(f"checkpoint: {args.checkpoint}")
-    print("| config | tokens/s | LM weights GB | implied GB/s | of bandwidth | vs ref bf16 | vs ref fp32 | tokens differing from ours bf16 | load average |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| config | tokens/s | LM weights GB | implied GB/s | of bandwidth | vs ref bf16 | vs ref fp32 | tokens differing from ours bf16 | peak RSS / (weights + KV cache) | load average |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gbs = r["tokens_per_s"] * r["lm_weight_gb"]
         vs = [f"{r['tokens_per_s'] / by[c]['tokens_per_s']:.2f}x" if c in by else "-" for c in ("ref:bf16", "ref:fp32")]
@@ -160,7 +170,13 @@ def main() -> None:
         differ = f"{sum(a != b for a, b in zip(r['tokens'], base))} / {len(base)}" if base and r["config"].startswith("ours") else ""
         name = r["config"] if r["config"].startswith("ours") else r["config"].replace("ref", f"transformers {r['reference']}")
         print(f"| {name} | {r['tokens_per_s']:.2f} | {r['lm_weight_gb']:.2f} | {gbs:.1f} | {gbs / bandwidth:.0%} | "
-              f"{vs[0]} | {vs[1]} | {differ} | {r['load']:.2f} |")
+              f"{vs[0]} | {vs[1]} | {differ} | {rss_ratio(r)} | {r['load']:.2f} |")
+
+
+def rss_ratio(r: dict) -> str:
+    if "model_gb" not in r:
+        return "-"
+    return f"{r['peak_rss_gb']:.2f} GB / ({r['model_gb']:.2f} + {r['kv_gb']:.3f}) = {r['peak_rss_gb'] / (r['model_gb'] + r['kv_gb']):.3f}x"
 
 
 if __name__ == "__main__":
