@@ -170,10 +170,10 @@ def test_shipped_files_and_size():
     assert total <= 25 * 2**20, f"the shipped models take {total / 2**20:.1f} MiB"
 
 
-# What the shipped model reaches on these pictures (`measure`: 120 per kind, seed 5; REPORT.md),
-# asserted with a margin on 40 per kind. Yes/no and position answers are at chance (50%, 24%):
+# What the shipped model reaches on these pictures (`measure`: 120 per kind, seed 5; README.md),
+# asserted with a margin on 40 per kind. Yes/no and position answers are at chance (55%, 27%):
 # the unmet targets are in tests/pending_demo_quality.py.
-FLOORS = {"colour": 0.9, "shape": 0.6, "count": 0.55}
+FLOORS = {"colour": 0.9, "shape": 0.7, "count": 0.55}
 PENDING = ("exist", "position")
 
 

@@ -291,6 +291,19 @@ NAMES = {"blip2": "BLIP-2 (shipped model/, Q-Former without the instruction, not
          "instruct": "InstructBLIP (shipped instruct/), {steps} steps"}
 
 
+def continued(scores: dict) -> list[str]:
+    """The report's line on a run that continued an earlier one (`--start-from`), if this was one."""
+    before = scores.get("continued_from")
+    if not before:
+        return []
+    steps, minutes = before.get("steps"), before.get("minutes")
+    known = steps is not None and minutes is not None
+    return ["", "This run continued the Q-Former of an earlier run of the same settings (`--start-from`"
+            + (f"; {steps} steps, {minutes:.1f} minutes): {steps + scores['settings']['steps']} steps in all, with a "
+               "new warm-up and cosine schedule for the second part." if known else ")."),
+            ]
+
+
 def report(scores: dict, quick: bool) -> str:
     """The instruct section of REPORT.md."""
     kinds = instructions.KINDS
@@ -306,6 +319,7 @@ def report(scores: dict, quick: bool) -> str:
         f"and the language model stay frozen. {r['steps']} steps of {r['batch']} instructions on "
         f"{r['train_images']} training images of seen pairs; six kinds, several phrasings each "
         "(`blip2.demo.instructions`); the unseen wordings are phrasings held out of training.",
+        *continued(scores),
         "",
         "VQA: exact match (greedy; the question in `Question: {} Answer:`, which the Q-Former reads too); "
         "describe: every shape named with its colour. Test: new images of seen pairs; held-out: images "
@@ -339,6 +353,15 @@ def report(scores: dict, quick: bool) -> str:
     return "\n".join(lines)
 
 
+def earlier_run(checkpoint: Path) -> dict:
+    """Steps and minutes of the run that wrote `checkpoint` (its instruct_scores.json beside it), for the report."""
+    found = checkpoint.parent / "instruct_scores.json"
+    if not found.is_file():
+        return {"steps": None, "minutes": None}
+    earlier = json.loads(found.read_text(encoding="utf-8"))
+    return {"steps": earlier["settings"]["steps"], "minutes": earlier["minutes"]}
+
+
 def write_report(out: Path, text: str) -> None:
     """Replaces the instruct section of out/REPORT.md (everything from MARKER on), keeping the rest."""
     path = out / "REPORT.md"
@@ -366,6 +389,7 @@ def run(r: InstructRecipe, base: Path, out: Path, work: Path, quick: bool = Fals
     t = time.perf_counter()
     start = from_blip2(blip2, retrieval, r.qformer_positions) if start_from is None else \
         InstructBlipForConditionalGeneration.from_pretrained(start_from, torch_dtype=torch.float32)
+    start.config.name_or_path = ""  # the shipped config names no folder of this machine
     models["instruct"] = train(r, start, data, tok, cache, work, "instruct")
     timer.stage("instruction tuning", t)
     if r.ablation:
@@ -404,8 +428,7 @@ def run(r: InstructRecipe, base: Path, out: Path, work: Path, quick: bool = Fals
     scores["threads"] = torch.get_num_threads()
     scores["size_mb"] = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
     scores["settings"] = asdict(r)
-    scores["continued_from"] = None if start_from is None else json.loads(
-        (Path(start_from).parent / "instruct_scores.json").read_text())["settings"] if (Path(start_from).parent / "instruct_scores.json").is_file() else str(start_from)
+    scores["continued_from"] = None if start_from is None else earlier_run(Path(start_from))
     scores["load"] = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     atomic_write_text(out / "instruct_scores.json", json.dumps(scores, indent=2) + "\n")
     write_report(out, report(scores, quick))
