@@ -333,8 +333,8 @@ class ContinuousScheduler:
         The event loop and the model thread take turns (a tick, then the loop's own work: reading
         requests, sending answers and stream pieces) rather than running side by side: on a CPU the
         model's many small ops and the loop's request parsing would otherwise fight over the GIL
-        (measured: whole-answer throughput at 16 clients fell to 0.65x the micro-batcher's when the
-        model thread ticked on its own, against 1.66x taking turns)."""
+        (bench_server_load, whole answers at 16 clients: 0.65x the micro-batcher's tokens/s when the
+        model thread ticked on its own, 1.66x taking turns; one run each, at load 6.8 and 3.8)."""
         loop = asyncio.get_running_loop()
         while True:
             if not self.pending and not self.decoder.rows:
