@@ -205,3 +205,17 @@ def test_quantized_flan_t5_runs_with_its_output_projection_quantized(kind, tmp_p
         tokens = quantized.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"],
                                     max_new_tokens=4)
     assert tokens.shape[0] == 2
+
+
+def test_int8_quantization_by_row_blocks_equals_the_whole_weight_at_once(monkeypatch):
+    # Blocks keep the float32 temporaries small (a whole output head would add 1 GB to a load's peak).
+    from blip2.modeling import quant
+
+    torch.manual_seed(0)
+    weight = torch.randn(37, 24).to(torch.bfloat16)
+    monkeypatch.setattr(quant, "_BLOCK_ELEMENTS", 24 * 5)  # 5 rows a block, a short last block
+    q, scale = quant.quantize_weight(weight)
+    w = weight.float()
+    expected_scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    assert torch.equal(scale, expected_scale)
+    assert q.dtype == torch.int8 and torch.equal(q, torch.round(w / expected_scale[:, None]).clamp(-127, 127).to(torch.int8))
