@@ -9,7 +9,7 @@
 Each cell (implementation, transformers release, setting) runs alone in a fresh process: it loads
 the checkpoint as users do, captions one image (8 new tokens, greedy) and reports its peak RSS
 (VmHWM: safetensors pages it mapped count too) after loading and after generating, the bytes of
-its weights and of the language model's, and the top-1 next token at 128 fixed positions (8
+its weights and of the language model's, and the top-1 next token at fixed positions (--images
 random images, 16 teacher-forced text tokens each), which the table compares against bf16.
 Cells append one JSON line each to --out, so the runs can be split (one model and a few
 settings per run) and the table drawn from all of them.
@@ -138,7 +138,7 @@ def inputs(model, impl: str, rows: int, text: int, seed: int) -> dict:
 
 
 @torch.no_grad()
-def child(impl: str, folder: Path, setting: str) -> dict:
+def child(impl: str, folder: Path, setting: str, images: int = IMAGES) -> dict:
     if impl == "ref-lowmem" and common.ref_major() >= 5:
         return {"skipped": "5.x always loads with low_cpu_mem_usage"}
     if impl != "ours" and SETTINGS[setting][1] and (why := reference_quantization_missing()):
@@ -151,17 +151,19 @@ def child(impl: str, folder: Path, setting: str) -> dict:
     prompt.pop("decoder_input_ids", None)
     ids = model.generate(**prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
     out.update(gen_peak=common.peak_rss_bytes(), generated=ids[0, -NEW_TOKENS:].tolist())
-    logits = model(**inputs(model, impl, IMAGES, POSITIONS, seed=2)).logits  # after the peaks: not counted
-    out["top1"] = logits[:, -POSITIONS:].argmax(-1).flatten().tolist()
+    if images:  # after the peaks: not counted
+        logits = model(**inputs(model, impl, images, POSITIONS, seed=2)).logits
+        out["top1"] = logits[:, -POSITIONS:].argmax(-1).flatten().tolist()
     return out
 
 
 # ----------------------------------------------------------------------------- the driver
 
-def run_cell(impl: str, python: str, shape: str, setting: str) -> dict:
+def run_cell(impl: str, python: str, shape: str, setting: str, images: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(common.ROOT)}
     t = time.perf_counter()
-    proc = subprocess.run([python, __file__, "--child", impl, shape, setting], cwd=common.ROOT, env=env,
+    proc = subprocess.run([python, __file__, "--child", impl, shape, setting, "--images", str(images)],
+                          cwd=common.ROOT, env=env,
                           capture_output=True, text=True)
     row = {"impl": impl, "shape": shape, "setting": setting, "wall_s": round(time.perf_counter() - t, 1),
            "load_average": common.load_average()}
@@ -185,7 +187,7 @@ def drive(args) -> None:
     with open(args.out, "a") as f:
         for impl, release, python in runs:
             for setting in args.settings:
-                row = run_cell(impl, python, args.shape, setting)
+                row = run_cell(impl, python, args.shape, setting, args.images)
                 row["release"] = release
                 if impl == "ref-lowmem" and "skipped" in row:
                     break
@@ -258,12 +260,14 @@ def main() -> None:
     parser.add_argument("--impls", nargs="+", default=["ours", "ref"], choices=["ours", "ref", "ref-lowmem"])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--out", help="JSON lines file the cells append to")
+    parser.add_argument("--images", type=int, default=IMAGES,
+                        help=f"images of the top-1 check ({POSITIONS} positions each; 0: no check)")
     parser.add_argument("--table", nargs="+", metavar="JSONL", help="print the Markdown table of these results")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         impl, shape, setting = args.child
-        out = child(impl, FOLDERS[shape], setting)
+        out = child(impl, FOLDERS[shape], setting, args.images)
         _, version = common.reference()
         print(json.dumps({**out, "transformers": version}))
     elif args.table:
