@@ -240,7 +240,7 @@ def table(paths: list[str]) -> str:
         bf16 = latest.get((shape, impl, release, "bf16"), {})
         lm = f"{gib(r['lm_weights'])}" + (f" ({r['lm_weights'] / bf16['lm_weights']:.2f}x)" if "lm_weights" in bf16 else "")
         agree = lambda key: (f"{sum(a == b for a, b in zip(r[key], bf16[key]))}/{len(r[key])}"  # noqa: E731
-                             if key in bf16 and setting != "bf16" else "")
+                             if key in bf16 and key in r and setting != "bf16" else "")
         ours = latest.get((shape, "ours", "ours", setting), {})
         ratio = f"{ours['gen_peak'] / r['gen_peak']:.2f}x" if impl != "ours" and "gen_peak" in ours else ""
         lines.append(f"| {shape} | {setting} | {name} | {gib(r['load_peak'])} | {gib(r['gen_peak'])} | "
