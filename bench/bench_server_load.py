@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
-from load_server import example_images, free_port, stop_server
+from load_server import example_images, free_port, stop_server, wait_until_up
 
 QUESTIONS = ["what colour is the circle?", "how many shapes are there?", "is there a square?",
              "what shape is on the left?", "what colour is the background?"]
@@ -160,18 +160,8 @@ def start_server(model: str, mode: str, args) -> tuple[subprocess.Popen, str]:
            "--max-new-tokens", str(args.max_tokens), "--timeout", "600", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with status {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not come up within 300 s")
+    wait_until_up(proc, url)
+    return proc, url
 
 
 def bench_mode(model: str, mode: str, images: list[str], args) -> list[dict]:

@@ -144,18 +144,24 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         env["OMP_NUM_THREADS"] = str(args.threads)
     proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    wait_until_up(proc, url)
+    return proc, url
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, timeout_s: float = 300) -> None:
+    """Polls /healthz until the server answers; stops the benchmark if it exits or never comes up."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"the server exited with status {proc.returncode}")
         try:
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return proc, url
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit("the server did not come up within 300 s")
+    raise SystemExit(f"the server did not come up within {timeout_s:.0f} s")
 
 
 def stop_server(proc: subprocess.Popen) -> int:
