@@ -32,7 +32,7 @@ from .scheduler import ContinuousScheduler
 from .engine import EmbedJob, Engine, GenerateJob, GenerateResult, GenerationSettings, MatchJob
 from .limits import (
     ApiError, ImageData, Settings, bool_param, check_text, decode_base64, decode_image, float_param, image_digest,
-    int_param, text_param, texts_param,
+    int_param, stops_param, text_param, texts_param,
 )
 from .telemetry import Telemetry, wants_prometheus
 
@@ -312,6 +312,7 @@ def generation_settings(fields: dict, settings: Settings, max_tokens_names=("max
         length_penalty=float_param(fields, "length_penalty", 1.0, -10.0, 10.0),
         min_new_tokens=int_param(fields, "min_new_tokens", 0, 0, max_new or settings.default_max_new_tokens),
         seed=int_param(fields, "seed", None, 0, 2**63 - 1),
+        stop=stops_param(fields),
     )
 
 

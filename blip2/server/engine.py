@@ -26,6 +26,7 @@ from ..generation import CallbackStreamer, GenerationConfig, generate, resolve_c
 from ..modeling.blip2 import check_positions
 from ..modeling.inference import fit_layouts
 from .limits import ApiError, ImageData, Settings
+from .stops import StopFilter, StopReached, first_stop, stop_length
 
 
 # ---------------------------------------------------------------- jobs and results
@@ -43,15 +44,17 @@ class GenerationSettings:
     length_penalty: float = 1.0
     min_new_tokens: int = 0
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings (see stops.py): the text ends before the first one
 
     def shared(self) -> "GenerationSettings":
-        """What a batch of these requests must agree on: everything but max_new_tokens, unless
-        beam search runs (a row's first n greedy or sampled tokens do not depend on how long the
-        other rows run, or it runs; beam search ranks by the whole length)."""
-        return self if self.num_beams > 1 else dataclasses.replace(self, max_new_tokens=0)
+        """What a batch of these requests must agree on: everything but max_new_tokens and stop
+        strings, unless beam search runs (a row's first n greedy or sampled tokens do not depend on
+        how long the other rows run, or it runs; beam search ranks by the whole length)."""
+        return self if self.num_beams > 1 else dataclasses.replace(self, max_new_tokens=0, stop=())
 
     def generate_kwargs(self) -> dict[str, Any]:
         kwargs = asdict(self)
+        kwargs.pop("stop")  # the server's own: applied to the text (see stops.py)
         if not self.do_sample:
             for name in ("temperature", "top_p", "top_k", "seed"):
                 kwargs.pop(name)
@@ -74,7 +77,7 @@ class GenerateResult:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (an end token) or "length" (max_new_tokens reached)
+    finish_reason: str  # "stop" (an end token or a stop string) or "length" (max_new_tokens reached)
     cached: bool  # the image's features came from the cache
 
 
@@ -276,14 +279,19 @@ class Engine:
         longest = max(jobs[i].settings.max_new_tokens for i in live)
         config = self.generation_defaults.updated({**settings.generate_kwargs(), "max_new_tokens": longest})
         streamer = self._streamer(jobs[live[0]]) if jobs[live[0]].on_text is not None else None
+        if streamer is not None and jobs[live[0]].settings.stop:
+            streamer = _StopWatch(streamer, self, jobs[live[0]].settings.stop)
         instruction = self._instruction_inputs([jobs[i].prompt for i in live], device)
         lm_inputs = self.model.language_inputs_from_image(torch.stack(states).to(device), **instruction)
         stepper, start_ids = self.model.stepper_from_language_inputs(
             lm_inputs, input_ids.to(device), mask.to(device), config)
-        out = generate(stepper, start_ids, config, streamer)
+        try:
+            new = generate(stepper, start_ids, config, streamer)[:, 1:]  # (rows, new tokens): the start id dropped
+        except StopReached:  # a streamed request (a batch of one) reached a stop string
+            new = torch.tensor([streamer.tokens])
         for row, i in enumerate(live):
-            mine = out[row, 1 : 1 + jobs[i].settings.max_new_tokens]
-            results[i] = self._result(mine, config, len(prompts[row]), cached[row])
+            mine = new[row, : jobs[i].settings.max_new_tokens]
+            results[i] = self._result(mine, config, len(prompts[row]), cached[row], jobs[i].settings.stop)
         return results
 
     # ---- continuous batching (see scheduler.py) ----
@@ -370,16 +378,28 @@ class Engine:
             if piece:
                 job.on_text(piece)
 
-        return CallbackStreamer(self.processor, on_text, skip_special_tokens=True)
+        # a stop string and what follows never reach the client
+        shown = StopFilter(job.settings.stop, on_text) if job.settings.stop else on_text
+        return CallbackStreamer(self.processor, shown, skip_special_tokens=True)
 
-    def _result(self, new_tokens: Tensor, config: GenerationConfig, prompt_tokens: int, cached: bool) -> GenerateResult:
+    def decode(self, tokens: list[int]) -> str:
+        return _decode(self.processor, tokens)
+
+    def _result(self, new_tokens: Tensor, config: GenerationConfig, prompt_tokens: int, cached: bool,
+                stops: tuple[str, ...] = ()) -> GenerateResult:
+        """The answer to one request from its new tokens: up to its first end token or stop string."""
         tokens = new_tokens.tolist()
         eos = set(config.eos_ids)
-        ended = next((n for n, t in enumerate(tokens) if t in eos), None)
+        ended = next((n + 1 for n, t in enumerate(tokens) if t in eos), None)
         if ended is not None:
-            tokens = tokens[: ended + 1]
-        text = _decode(self.processor, tokens).strip()
-        return GenerateResult(text, prompt_tokens, len(tokens), "stop" if ended is not None else "length", cached)
+            tokens = tokens[:ended]
+        stopped = stop_length(self.decode, tokens, stops)
+        if stopped is not None:
+            tokens, ended = tokens[:stopped], stopped
+        text = self.decode(tokens)
+        if stopped is not None:
+            text = text[: first_stop(text, stops)]
+        return GenerateResult(text.strip(), prompt_tokens, len(tokens), "stop" if ended is not None else "length", cached)
 
     def _pad_id(self) -> int:
         text = self.model.config.text_config
@@ -480,6 +500,29 @@ class Engine:
                 found[sha] = value
                 self.cache.put(kind, sha, value)
         return [found[img.sha256] for img in images], cached
+
+
+class _StopWatch:
+    """The streamer of a streamed batch of one with stop strings: `generate` has no stop hook, so
+    reaching a stop string raises StopReached out of it, after the stream's last piece."""
+
+    def __init__(self, streamer: CallbackStreamer, engine: Engine, stops: tuple[str, ...]) -> None:
+        self.streamer, self.engine, self.stops = streamer, engine, stops
+        self.tokens: list[int] = []  # the new tokens so far
+        self.started = False
+
+    def put(self, value: Tensor) -> None:
+        self.streamer.put(value)
+        if not self.started:  # the start ids come first (the streamer protocol)
+            self.started = True
+            return
+        self.tokens += value.reshape(-1).tolist()
+        if first_stop(self.engine.decode(self.tokens), self.stops) is not None:
+            self.streamer.end()
+            raise StopReached
+
+    def end(self) -> None:
+        self.streamer.end()
 
 
 # ---------------------------------------------------------------- processor calls (the documented API)

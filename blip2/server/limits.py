@@ -19,6 +19,7 @@ from typing import Any
 from PIL import Image
 
 from ..processing.image import to_rgb
+from .stops import MAX_STOP_CHARS, MAX_STOPS
 
 
 @dataclass
@@ -192,6 +193,19 @@ def texts_param(fields: dict, name: str, settings: Settings) -> list[str]:
             raise ApiError(400, f"every item of '{name}' must be a non-empty string", name)
         check_text(item, name, settings.max_text_chars)
     return value
+
+
+def stops_param(fields: dict, name: str = "stop") -> tuple[str, ...]:
+    """Stop strings: one string or a list of up to MAX_STOPS; whitespace counts ("\\n" is a common one)."""
+    value = fields.get(name)
+    if value is None or value == "" or value == []:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(item, str) and item for item in items):
+        raise ApiError(400, f"'{name}' must be a non-empty string or a list of non-empty strings", name)
+    if len(items) > MAX_STOPS:
+        raise ApiError(400, f"'{name}' holds {len(items)} strings; the limit is {MAX_STOPS}", name)
+    return tuple(dict.fromkeys(check_text(item, name, MAX_STOP_CHARS) for item in items))
 
 
 # ---------------------------------------------------------------- images

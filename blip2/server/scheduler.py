@@ -13,8 +13,8 @@ waits for the whole batch. Here the model thread runs one *tick* at a time:
    away) are answered at once and free their row for the next tick's arrivals.
 
 Each row keeps its own options: greedy or sampling from its own seeded generator, penalties,
-min/max tokens, its own streamer. So what a request gets does not depend on its neighbours:
-its greedy tokens are those `generate` gives it alone. Rows stay packed at the front of the
+min/max tokens, stop strings, its own streamer. So what a request gets does not depend on its
+neighbours: its greedy tokens are those `generate` gives it alone. Rows stay packed at the front of the
 cache (a leaving row's place goes to the last row), so a step's forward runs over exactly the
 live rows: keys and values (live, H, S, D), S the longest live row.
 
@@ -44,6 +44,7 @@ from ..modeling.inference import fit_layouts
 from .batcher import Batcher, BatchStats, wait_result
 from .engine import Engine, GenerateJob, GenerateResult
 from .limits import ApiError, Settings
+from .stops import first_stop
 
 log = logging.getLogger("blip2.server")
 
@@ -89,14 +90,16 @@ def _pick(row: Row, logits: Tensor) -> int:
 
 
 def _accept(row: Row, token: int, engine: Engine) -> None:
-    """Appends the token, streams it, and ends the row at an end token or its token limit."""
+    """Appends the token, streams it, and ends the row at an end token, a stop string or its token limit."""
     row.tokens.append(token)
     if row.streamer is not None:
         row.streamer.put(torch.tensor([token]))
-    if token in row.config.eos_ids or len(row.tokens) >= row.limit:
+    stops = row.job.settings.stop
+    if (token in row.config.eos_ids or len(row.tokens) >= row.limit
+            or (stops and first_stop(engine.decode(row.tokens), stops) is not None)):
         if row.streamer is not None:
             row.streamer.end()
-        row.outcome = engine._result(torch.tensor(row.tokens), row.config, row.prompt_tokens, row.cached)
+        row.outcome = engine._result(torch.tensor(row.tokens), row.config, row.prompt_tokens, row.cached, stops)
 
 
 # ---------------------------------------------------------------- the model side
