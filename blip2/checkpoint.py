@@ -52,9 +52,10 @@ class LazyStateDict(Mapping):
     def dtype(self, key: str) -> torch.dtype:
         return self._read(key, lambda reader: reader.dtype(key))
 
-    def read_into(self, key: str, out: Tensor) -> None:
-        """Copies tensor `key` into `out` (same number of elements, any dtype, contiguous)."""
-        self._read(key, lambda reader: reader.read_into(key, out))
+    def read_into(self, key: str, out: Tensor, first: int | None = None) -> None:
+        """Copies tensor `key` into `out` (same number of elements, any dtype, contiguous), or with
+        `first` only its elements [first, first + out.numel())."""
+        self._read(key, lambda reader: reader.read_into(key, out, first))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.files)
@@ -102,8 +103,11 @@ class _TensorDictReader:
     def dtype(self, key: str) -> torch.dtype:
         return self.state[key].dtype
 
-    def read_into(self, key: str, out: Tensor) -> None:
-        out.copy_(self.state[key].view(out.shape))
+    def read_into(self, key: str, out: Tensor, first: int | None = None) -> None:
+        source = self.state[key]
+        if first is not None:
+            source = source.reshape(-1)[first : first + out.numel()]
+        out.copy_(source.view(out.shape))
 
 
 _SAFE_DTYPES = {
@@ -161,16 +165,20 @@ class SafetensorsReader:
         self.read_into(key, out)
         return out
 
-    def read_into(self, key: str, out: Tensor) -> None:
+    def read_into(self, key: str, out: Tensor, first: int | None = None) -> None:
+        """Reads the whole tensor into `out`, or with `first` its elements [first, first + out.numel())."""
         dtype, (begin, end) = self.dtype(key), self.entries[key]["data_offsets"]
-        numel = self.shape(key).numel()
-        if out.numel() != numel or not out.is_contiguous() or out.device.type != "cpu":
-            raise ValueError(f"cannot read {numel} elements into a tensor of shape {tuple(out.shape)}")
-        if end - begin != numel * dtype.itemsize or self.start + end > self.file_size:
+        total = self.shape(key).numel()
+        fits = out.numel() == total if first is None else 0 <= first <= total - out.numel()
+        first = first or 0
+        if not fits or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"cannot read {total} elements into a tensor of shape {tuple(out.shape)}")
+        if end - begin != total * dtype.itemsize or self.start + end > self.file_size:
             raise CheckpointError(f"{self.path}: tensor {key!r} is truncated or its offsets are corrupt")
+        numel = out.numel()
         if numel == 0:
             return
-        offset = self.start + begin
+        offset = self.start + begin + first * dtype.itemsize
         if out.dtype == dtype:
             self._pread(_bytes_of(out), offset, key)
             return
@@ -274,12 +282,17 @@ def read_state_dict(files: list[Path]) -> LazyStateDict:
 
 # ---------------------------------------------------------------- the key table
 def hf_to_ours(hf: Mapping[str, Tensor], table: KeyTable, expected: Mapping[str, torch.Size],
-               where: str = "checkpoint", dtype_for=None, floating: Collection[str] = ()) -> dict[str, Tensor]:
+               where: str = "checkpoint", dtype_for=None, floating: Collection[str] = (),
+               sinks: Mapping[str, object] | None = None) -> dict[str, Tensor]:
     """Renames and fuses checkpoint tensors into our names; raises on any mismatch.
 
     `expected` maps our names to shapes; `dtype_for(name)` gives the dtype to load each into;
     `floating` names the tensors that must be stored as floating point (weights, not counters).
+    `sinks` maps some of our names to a consumer of row blocks (`fill_rows(start, rows)`, taking
+    `block_rows` at a time: a layer quantizing the weight as it is read); those tensors are
+    handed over block by block, never whole, and come back as meta tensors of their shape.
     """
+    sinks = sinks or {}
     wanted = {k for rule in table.rules for k in rule.hf}
     missing = sorted(wanted - set(hf))
     unexpected = sorted(set(hf) - wanted - set(table.tied))
@@ -298,6 +311,10 @@ def hf_to_ours(hf: Mapping[str, Tensor], table: KeyTable, expected: Mapping[str,
             raise CheckpointError(f"key table names {rule.ours!r}, which the model does not have")
         if rule.ours in floating:
             _check_floating(hf, rule, where)
+        if rule.ours in sinks:
+            out[rule.ours] = _stream_rows(hf if lazy else _TensorDictReader(hf), rule, shape, where, dtype_for,
+                                          sinks[rule.ours])
+            continue
         if lazy:
             out[rule.ours] = _read_fused(hf, rule, shape, where, dtype_for)
             continue
@@ -360,6 +377,36 @@ def _read_fused(hf: LazyStateDict, rule, shape: torch.Size, where: str, dtype_fo
     return tensor
 
 
+def _stream_rows(hf, rule, shape: torch.Size, where: str, dtype_for, sink) -> Tensor:
+    """Reads a rule's (fused) tensor a block of rows at a time, in the dtype it would load in,
+    into `sink.fill_rows`; holds one block, never the whole tensor. Returns a meta placeholder."""
+    _check_shape([hf.shape(k) for k in rule.hf], rule, shape, where)
+    dtype = hf.dtype(rule.hf[0])
+    if dtype_for is not None and dtype.is_floating_point:
+        dtype = dtype_for(rule.ours) or dtype
+    step = sink.block_rows
+    buffer = torch.empty(min(step, shape[0]), *shape[1:], dtype=dtype)
+    parts = [(key, hf.shape(key)[0]) for key in rule.hf]
+    for start in range(0, shape[0], step):
+        block = buffer[: min(step, shape[0] - start)]
+        _read_rows(hf, parts, start, block)
+        sink.fill_rows(start, block)
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _read_rows(hf, parts: list[tuple[str, int]], start: int, out: Tensor) -> None:
+    """Rows [start, start + len(out)) of the parts (key, rows) concatenated along dim 0, into `out`."""
+    width = out[0].numel() if len(out) else 0
+    first = 0  # the current part's first row in the concatenation
+    done = 0  # rows of `out` filled
+    for key, rows in parts:
+        lo, hi = start + done, min(start + len(out), first + rows)
+        if lo < hi:
+            hf.read_into(key, out[done : done + hi - lo], (lo - first) * width)
+            done += hi - lo
+        first += rows
+
+
 def ours_to_hf(state: Mapping[str, Tensor], table: KeyTable) -> dict[str, Tensor]:
     """Splits fused tensors back into the checkpoint's names (contiguous, ready to save)."""
     out: dict[str, Tensor] = {}
@@ -416,11 +463,14 @@ def build_on_meta(model_factory) -> nn.Module:
 
 
 def load_into(model_factory, directory: Path | None, table: KeyTable, dtype: torch.dtype | None,
-              keep_fp32: tuple[str, ...] = (), state: Mapping[str, Tensor] | None = None) -> nn.Module:
+              keep_fp32: tuple[str, ...] = (), state: Mapping[str, Tensor] | None = None,
+              sinks: Mapping[str, object] | None = None) -> nn.Module:
     """Builds the model on the meta device and fills it from the checkpoint in `directory`
     (or from `state`, tensors under the checkpoint's names, when given).
 
-    `model_factory` may also return a model already built on the meta device.
+    `model_factory` may also return a model already built on the meta device. The tensors
+    named in `sinks` go to them a block of rows at a time (see `hf_to_ours`) and stay on
+    meta in the model: the caller replaces their modules (`blip2.modeling.quant.QuantizedLoad`).
     """
     model = build_on_meta(model_factory)
     own = model.state_dict(keep_vars=True)
@@ -440,7 +490,7 @@ def load_into(model_factory, directory: Path | None, table: KeyTable, dtype: tor
             return torch.float32  # these layers overflow in float16
         return dtype
 
-    ours = hf_to_ours(hf, table, expected, where, dtype_for, floating)
+    ours = hf_to_ours(hf, table, expected, where, dtype_for, floating, sinks)
     _fill_tied(model, ours, where)
     model.load_state_dict(ours, strict=True, assign=True)
     for module in model.modules():

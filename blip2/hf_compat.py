@@ -27,7 +27,7 @@ from .modeling.blip2 import Blip2, check_pixel_values
 from .modeling.checkpointing import is_checkpointing
 from .modeling.inference import InferenceLayout, quantize_model
 from .modeling.init import init_model_
-from .modeling.quant import QUANTIZERS
+from .modeling.quant import QUANTIZERS, QuantizedLoad
 from .modeling.qformer import QFormer
 from .modeling.vision import VisionEncoder
 from .outputs import (
@@ -409,10 +409,16 @@ class PreTrainedModel(PeftAdapterMixin, InferenceLayout):
         if opts["quantize"] is not None and opts["quantize"] not in QUANTIZERS:
             raise ValueError(f"quantize must be None or one of {sorted(QUANTIZERS)}, got {opts['quantize']!r}")
         skeleton = ckpt.build_on_meta(lambda: cls(config))
-        model = ckpt.load_into(lambda: skeleton, folder, skeleton.key_table(), dtype, skeleton.keep_in_fp32, state=state)
+        # On the CPU the language model is quantized as it is read: the float model never exists whole.
+        early = QuantizedLoad(skeleton, opts["quantize"]) if opts["quantize"] and device in (None, torch.device("cpu")) \
+            else None
+        model = ckpt.load_into(lambda: skeleton, folder, skeleton.key_table(), dtype, skeleton.keep_in_fp32, state=state,
+                               sinks=early.sinks if early else None)
+        if early:
+            early.install()
         model.eval()
         _place(model, opts, dtype, device, bnb)
-        quantize_model(model, opts["quantize"])
+        quantize_model(model, opts["quantize"])  # what loading did not quantize: a tied output head
         model.name_or_path = str(name) if name is not None else ""
         config.name_or_path = model.name_or_path
         if opts["output_loading_info"]:

@@ -212,10 +212,10 @@ def test_int8_quantization_by_row_blocks_equals_the_whole_weight_at_once(monkeyp
     from blip2.modeling import quant
 
     torch.manual_seed(0)
-    weight = torch.randn(37, 24).to(torch.bfloat16)
+    linear = nn.Linear(24, 37).to(torch.bfloat16)
     monkeypatch.setattr(quant, "_BLOCK_ELEMENTS", 24 * 5)  # 5 rows a block, a short last block
-    q, scale = quant.quantize_weight(weight)
-    w = weight.float()
+    layer = Int8Linear(linear)
+    w = linear.weight.float()
     expected_scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    assert torch.equal(scale, expected_scale)
-    assert q.dtype == torch.int8 and torch.equal(q, torch.round(w / expected_scale[:, None]).clamp(-127, 127).to(torch.int8))
+    assert torch.equal(layer.scale, expected_scale.to(torch.bfloat16))
+    assert torch.equal(layer.weight_int8, torch.round(w / expected_scale[:, None]).clamp(-127, 127).to(torch.int8))

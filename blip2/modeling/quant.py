@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .packed import PackedLinear, linear_parents
+from .packed import PackedLinear, _shared_parameters, linear_parents
 
 KERNEL_MAX_ROWS = 4  # beyond this the int8 kernel is slower than converting the weight
 _BLOCK_ELEMENTS = 1 << 22  # weight elements converted at a time (8 MB of bfloat16)
@@ -31,37 +31,69 @@ def int8_kernel_available() -> bool:
 
 
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """(N, K) float -> (N, K) int8 and (N,) float32 scales, symmetric per output channel.
+    """(N, K) float -> (N, K) int8 and (N,) float32 scales, symmetric per output channel."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale  # whole numbers: the cast is exact
 
-    A block of rows at a time: the float32 temporaries of a whole output head (0.5 GB each for
-    OPT-2.7b's) would otherwise set the peak memory of a quantized load.
+
+class WeightOnlyLinear(nn.Module):
+    """What the int8 and int4 layers share: a float bias, and a quantized weight filled a block of
+    rows at a time (`fill_rows`). Every row is quantized on its own, so blocks give the same values
+    as the whole weight at once, and only a block's float temporaries ever exist: the loader hands
+    over each block as it reads it (`blip2.checkpoint`), so the float weight is never whole.
     """
-    N, K = weight.shape
-    q = torch.empty(N, K, dtype=torch.int8, device=weight.device)
-    scale = torch.empty(N, dtype=torch.float32, device=weight.device)
-    step = max(1, _BLOCK_ELEMENTS // max(K, 1))
-    for i in range(0, N, step):
-        w = weight[i : i + step].detach().float()
-        s = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        scale[i : i + step] = s
-        q[i : i + step] = torch.round(w / s[:, None]).clamp_(-127, 127)  # whole numbers: the cast is exact
-    return q, scale
+
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__()
+        self._allocate(linear.in_features, linear.out_features, linear.weight.device)
+        weight = linear.weight
+        for start in range(0, self.out_features, self.block_rows):
+            self.fill_rows(start, weight[start : start + self.block_rows])
+        self.set_bias(getattr(linear, "bias", None))
+
+    @classmethod
+    def unfilled(cls, in_features: int, out_features: int, device: torch.device | str = "cpu"):
+        """The layer with its weight allocated but not yet filled: the loader fills it (`fill_rows`)
+        and `set_bias` gives it the bias."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._allocate(in_features, out_features, torch.device(device))
+        layer.bias = None
+        return layer
+
+    def set_bias(self, bias: Tensor | None) -> None:
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @property
+    def block_rows(self) -> int:
+        """Rows `fill_rows` takes at a time (the last block may be shorter)."""
+        return max(1, _BLOCK_ELEMENTS // max(self.in_features, 1))
+
+    def _allocate(self, in_features: int, out_features: int, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def fill_rows(self, start: int, rows: Tensor) -> None:
+        """Quantizes weight rows [start, start + len(rows)) from their float values."""
+        raise NotImplementedError
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(WeightOnlyLinear):
     """nn.Linear with an int8 weight and per-output-channel scales; inference only.
 
     Computes in bfloat16 (the int8 kernel's activation type) and returns the input's dtype.
     """
 
-    def __init__(self, linear: nn.Module) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scale = quantize_weight(linear.weight)
-        self.register_buffer("weight_int8", q)
-        self.register_buffer("scale", scale.to(torch.bfloat16))
-        bias = getattr(linear, "bias", None)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+    def _allocate(self, in_features: int, out_features: int, device: torch.device) -> None:
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.bfloat16, device=device))
+
+    def fill_rows(self, start: int, rows: Tensor) -> None:
+        q, scale = quantize_weight(rows)
+        with torch.inference_mode(False), torch.no_grad():
+            self.weight_int8[start : start + len(rows)] = q
+            self.scale[start : start + len(rows)] = scale
 
     def dequantized(self) -> Tensor:
         return self.weight_int8.to(torch.float32) * self.scale.float()[:, None]
@@ -115,7 +147,7 @@ def quantize_weight_int4(weight: Tensor, group: int) -> tuple[Tensor, Tensor, Te
     return q, scale, low + 8 * scale
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(WeightOnlyLinear):
     """nn.Linear with int4 weights, one scale and zero per group of `group_size` inputs; inference only.
 
     Output rows in whole blocks of 64 live in the layout of PyTorch's CPU int4 kernel
@@ -124,24 +156,40 @@ class Int4Linear(nn.Module):
     row computes the same quantized weight. Returns the input's dtype.
     """
 
-    def __init__(self, linear: nn.Module, group_size: int = 128) -> None:
-        super().__init__()
-        N, K = self.out_features, self.in_features = linear.out_features, linear.in_features
-        group = next((g for g in (group_size, 64, 32) if K % g == 0), None)
+    group_size = 128
+
+    def _allocate(self, in_features: int, out_features: int, device: torch.device) -> None:
+        N, K = self.out_features, self.in_features = out_features, in_features
+        group = next((g for g in (self.group_size, 64, 32) if K % g == 0), None)
         self.group = group or K
-        q, scale, zero = quantize_weight_int4(linear.weight, self.group)
-        kernel = group is not None and int4_kernel_available()
-        main = N - N % _INT4_BLOCK_N if kernel else 0
+        main = N - N % _INT4_BLOCK_N if group is not None and int4_kernel_available() else 0
+        with torch.inference_mode(False):
+            # (main, K / 2) uint8 in the kernel's layout; (K / group, main, 2) scales and zeros; the rest plain
+            self.register_buffer("weight_int4", torch.empty(main, K // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scale_zeros", torch.empty(K // self.group, main, 2, dtype=torch.bfloat16, device=device))
+            self.register_buffer("rest", torch.empty(N - main, K, dtype=torch.bfloat16, device=device))
+
+    @property
+    def block_rows(self) -> int:
+        # Whole blocks of the kernel's layout, which converts 64 rows at a time.
+        return max(_INT4_BLOCK_N, _BLOCK_ELEMENTS // max(self.in_features, 1) // _INT4_BLOCK_N * _INT4_BLOCK_N)
+
+    def fill_rows(self, start: int, rows: Tensor) -> None:
+        """`start` is a multiple of 64, as `block_rows` is."""
+        n, K, G = len(rows), self.in_features, self.group
+        main = self.weight_int4.shape[0]
+        q, scale, zero = quantize_weight_int4(rows, G)
+        kernel = max(0, min(n, main - start))  # this block's rows in the kernel's layout
         with torch.inference_mode(False), torch.no_grad():
-            packed = torch._convert_weight_to_int4pack_for_cpu(q[:main].to(torch.int32), 8) if main else q[:0]
-            self.register_buffer("weight_int4", packed)  # (main, K / 2) uint8 in the kernel's layout
-            pairs = torch.stack([scale[:main], zero[:main]], dim=-1).transpose(0, 1)  # (K / group, main, 2)
-            self.register_buffer("scale_zeros", pairs.contiguous().to(torch.bfloat16))
-            scale, zero = scale.to(torch.bfloat16).float(), zero.to(torch.bfloat16).float()  # as the kernel reads them
-            rest = (q[main:].view(N - main, K // self.group, self.group).float() - 8) * scale[main:, :, None] + zero[main:, :, None]
-            self.register_buffer("rest", rest.view(N - main, K).to(torch.bfloat16))  # (N - main, K)
-        bias = getattr(linear, "bias", None)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+            if kernel:
+                packed = torch._convert_weight_to_int4pack_for_cpu(q[:kernel].to(torch.int32), 8)
+                self.weight_int4[start : start + kernel] = packed
+                self.scale_zeros[:, start : start + kernel] = torch.stack([scale[:kernel], zero[:kernel]], dim=-1).transpose(0, 1)
+            if kernel < n:
+                s, z = scale[kernel:].to(torch.bfloat16).float(), zero[kernel:].to(torch.bfloat16).float()  # as the kernel reads them
+                rest = (q[kernel:].view(n - kernel, K // G, G).float() - 8) * s[..., None] + z[..., None]
+                first = start + kernel - main
+                self.rest[first : first + n - kernel] = rest.view(n - kernel, K)
 
     def dequantized(self) -> Tensor:
         main = self.weight_int4.shape[0]
@@ -193,19 +241,60 @@ def quantize_linears(module: nn.Module, skip: tuple[str, ...] = (), layer_type: 
     return count
 
 
+def _language_model(model: nn.Module) -> nn.Module:
+    return getattr(model, "language_model", model)
+
+
 def quantize_language_model(model: nn.Module, kind: str = "int8") -> nn.Module:
     """Weight-only quantization (`kind`: a key of QUANTIZERS) of every linear layer of
     `model.language_model` (the output head included); the image encoder and Q-Former are left
     as they are. Returns the model. The embedding table stays in floating point: it is read a
-    row at a time.
+    row at a time. Layers already quantized (while loading, `QuantizedLoad`) stay as they are.
     """
-    lm = getattr(model, "language_model", model)
-    if quantize_linears(lm, layer_type=QUANTIZERS[kind]) == 0:
+    lm = _language_model(model)
+    done = any(isinstance(m, QUANTIZERS[kind]) for m in lm.modules())
+    if quantize_linears(lm, layer_type=QUANTIZERS[kind]) == 0 and not done:
         raise ValueError("no linear layers to quantize in the language model")
     return model
 
 
+class QuantizedLoad:
+    """Quantizes the language model's linear layers while the loader reads them.
+
+    Built on the model still on the meta device: each linear weight of the language model gets
+    an unfilled quantized layer, which the loader fills a block of rows at a time as it reads
+    the weight (`sinks`, by state-dict name), so the float weight never exists whole and a
+    quantized load peaks near the quantized model's size, not above the float one's. After
+    loading, `install` puts the layers in place of the linear ones, with their biases.
+    A weight another module shares (a tied output head) loads as float for its other owner and
+    is quantized after loading, as before. Same values as quantizing after a float load.
+    """
+
+    def __init__(self, model: nn.Module, kind: str, device: torch.device | str = "cpu") -> None:
+        lm = _language_model(model)
+        prefix = next(name for name, m in model.named_modules() if m is lm)
+        shared = _shared_parameters(model)
+        self.layers: dict[str, tuple[nn.Module, str, WeightOnlyLinear]] = {}  # weight name -> (parent, attribute, layer)
+        for name, parent in linear_parents(lm):
+            for attr, sub in parent.named_children():
+                if type(sub) is nn.Linear and id(sub.weight) not in shared:
+                    key = ".".join(part for part in (prefix, name, attr, "weight") if part)
+                    self.layers[key] = (parent, attr, QUANTIZERS[kind].unfilled(sub.in_features, sub.out_features, device))
+
+    @property
+    def sinks(self) -> dict[str, WeightOnlyLinear]:
+        """State-dict name of a linear weight -> the layer that quantizes its rows (`fill_rows`)."""
+        return {key: layer for key, (_, _, layer) in self.layers.items()}
+
+    def install(self) -> None:
+        """The filled layers replace the linear ones (whose weights the loader left on meta)."""
+        for parent, attr, layer in self.layers.values():
+            layer.set_bias(getattr(parent, attr).bias)
+            setattr(parent, attr, layer)
+        self.layers = {}
+
+
 QUANTIZERS: dict[str, type[nn.Module]] = {"int8": Int8Linear, "int4": Int4Linear}
 
-__all__ = ["Int8Linear", "Int4Linear", "QUANTIZERS", "quantize_weight_int4", "int4_kernel_available", "quantize_weight", "quantize_linears", "quantize_language_model",
+__all__ = ["Int8Linear", "Int4Linear", "WeightOnlyLinear", "QuantizedLoad", "QUANTIZERS", "quantize_weight_int4", "int4_kernel_available", "quantize_weight", "quantize_linears", "quantize_language_model",
            "int8_kernel_available"]
