@@ -305,7 +305,9 @@ def hf_to_ours(hf: Mapping[str, Tensor], table: KeyTable, expected: Mapping[str,
         raise CheckpointError(f"{where} does not match the model config: " + "; ".join(problems))
     lazy = isinstance(hf, LazyStateDict)
     out: dict[str, Tensor] = {}
-    for rule in table.rules:
+    # The streamed tensors come last: their short-lived blocks then sit above every tensor the
+    # model keeps, where the allocator can give them back, instead of in holes between them.
+    for rule in sorted(table.rules, key=lambda rule: rule.ours in sinks):
         shape = expected.get(rule.ours)
         if shape is None:
             raise CheckpointError(f"key table names {rule.ours!r}, which the model does not have")

@@ -213,7 +213,7 @@ def test_int8_quantization_by_row_blocks_equals_the_whole_weight_at_once(monkeyp
 
     torch.manual_seed(0)
     linear = nn.Linear(24, 37).to(torch.bfloat16)
-    monkeypatch.setattr(quant, "_BLOCK_ELEMENTS", 24 * 5)  # 5 rows a block, a short last block
+    monkeypatch.setattr(quant, "_QUANT_BLOCK_ELEMENTS", 24 * 5)  # 5 rows a block, a short last block
     layer = Int8Linear(linear)
     w = linear.weight.float()
     expected_scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0

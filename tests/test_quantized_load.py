@@ -60,7 +60,7 @@ def _logits(model, config):
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_quantized_while_loading_equals_quantized_after_loading(saved, kind, monkeypatch):
     cls, config, folder = saved
-    monkeypatch.setattr(quant, "_BLOCK_ELEMENTS", 32 * 5)  # int8: 5-row blocks, across the q/k/v parts
+    monkeypatch.setattr(quant, "_QUANT_BLOCK_ELEMENTS", 32 * 5)  # int8: 5-row blocks, across the q/k/v parts
     blocks = []
     fill_rows = quant.QUANTIZERS[kind].fill_rows
     monkeypatch.setattr(quant.QUANTIZERS[kind], "fill_rows",
@@ -96,7 +96,7 @@ def test_int4_rows_filled_by_blocks_equal_the_whole_weight(monkeypatch):
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 200).to(torch.bfloat16)  # 3 blocks of 64 in the kernel's layout, 8 rows past them
     whole = quant.Int4Linear(linear)
-    monkeypatch.setattr(quant, "_BLOCK_ELEMENTS", 64 * 64)  # 64 rows a block
+    monkeypatch.setattr(quant, "_QUANT_BLOCK_ELEMENTS", 64 * 64)  # 64 rows a block
     blocks = quant.Int4Linear(linear)
     a, b = whole.state_dict(), blocks.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
