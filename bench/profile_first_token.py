@@ -58,7 +58,7 @@ def main() -> None:
     torch.manual_seed(0)
     inputs = dict(pixel_values=torch.randn(1, 3, 224, 224).bfloat16(), qformer_input_ids=torch.tensor([QFORMER_PROMPT]),
                   input_ids=torch.tensor([[IMAGE_TOKEN] * 32 + PROMPT]))
-    print(f"threads {torch.get_num_threads()}, load average {common.load_average():.2f}")
+    print(f"{folder.name}, threads {torch.get_num_threads()}, load average {common.load_average():.2f}")
     model = phase("load", lambda: blip2.load_model(folder, torch_dtype=torch.bfloat16).eval())
     phase("pack", lambda: model.fit_layout(generating=True))
     with torch.inference_mode():
