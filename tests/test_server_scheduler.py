@@ -131,6 +131,30 @@ def scheduler(engine, **settings) -> ContinuousScheduler:
     return ContinuousScheduler(engine, engine.run, server_settings(**settings))
 
 
+def test_a_trip_runs_several_steps_until_a_row_ends_or_a_request_could_join(engine):
+    s = scheduler(engine, max_batch=3)
+    a, b, c = Row(job(1, 30), None), Row(job(2, 4), None), Row(job(3, 4), None)
+    s.pending.append(a)
+    assert s._tick() == [] and len(a.tokens) == 1 + s.steps_per_trip  # nobody could join: 8 steps, one trip
+    original = s.decoder.tick
+
+    def c_arrives(joining):
+        out = original(joining)
+        if joining:
+            s.pending.append(c)
+        return out
+
+    s.decoder.tick = c_arrives
+    s.pending.append(b)
+    s._tick()  # b joins; c arrives meanwhile and a row is free: the trip ends after one step
+    assert len(a.tokens) == 10 and len(b.tokens) == 2
+    s.decoder.tick = original
+    assert s._tick() == [b]  # c joins; b ends at its 4th token two steps later, and the trip with it
+    assert len(c.tokens) == 3 and len(a.tokens) == 12
+    for row in (a, c):
+        assert row.tokens == alone(engine, row.job)[: len(row.tokens)]
+
+
 def test_concurrent_requests_arriving_at_random_times_get_their_own_answers(engine):
     jobs = [job(20 + n, 4 + (n * 7) % 37, PROMPTS[n % 4]) for n in range(10)]
 

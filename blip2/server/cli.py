@@ -136,10 +136,26 @@ def run(args) -> int:
                    timeout_graceful_shutdown=args.graceful_timeout, **uvicorn_options(settings))
     if args.workers > 1:
         return _run_workers(args.workers, spec, settings, options)
+    threads = torch_threads(1)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     config = uvicorn.Config(build_app(settings=settings, **spec), **options)
     _exit_cleanly_on_sigterm()
     uvicorn.Server(config).run()
     return 0
+
+
+def torch_threads(workers: int) -> int | None:
+    """Torch threads for each of `workers` server processes: its share of the cores less one, which
+    the event loop reading requests needs. An intra-op thread that the loop preempts stalls every op
+    of the model thread (bench_server_load, 2 cores, 16 clients: 1 thread gave 1.5-1.9x the tokens/s
+    of 2 with either batcher). None: OMP_NUM_THREADS is set, and torch follows it."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // workers - 1)
 
 
 def build_app(model: str, retrieval: str | None, name: str | None, device: str | None, dtype: str | None,
@@ -158,11 +174,11 @@ WORKER_ENV = "BLIP2_SERVE_WORKER"  # the parent's options, for each worker proce
 def _run_workers(workers: int, spec: dict, settings: Settings, options: dict) -> int:
     """N worker processes on one socket (uvicorn's supervisor: it restarts a worker that dies and
     passes SIGTERM on, so each drains). Each loads its own model and batches its own requests;
-    torch threads are split between them."""
+    torch threads are split between them (`torch_threads`)."""
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
-    threads = None if os.environ.get("OMP_NUM_THREADS") else max(1, (os.cpu_count() or 1) // workers)
+    threads = torch_threads(workers)
     os.environ[WORKER_ENV] = json.dumps({**spec, "threads": threads, "settings": dataclasses.asdict(settings)})
     # Workers are spawned, so the protocol goes by name; `worker_app` gives it the header deadline.
     options["http"] = "blip2.server.sockets:DeadlineH11Protocol"

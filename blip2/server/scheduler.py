@@ -48,6 +48,10 @@ from .stops import first_stop
 
 log = logging.getLogger("blip2.server")
 
+# Decode steps one trip to the model thread may run while nobody could join and no row has ended:
+# each trip through the event loop costs about what a small model's step costs.
+STEPS_PER_TRIP = 8
+
 
 # ---------------------------------------------------------------- one request in the batch
 @dataclass(eq=False)
@@ -67,6 +71,9 @@ class Row:
     filled: int = 0  # cache slots this request uses (padding included); its next token goes to slot `filled`
     position: int = 0  # its real tokens so far: the position of its next token
     tokens: list[int] = field(default_factory=list)  # new tokens; the last is fed at the next step
+    plain: bool = True  # greedy with no score processing: the batch's argmax is its token
+    eos: frozenset[int] = frozenset()
+    stops: tuple[str, ...] = ()
     generator: torch.Generator | None = None
     streamer: CallbackStreamer | None = None
     outcome: GenerateResult | BaseException | None = None  # set when the row leaves
@@ -94,12 +101,11 @@ def _accept(row: Row, token: int, engine: Engine) -> None:
     row.tokens.append(token)
     if row.streamer is not None:
         row.streamer.put(torch.tensor([token]))
-    stops = row.job.settings.stop
-    if (token in row.config.eos_ids or len(row.tokens) >= row.limit
-            or (stops and first_stop(engine.decode(row.tokens), stops) is not None)):
+    if (token in row.eos or len(row.tokens) >= row.limit
+            or (row.stops and first_stop(engine.decode(row.tokens), row.stops) is not None)):
         if row.streamer is not None:
             row.streamer.end()
-        row.outcome = engine._result(torch.tensor(row.tokens), row.config, row.prompt_tokens, row.cached, stops)
+        row.outcome = engine._result(torch.tensor(row.tokens), row.config, row.prompt_tokens, row.cached, row.stops)
 
 
 # ---------------------------------------------------------------- the model side
@@ -134,8 +140,8 @@ class SlotDecoder:
 
     # ---- admit ----
     def _admit(self, joining: list[Row], ended: list[Row]) -> None:
-        fit_layouts(self.engine.model)  # prepacked weights, as model.generate would use
-        if self.cache is None:
+        if self.cache is None:  # the first request; a server's model keeps its layout after that
+            fit_layouts(self.engine.model)  # prepacked weights, as model.generate would use
             self.cache = self.lm.new_cache(self.slots, self.row_len)  # k, v: [layers] of (slots, H, row_len, D)
             self.keep = torch.zeros(self.slots, self.row_len, dtype=torch.bool, device=self.cache.k[0].device)
         ready = []
@@ -157,6 +163,8 @@ class SlotDecoder:
         config = row.config = inputs.config
         row.start_id, row.limit = config.bos_token_id, config.new_token_limit(1)
         row.prompt_tokens, row.cached = inputs.prompt_tokens, inputs.cached
+        row.plain = not config.do_sample and not is_active(config)  # decided here, not at every step
+        row.eos, row.stops = frozenset(config.eos_ids), row.job.settings.stop
         if config.do_sample and config.seed is not None:  # its own stream, in any batch
             row.generator = torch.Generator(device=inputs.embeds.device).manual_seed(config.seed)
         if row.limit > self.max_new:  # the HTTP layer checks this too; the cache rows are sized by it
@@ -210,8 +218,7 @@ class SlotDecoder:
         best = logits.argmax(dim=-1).tolist()  # plain greedy rows need nothing more
         for i, row in enumerate(rows):
             try:
-                plain = not row.config.do_sample and not is_active(row.config)
-                _accept(row, best[i] if plain else _pick(row, logits[i : i + 1]), self.engine)
+                _accept(row, best[i] if row.plain else _pick(row, logits[i : i + 1]), self.engine)
             except Exception as err:  # noqa: BLE001 - a streamer whose client left, a bad draw: this row only
                 row.outcome = err
 
@@ -277,6 +284,7 @@ class ContinuousScheduler:
         # together: `admit_batch` of them, or fewer once the oldest has waited max_wait_ms.
         self.admit_batch = max(1, settings.max_batch // 4)
         self.max_wait_s = settings.max_wait_ms / 1000
+        self.steps_per_trip = STEPS_PER_TRIP
         self.max_queue, self.timeout_s = settings.max_queue, settings.request_timeout_s
         self.on_results = on_results or (lambda results: None)
         self.pending: collections.deque[Row] = collections.deque()
@@ -331,13 +339,13 @@ class ContinuousScheduler:
 
     # ---- the worker ----
     async def _loop(self) -> None:
-        """One tick per trip to the model thread, while there is work.
+        """Trips to the model thread (`_tick`) while there is work; answers go out between trips.
 
-        The event loop and the model thread take turns (a tick, then the loop's own work: reading
-        requests, sending answers and stream pieces) rather than running side by side: on a CPU the
-        model's many small ops and the loop's request parsing would otherwise fight over the GIL
-        (bench_server_load, whole answers at 16 clients: 0.65x the micro-batcher's tokens/s when the
-        model thread ticked on its own, 1.66x taking turns; one run each, at load 6.8 and 3.8)."""
+        A trip ends as soon as a row ends or a request could join, so neither waits more than a
+        step. The model thread does not go on ticking while the loop works: when it did (an
+        earlier version), the loop's request parsing and the model's many small ops fought over
+        the GIL (bench_server_load, whole answers at 16 clients: 0.65x the micro-batcher's
+        tokens/s, against 1.66x taking turns; one run each, at load 6.8 and 3.8)."""
         loop = asyncio.get_running_loop()
         while True:
             if not self.pending and not self.decoder.rows:
@@ -349,20 +357,27 @@ class ContinuousScheduler:
             self._answer(await loop.run_in_executor(self.executor, self._tick))
 
     def _tick(self) -> list[Row]:
-        """Model thread: admits what may join now and advances the live rows; returns the rows that ended."""
+        """Model thread: admits what may join now and advances the live rows, for up to
+        `steps_per_trip` steps while no request could join and no row has ended (so neither waits
+        more than one step); returns the rows that ended."""
         joining = self._take_joining()
         if not joining and not self.decoder.rows:
             return []
         started = time.monotonic()
         try:
             ended = self.decoder.tick(joining)
+            self.stats.record_step(len(self.decoder.rows) + len(ended))
+            for _ in range(self.steps_per_trip - 1):
+                if ended or not self.decoder.rows or (self.pending and len(self.decoder.rows) < self.decoder.slots):
+                    break
+                ended = self.decoder.tick([])
+                self.stats.record_step(len(self.decoder.rows) + len(ended))
         except Exception as err:  # noqa: BLE001 - a bug here must not leave every request hanging
             log.exception("a decode step failed; failing the rows it held")
             failure = ApiError(500, f"generation failed: {type(err).__name__}: {err}")
             ended = self.decoder.fail_all(failure) + [r for r in joining if not r.ended]
             for row in ended:
                 row.outcome = failure
-        self.stats.record_step(len(self.decoder.rows) + len(ended))
         self.stats.record_end(time.monotonic() - started)
         return ended
 
