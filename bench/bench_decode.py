@@ -3,6 +3,7 @@
 
     python bench/bench_decode.py                 # ours bf16 / + int8 / + int4 LM, reference bf16 and fp32
     python bench/bench_decode.py --configs ours:bf16 ref:bf16 --tokens 24
+    python bench/bench_decode.py --configs ours:bf16:int4 ref:bf16:int4   # the reference's int4: torchao's CPU int4
     python bench/bench_decode.py --checkpoint "$BLIP2_BENCH_CACHE/blip2-small-random"   # a smaller shape
 
 One image and a short question, greedy, `--tokens` new tokens (min = max, so every run does
@@ -60,6 +61,11 @@ def lm_weight_bytes(lm: torch.nn.Module) -> int:
         tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
         packed = getattr(module, "packed", None)  # a prepacked weight is not a parameter
         for t in tensors + ([packed] if isinstance(packed, torch.Tensor) else []):
+            if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+                from bench_memory import tensor_bytes  # a torchao tensor: by its parts
+
+                tensor_bytes(t, seen)
+                continue
             key = id(t) if t.is_mkldnn else t.data_ptr()
             seen[key] = t.numel() * t.element_size()
     return sum(seen.values())
@@ -93,7 +99,13 @@ def worker(args) -> dict:
         model = common.load_ours(checkpoint, dtype, quantize=quantize)
         model.auto_pack = "plain" not in opts
     else:
-        model = common.load_reference(checkpoint, dtype)
+        quantize = next((o for o in opts if o in ("int8", "int4")), None)
+        if quantize:  # torchao through TorchAoConfig (transformers 4.43+), the language model only, as ours
+            from bench_memory import torchao_config
+
+            model = common.load_reference(checkpoint, dtype, quantization_config=torchao_config(quantize))
+        else:
+            model = common.load_reference(checkpoint, dtype)
     load_s = time.perf_counter() - t0
     model_gb = common.model_bytes(model) / 1e9  # before the first use packs it (asking a packed model unpacks it)
     gen = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens)
@@ -161,16 +173,17 @@ def main() -> None:
     print(f"clock: {args.clock}; memory bandwidth measured: {bandwidth:.1f} GB/s"
           f"{' (one thread)' if args.clock == 'cpu' else ''}")
     print(f"checkpoint: {args.checkpoint}")
-    print("| config | tokens/s | LM weights GB | implied GB/s | of bandwidth | vs ref bf16 | vs ref fp32 | tokens differing from ours bf16 | peak RSS / (weights + KV cache) | load average |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| config | tokens/s | LM weights GB | implied GB/s | of bandwidth | vs ref bf16 | vs ref fp32 | vs ref, same setting | tokens differing from ours bf16 | peak RSS / (weights + KV cache) | load average |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gbs = r["tokens_per_s"] * r["lm_weight_gb"]
-        vs = [f"{r['tokens_per_s'] / by[c]['tokens_per_s']:.2f}x" if c in by else "-" for c in ("ref:bf16", "ref:fp32")]
+        same = r["config"].replace("ours", "ref", 1) if r["config"].startswith("ours") else None
+        vs = [f"{r['tokens_per_s'] / by[c]['tokens_per_s']:.2f}x" if c in by else "-" for c in ("ref:bf16", "ref:fp32", same)]
         base = by.get("ours:bf16", {}).get("tokens")
         differ = f"{sum(a != b for a, b in zip(r['tokens'], base))} / {len(base)}" if base and r["config"].startswith("ours") else ""
         name = r["config"] if r["config"].startswith("ours") else r["config"].replace("ref", f"transformers {r['reference']}")
         print(f"| {name} | {r['tokens_per_s']:.2f} | {r['lm_weight_gb']:.2f} | {gbs:.1f} | {gbs / bandwidth:.0%} | "
-              f"{vs[0]} | {vs[1]} | {differ} | {rss_ratio(r)} | {r['load']:.2f} |")
+              f"{vs[0]} | {vs[1]} | {vs[2]} | {differ} | {rss_ratio(r)} | {r['load']:.2f} |")
 
 
 def rss_ratio(r: dict) -> str:

@@ -52,11 +52,11 @@ def ref_major() -> int:
     return int(version.split(".")[0]) if version else 0
 
 
-def load_reference(path: Path, dtype: torch.dtype):
-    """The reference's Blip2ForConditionalGeneration, as its users load it."""
+def load_reference(path: Path, dtype: torch.dtype, **kwargs):
+    """The reference's Blip2ForConditionalGeneration, as its users load it (`kwargs`: more of from_pretrained's)."""
     transformers, _ = reference()
     key = "dtype" if ref_major() >= 5 else "torch_dtype"  # 5.x renamed the argument
-    model = transformers.Blip2ForConditionalGeneration.from_pretrained(str(path), **{key: dtype})
+    model = transformers.Blip2ForConditionalGeneration.from_pretrained(str(path), **{key: dtype}, **kwargs)
     return model.eval()
 
 
