@@ -115,6 +115,14 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _sample(text: str, name: str) -> float | None:
+    """One sample's value from Prometheus text (labels as written)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -137,7 +145,23 @@ def test_serve_workers_share_one_port_each_with_its_model(checkpoints):
             responses = list(pool.map(lambda _: httpx.post(f"{url}/v1/caption", json=body, timeout=60), range(8)))
         assert [r.status_code for r in responses] == [200] * 8
         assert len({r.json()["caption"] for r in responses}) == 1  # the same model in every worker
-        assert httpx.get(f"{url}/healthz").json()["pid"] in workers
+        # /healthz until both workers have answered; Prometheus /metrics then counts every one of
+        # those calls whichever worker it asks (multiprocess mode), not just its own share
+        healthz = 'blip2_request_duration_seconds_count{route="/healthz",status="200"}'
+        before = _sample(httpx.get(f"{url}/metrics?format=prometheus").text, healthz) or 0  # start() polled it
+        seen, calls = set(), 0
+        while seen != set(workers) and calls < 400:
+            seen.add(httpx.get(f"{url}/healthz").json()["pid"])
+            calls += 1
+        assert seen == set(workers)
+        counted = None
+        for _ in range(50):
+            text = httpx.get(f"{url}/metrics?format=prometheus").text
+            counted = _sample(text, healthz) - before
+            if counted == calls:
+                break
+            time.sleep(0.1)
+        assert counted == calls and _sample(text, "blip2_generated_tokens_total") == 8 * 6
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert not any(_running(w) for w in workers)  # the workers drained and exited with it

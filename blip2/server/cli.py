@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import ipaddress
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 
 from ..cli import device_option, float_option, int_option
 from .limits import Settings
+from .telemetry import MULTIPROC_ENV
 
 DTYPES = ("auto", "checkpoint", "float32", "float16", "bfloat16")  # auto: bf16 where native; checkpoint: config.json's
 
@@ -183,7 +187,16 @@ def _run_workers(workers: int, spec: dict, settings: Settings, options: dict) ->
     # Workers are spawned, so the protocol goes by name; `worker_app` gives it the header deadline.
     options["http"] = "blip2.server.sockets:DeadlineH11Protocol"
     config = uvicorn.Config("blip2.server.cli:worker_app", factory=True, workers=workers, **options)
-    Multiprocess(config, sockets=[config.bind_socket()]).run()
+    metrics_dir = None
+    if not os.environ.get(MULTIPROC_ENV) and importlib.util.find_spec("prometheus_client") is not None:
+        # /metrics sums every worker's histograms and counters from files here (see telemetry.py)
+        metrics_dir = os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="blip2-metrics-")
+    try:
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            del os.environ[MULTIPROC_ENV]
     print("blip2 serve: workers stopped after finishing in-flight requests", file=sys.stderr)
     return 0
 

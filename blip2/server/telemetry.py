@@ -3,17 +3,20 @@
 GET /metrics answers Prometheus text when asked (`?format=prometheus`, or an Accept header naming
 text/plain or openmetrics, as Prometheus sends) and the JSON summary otherwise. Live state (queue depth,
 batch sizes, cache, requests by status) is read from the batcher, engine and counters at scrape time;
-latencies, time to first token and generated tokens are observed as requests finish.
+latencies, time to first token and generated tokens are observed as requests finish. Under
+`blip2 serve --workers N` those are summed over the workers (prometheus-client's multiprocess mode).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any
 
 access_log = logging.getLogger("blip2.access")
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode, read when it is imported
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # Routes keep their own label; anything else is "other", so a scanner cannot grow the label set.
@@ -66,7 +69,16 @@ class Telemetry:
     def prometheus_text(self) -> tuple[bytes, str]:
         import prometheus_client as prom
 
-        return prom.generate_latest(self.registry), prom.CONTENT_TYPE_LATEST
+        registry = self.registry
+        if os.environ.get(MULTIPROC_ENV):
+            # Several workers (`--workers N`): the histograms and counters of every worker, summed from
+            # the files prometheus-client keeps in that folder; the live state is this worker's.
+            from prometheus_client import multiprocess
+
+            registry = prom.CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            registry.register(_LiveState(self))
+        return prom.generate_latest(registry), prom.CONTENT_TYPE_LATEST
 
 
 class _LiveState:
