@@ -24,8 +24,9 @@ from .packed import PackedLinear, _shared_parameters, linear_parents
 
 KERNEL_MAX_ROWS = 4  # beyond this the int8 kernel is slower than converting the weight
 _BLOCK_ELEMENTS = 1 << 22  # weight elements converted at a time (8 MB of bfloat16)
-# Weight elements quantized at a time. Their float32 temporaries (8 MB each) stay in the heap's
-# reused space: with 16 MB ones, glibc kept ~0.1 GB more of a quantized load's blocks than it gave back.
+# Weight elements quantized (and int4 ones unpacked for a prompt) at a time. Their float32
+# temporaries (8 MB each) stay in the heap's reused space: with 16 MB ones, glibc kept ~0.1 GB
+# more of a quantized load's blocks than it gave back.
 _QUANT_BLOCK_ELEMENTS = 1 << 21
 
 
@@ -214,7 +215,7 @@ class Int4Linear(WeightOnlyLinear):
         if main and rows.shape[0] <= INT4_KERNEL_MAX_ROWS and rows.device.type == "cpu":
             parts.append(torch._weight_int4pack_mm_for_cpu(rows.contiguous(), self.weight_int4, self.group, self.scale_zeros))
         elif main:
-            step = max(_INT4_BLOCK_N, _BLOCK_ELEMENTS // self.in_features // _INT4_BLOCK_N * _INT4_BLOCK_N)
+            step = self.block_rows  # float32 temporaries of 8 MB, which the heap reuses (see _QUANT_BLOCK_ELEMENTS)
             parts += [F.linear(rows, self._unpack(i, min(step, main - i))) for i in range(0, main, step)]
         if self.rest.shape[0]:
             parts.append(F.linear(rows, self.rest))
