@@ -6,7 +6,9 @@ requests) N clients each send a request, wait for its answer, pause for an expon
 its own max_tokens drawn from 4..40 (captions and questions alternate). Each N runs twice:
 whole answers (throughput and latency) and streamed answers (server-sent events; time to first
 token is the first text piece). Printed per run: tokens/s, the mean requests in flight (sum of
-latencies / wall time), p50/p99 latency and p50/p99 time to first token; then the ratios.
+latencies / wall time), p50/p99 latency and p50/p99 time to first token, and where the CPU went
+(per request: the server's model thread, its event loop, its other threads, and the clients);
+then the ratios.
 
 By default the model is a random-weight copy of the shipped demo model (its shape and tokenizer):
 random weights almost never emit the end token, so every request runs to its own max_tokens and
@@ -164,6 +166,34 @@ def start_server(model: str, mode: str, args) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of process `pid` (Linux /proc; empty elsewhere)."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return out
+
+
+def cpu_split(pid: int, before: dict[int, float], after: dict[int, float], client_s: float, requests: int) -> dict:
+    """Milliseconds of CPU per request: the server's main thread (the event loop: HTTP, JSON, answers),
+    its busiest other thread (the model thread), its other threads, and this client process."""
+    spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    loop = spent.pop(pid, 0.0)
+    busiest = max(spent.values(), default=0.0)
+    per = 1000 / max(1, requests)
+    return {"server_loop_ms": round(loop * per, 2), "server_model_ms": round(busiest * per, 2),
+            "server_other_ms": round((sum(spent.values()) - busiest) * per, 2), "client_ms": round(client_s * per, 2)}
+
+
 def bench_mode(model: str, mode: str, images: list[str], args) -> list[dict]:
     proc, url = start_server(model, mode, args)
     runs = []
@@ -175,8 +205,10 @@ def bench_mode(model: str, mode: str, images: list[str], args) -> list[dict]:
             for stream in (False, True):
                 # the same requests and pauses for both batchers
                 requests = make_requests(count, images, random.Random(args.seed + clients), args, stream)
+                threads, client = thread_cpu(proc.pid), time.process_time()
                 result = asyncio.run(run_load(url, requests, clients, args.think_ms / 1000, args.seed + clients))
-                result.update(mode=mode, stream=stream, load_average=round(os.getloadavg()[0], 2))
+                cpu = cpu_split(proc.pid, threads, thread_cpu(proc.pid), time.process_time() - client, count)
+                result.update(mode=mode, stream=stream, load_average=round(os.getloadavg()[0], 2), cpu=cpu)
                 print_run(result)
                 runs.append(result)
         batcher = httpx.get(f"{url}/metrics").json()["batcher"]
@@ -198,6 +230,10 @@ def print_run(r: dict) -> None:
           f"{r['p99_ttft_s']:8.3f} {r['errors']:6d} {r['load_average']:5.1f}", flush=True)
     for sample in r["error_samples"]:
         print(f"  error: {sample}")
+    if r["cpu"]["server_model_ms"]:
+        c = r["cpu"]
+        print(f"  CPU ms per request: server model thread {c['server_model_ms']}, event loop {c['server_loop_ms']}, "
+              f"other threads {c['server_other_ms']}; clients {c['client_ms']}", flush=True)
 
 
 def print_ratios(runs: list[dict]) -> None:
