@@ -154,8 +154,9 @@ def run(args) -> int:
 def torch_threads(workers: int) -> int | None:
     """Torch threads for each of `workers` server processes: its share of the cores less one, which
     the event loop reading requests needs. An intra-op thread that the loop preempts stalls every op
-    of the model thread (bench_server_load, 2 cores, 16 clients: 1 thread gave 1.5-1.9x the tokens/s
-    of 2 with either batcher). None: OMP_NUM_THREADS is set, and torch follows it."""
+    of the model thread (bench_server_load, 2 cores, 16 clients: 1 thread instead of 2 gave the
+    micro-batcher 1.5-1.9x and the continuous scheduler 1.3-1.4x the tokens/s). None:
+    OMP_NUM_THREADS is set, and torch follows it."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

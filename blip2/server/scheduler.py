@@ -5,8 +5,8 @@ waits for the whole batch. Here the model thread runs one *tick* at a time:
 
 1. admit: waiting requests take free rows of a preallocated KV cache, prefilled together into
    their rows (left-padded; image features from the content-hash cache), and choose their first
-   token; they join a running batch a few at a time (a prefill costs about a step, whatever its
-   size), or alone once the oldest has waited --max-wait-ms;
+   token; they join a running batch a few at a time (an admission has a large fixed cost: the
+   image encoder, the Q-Former and the prefill), or alone once the oldest has waited --max-wait-ms;
 2. step: every live row feeds its last token at its own position (`Positions` with per-row
    slots and masks) and chooses the next;
 3. leave: rows that ended (an end token, their own max_new_tokens, an error, a client that went
@@ -280,8 +280,8 @@ class ContinuousScheduler:
         self.executor = self.micro.executor  # one model thread for both: the model is not re-entrant
         # None: no decoder-only language model (T5, retrieval only), so every request goes to the micro-batcher
         self.decoder = SlotDecoder(engine, kv_rows(engine, settings), settings) if engine.decoder_only else None
-        # A prefill costs about what a step costs whatever its batch, so arrivals join a running batch
-        # together: `admit_batch` of them, or fewer once the oldest has waited max_wait_ms.
+        # An admission (image encoder, Q-Former, prefill) has a large fixed cost, so arrivals join a
+        # running batch together: `admit_batch` of them, or fewer once the oldest has waited max_wait_ms.
         self.admit_batch = max(1, settings.max_batch // 4)
         self.max_wait_s = settings.max_wait_ms / 1000
         self.steps_per_trip = STEPS_PER_TRIP
