@@ -12,7 +12,8 @@
 Shapes are those of Salesforce/instructblip-vicuna-7b (ViT-g/14, the base Q-Former, a 32-layer
 4096-wide Llama with 32001 tokens + the image token), weights drawn normal(0, 0.02), norms at 1 / 0,
 written shard by shard (--make needs ~2 GB of memory). Measured peaks (2026-12-05): ours 16.3 GB in
-bf16, 17.6 GB with int8 (quantized after the bf16 load), the reference 17.7-18.2 GB; run one
+bf16, 10.0 GB with int8 (quantized while loading; 17.6 GB when it was quantized after a bf16 load),
+the reference 17.7-18.2 GB; run one
 configuration at a time on a quiet machine. One image, a short instruction, greedy, --tokens new
 tokens (min = max);
 the decode rate is (tokens - 1) over the time from the first new token to the last. The newer
