@@ -205,7 +205,8 @@ def run_aux(args, work: Path) -> None:
     t = time.perf_counter()
     history = Trainer(AnswerSignal(model, cache, answer_ids, args.head), KindPairs(data, 3, args.kinds.split(","), args.plain),
                       collate, cfg).fit()
-    keys = ("lm", "extra", "extra_acc", "yes_no_first", "direction_first")
+    keys = [k for k in ("lm", "extra", "extra_acc", "yes_no_first", "direction_first")
+            if not np.isnan([h[k] for h in history]).all()]  # exist alone asks no direction
     width = max(1, args.steps // 8)
     for s in range(0, args.steps, width):
         chunk = history[s:s + width]
