@@ -155,6 +155,17 @@ def test_a_trip_runs_several_steps_until_a_row_ends_or_a_request_could_join(engi
         assert row.tokens == alone(engine, row.job)[: len(row.tokens)]
 
 
+def test_a_queue_joins_a_group_at_a_time_and_a_lone_arrival_at_once(engine):
+    s = scheduler(engine, max_batch=8, max_wait_ms=0)  # groups of 2
+    s.decoder.rows = [object()] * 7  # one row free
+    s.pending.extend(Row(job(n, 4), None) for n in range(3))
+    assert s._take_joining() == []  # three waiting: wait for a second free row
+    s.decoder.rows = [object()] * 6
+    assert len(s._take_joining()) == 2 and len(s.pending) == 1
+    s.decoder.rows = [object()] * 7
+    assert len(s._take_joining()) == 1  # one waiting, one free: it joins at once
+
+
 def test_concurrent_requests_arriving_at_random_times_get_their_own_answers(engine):
     jobs = [job(20 + n, 4 + (n * 7) % 37, PROMPTS[n % 4]) for n in range(10)]
 

@@ -281,7 +281,8 @@ class ContinuousScheduler:
         # None: no decoder-only language model (T5, retrieval only), so every request goes to the micro-batcher
         self.decoder = SlotDecoder(engine, kv_rows(engine, settings), settings) if engine.decoder_only else None
         # An admission (image encoder, Q-Former, prefill) has a large fixed cost, so arrivals join a
-        # running batch together: `admit_batch` of them, or fewer once the oldest has waited max_wait_ms.
+        # running batch together: `admit_batch` of them, or fewer once the oldest has waited
+        # max_wait_ms; a queue longer than that waits until as many rows are free.
         self.admit_batch = max(1, settings.max_batch // 4)
         self.max_wait_s = settings.max_wait_ms / 1000
         self.steps_per_trip = STEPS_PER_TRIP
@@ -386,6 +387,9 @@ class ContinuousScheduler:
         (`pending` is appended on the event loop; deque appends and pops are atomic.)"""
         free = self.decoder.slots - len(self.decoder.rows)
         if self.decoder.rows and self.pending and not self._closing:
+            group = min(self.admit_batch, self.decoder.slots)
+            if len(self.pending) >= group > free:
+                return []  # a queue: rows free up a step or two apart; take them a group at a time
             waited = time.monotonic() - self.pending[0].arrived
             if len(self.pending) < min(free, self.admit_batch) and waited < self.max_wait_s:
                 return []  # wait a step or two for company
