@@ -172,7 +172,7 @@ def main() -> None:
     print()
     print(f"clock: {args.clock}; memory bandwidth measured: {bandwidth:.1f} GB/s"
           f"{' (one thread)' if args.clock == 'cpu' else ''}")
-    print(f"checkpoint: {args.checkpoint}")
+    print(f"checkpoint: {common.shown_path(args.checkpoint)}")
     print("| config | tokens/s | LM weights GB | implied GB/s | of bandwidth | vs ref bf16 | vs ref fp32 | vs ref, same setting | tokens differing from ours bf16 | peak RSS / (weights + KV cache) | load average |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

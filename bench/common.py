@@ -19,6 +19,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("BLIP2_BENCH_CACHE", Path.home() / ".cache" / "blip2-bench"))
+
+
+def shown_path(path) -> str:
+    """A checkpoint path as results files show it: under $BLIP2_BENCH_CACHE, never this machine's folder."""
+    try:
+        return "$BLIP2_BENCH_CACHE/" + Path(path).resolve().relative_to(CACHE.resolve()).as_posix()
+    except ValueError:
+        return Path(path).name
 SMALL_DIR = CACHE / "blip2-small-random"
 FULL_DIR = CACHE / "blip2-opt-2.7b-random-fp16"
 IMAGE_TOKEN = 50265
