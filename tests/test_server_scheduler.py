@@ -166,6 +166,18 @@ def test_a_queue_joins_a_group_at_a_time_and_a_lone_arrival_at_once(engine):
     assert len(s._take_joining()) == 1  # one waiting, one free: it joins at once
 
 
+def test_a_trip_goes_on_while_a_queue_waits_for_a_group_of_free_rows(engine):
+    s = scheduler(engine, max_batch=8, max_wait_ms=60_000)  # groups of 2
+    running = [Row(job(n, 30, min_new_tokens=30), None) for n in range(7)]
+    s.pending.extend(running)
+    s._tick()  # no live rows: all seven join at once and run a full trip
+    s.pending.extend(Row(job(10 + n, 4), None) for n in range(3))
+    before = [len(r.tokens) for r in running]
+    assert not s._may_join() and s._tick() == []  # one row free, three waiting: none may join yet
+    assert [len(r.tokens) - n for r, n in zip(running, before)] == [s.steps_per_trip] * 7  # so no trip cut short
+    assert len(s.pending) == 3
+
+
 def test_concurrent_requests_arriving_at_random_times_get_their_own_answers(engine):
     jobs = [job(20 + n, 4 + (n * 7) % 37, PROMPTS[n % 4]) for n in range(10)]
 

@@ -369,7 +369,7 @@ class ContinuousScheduler:
             ended = self.decoder.tick(joining)
             self.stats.record_step(len(self.decoder.rows) + len(ended))
             for _ in range(self.steps_per_trip - 1):
-                if ended or not self.decoder.rows or (self.pending and len(self.decoder.rows) < self.decoder.slots):
+                if ended or not self.decoder.rows or self._may_join():
                     break
                 ended = self.decoder.tick([])
                 self.stats.record_step(len(self.decoder.rows) + len(ended))
@@ -382,17 +382,27 @@ class ContinuousScheduler:
         self.stats.record_end(time.monotonic() - started)
         return ended
 
+    def _may_join(self) -> bool:
+        """Whether waiting requests may take free rows now: the one admission rule, which both
+        `_take_joining` and the multi-step trip (it stops for a join) follow."""
+        free = self.decoder.slots - len(self.decoder.rows)
+        if not self.pending or free == 0:
+            return False
+        if self.decoder.rows and not self._closing:
+            group = min(self.admit_batch, self.decoder.slots)
+            if len(self.pending) >= group > free:
+                return False  # a queue: rows free up a step or two apart; take them a group at a time
+            waited = time.monotonic() - self.pending[0].arrived
+            if len(self.pending) < min(free, self.admit_batch) and waited < self.max_wait_s:
+                return False  # wait a step or two for company
+        return True
+
     def _take_joining(self) -> list[Row]:
         """Model thread: waiting requests for the free rows, oldest first; abandoned ones are dropped.
         (`pending` is appended on the event loop; deque appends and pops are atomic.)"""
+        if not self._may_join():
+            return []
         free = self.decoder.slots - len(self.decoder.rows)
-        if self.decoder.rows and self.pending and not self._closing:
-            group = min(self.admit_batch, self.decoder.slots)
-            if len(self.pending) >= group > free:
-                return []  # a queue: rows free up a step or two apart; take them a group at a time
-            waited = time.monotonic() - self.pending[0].arrived
-            if len(self.pending) < min(free, self.admit_batch) and waited < self.max_wait_s:
-                return []  # wait a step or two for company
         joining = []
         while self.pending and len(joining) < free:
             row = self.pending.popleft()
