@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_server_fixtures import (  # noqa: E402
-    _redraw, _tiny_config, _word_tokenizer, _write_processor_files, load_processor, make_engine, png_bytes,
-)
+from test_server_fixtures import _redraw, load_processor, make_engine, make_t5_engine, png_bytes
 
 from blip2.server.engine import Engine, GenerateJob, GenerationSettings
 from blip2.server.limits import ApiError, ImageData, Settings, decode_image, image_digest
@@ -40,25 +38,7 @@ def opt_engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def t5_engine(tmp_path_factory):
-    from blip2 import Blip2ForConditionalGeneration
-
-    folder = tmp_path_factory.mktemp("t5")
-    tok = _word_tokenizer(("<pad>", "</s>", "<unk>"), "$A </s>", ["</s>"])
-    _write_processor_files(folder, tok, {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"},
-                           "PreTrainedTokenizerFast")
-    config = _tiny_config(tok.get_vocab_size(), 8, retrieval=False).to_dict()
-    config["text_config"] = dict(model_type="t5", vocab_size=tok.get_vocab_size(), d_model=32, d_kv=8, d_ff=48,
-                                 num_layers=2, num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
-                                 pad_token_id=0, bos_token_id=1, eos_token_id=1, decoder_start_token_id=0,
-                                 tie_word_embeddings=False, dropout_rate=0.0)
-    from blip2 import Blip2Config
-
-    torch.manual_seed(0)
-    model = Blip2ForConditionalGeneration(Blip2Config.from_dict(config))
-    _redraw(model, 3)
-    model.save_pretrained(folder)
-    model = Blip2ForConditionalGeneration.from_pretrained(folder)
-    return Engine(model, load_processor(folder), settings=Settings(max_new_tokens=64))
+    return make_t5_engine(tmp_path_factory.mktemp("t5"), Settings(max_new_tokens=64))
 
 
 @pytest.mark.parametrize("which", ["opt_engine", "t5_engine"])

@@ -115,6 +115,40 @@ def make_retrieval_checkpoint(folder: Path, seed: int = 1) -> Path:
     return folder
 
 
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # T5's ids 0-2; a prompt ends with </s>, the decoder starts from <pad>
+
+
+def make_t5_checkpoint(folder: Path, seed: int = 3) -> Path:
+    """A tiny random BLIP-2 over a Flan-T5-style language model (gated GELU, untied head), built and
+    saved by the reference (transformers), with a word-level T5-style tokenizer."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = _word_tokenizer(T5_SPECIALS, "$A </s>", ["</s>"])
+    _write_processor_files(folder, tok, {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"},
+                           "PreTrainedTokenizerFast")
+    config = _tiny_config(tok.get_vocab_size(), 8, retrieval=False).to_dict()
+    config["text_config"] = dict(model_type="t5", vocab_size=tok.get_vocab_size(), d_model=32, d_kv=8, d_ff=48,
+                                 num_layers=2, num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+                                 pad_token_id=0, bos_token_id=1, eos_token_id=1, decoder_start_token_id=0,
+                                 tie_word_embeddings=False, dropout_rate=0.0)
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(Blip2Config.from_dict(config))
+    _redraw(model, seed)
+    model.save_pretrained(folder)
+    return folder
+
+
+def make_t5_engine(root: Path, settings=None):
+    """An Engine over a fresh tiny T5 checkpoint under `root` (no retrieval model)."""
+    from blip2 import Blip2ForConditionalGeneration
+    from blip2.server.engine import Engine
+
+    folder = make_t5_checkpoint(root / "t5")
+    return Engine(Blip2ForConditionalGeneration.from_pretrained(folder), load_processor(folder),
+                  settings=settings, name="tiny-blip2-t5")
+
+
 def load_processor(folder: Path):
     """Our Blip2Processor when the processing package provides one; the reference's otherwise."""
     try:

@@ -2,7 +2,8 @@
 boundaries, and each still gets what `generate` gives it alone (greedy tokens, seeded draws,
 penalties), whatever step it arrived at and however long its neighbours run. Also: per-row
 streaming, a bad request failing alone, the KV-row bound, the bounded queue, draining on stop,
-and the requests that go to the micro-batcher (beam search)."""
+and the requests that go to the micro-batcher (beam search). The row tests run over OPT and T5
+(an encoder-decoder: per-row encoder states and relative positions)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,25 @@ import threading
 
 import pytest
 import torch
-from test_server_fixtures import make_engine, png_bytes, server_settings
+from test_server_fixtures import make_engine, make_t5_engine, png_bytes, server_settings
 
 from blip2.server.engine import GenerateJob, GenerationSettings
 from blip2.server.limits import ApiError, ImageData, decode_image, image_digest
-from blip2.server.scheduler import ContinuousScheduler, Row, SlotDecoder
+from blip2.server.scheduler import ContinuousScheduler, EncoderDecoderSlots, Row, SlotDecoder, slot_decoder
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     return make_engine(tmp_path_factory.mktemp("sched"), server_settings(), retrieval=False)
+
+
+@pytest.fixture(scope="module")
+def t5_engine(tmp_path_factory):
+    return make_t5_engine(tmp_path_factory.mktemp("sched-t5"), server_settings())
+
+
+# the tests that take `which` run once over OPT (decoder-only) and once over T5 (encoder-decoder)
+both_families = pytest.mark.parametrize("which", ["engine", "t5_engine"])
 
 
 def image(seed: int) -> ImageData:
@@ -61,11 +71,14 @@ def run_ticks(decoder: SlotDecoder, arrivals: dict[int, list[Row]]) -> list[Row]
     return ended
 
 
-def test_rows_joining_at_different_steps_decode_exactly_as_alone(engine):
+@both_families
+def test_rows_joining_at_different_steps_decode_exactly_as_alone(which, request):
+    engine = request.getfixturevalue(which)
     jobs = [job(1, 12, PROMPTS[0]), job(2, 4, PROMPTS[1]), job(3, 20, PROMPTS[2]), job(4, 7, PROMPTS[3]),
             job(5, 9, PROMPTS[1]), job(6, 1, PROMPTS[2])]
     rows = [Row(j, None) for j in jobs]
-    decoder = SlotDecoder(engine, 3)  # 3 rows: later arrivals take the rows that finish
+    decoder = slot_decoder(engine, 3)  # 3 rows: later arrivals take the rows that finish
+    assert isinstance(decoder, EncoderDecoderSlots) == (which == "t5_engine")
     sizes = []
     original = decoder._step
 
@@ -86,43 +99,49 @@ def test_rows_joining_at_different_steps_decode_exactly_as_alone(engine):
     assert rows[1].ended and rows[1] in ended[:2]  # the 4-token request left before the 12-token one
 
 
-def test_per_row_options_sampling_penalties_and_min_tokens(engine):
+@both_families
+def test_per_row_options_sampling_penalties_and_min_tokens(which, request):
+    engine = request.getfixturevalue(which)
     jobs = [job(1, 10, do_sample=True, seed=7, temperature=0.8, top_k=5),
             job(1, 10, PROMPTS[1], repetition_penalty=1.5),
             job(2, 8, min_new_tokens=8),
             job(3, 10, do_sample=True, seed=11, top_p=0.9),
             job(4, 6)]
     rows = [Row(j, None) for j in jobs]
-    decoder = SlotDecoder(engine, 4)
+    decoder = slot_decoder(engine, 4)
     run_ticks(decoder, {0: rows[:3], 1: rows[3:]})
     for row in rows:
         assert row.tokens == alone(engine, row.job), row.job.settings
     assert len(rows[2].tokens) == 8
 
 
-def test_a_bad_request_fails_alone_and_the_rest_decode(engine):
+@both_families
+def test_a_bad_request_fails_alone_and_the_rest_decode(which, request):
+    engine = request.getfixturevalue(which)
     too_long = " ".join(["red"] * (engine.settings.max_prompt_tokens + 5))
     rows = [Row(job(1, 6), None), Row(job(2, 6, too_long), None), Row(job(3, 6), None)]
-    decoder = SlotDecoder(engine, 4)
+    decoder = slot_decoder(engine, 4)
     run_ticks(decoder, {0: rows})
     assert isinstance(rows[1].outcome, ApiError) and rows[1].outcome.status == 400
     assert rows[0].tokens == alone(engine, rows[0].job) and rows[2].tokens == alone(engine, rows[2].job)
 
 
-def test_streams_follow_their_own_row(engine):
+@both_families
+def test_streams_follow_their_own_row(which, request):
+    engine = request.getfixturevalue(which)
     pieces = {0: [], 1: []}
     jobs = [job(8, 12), job(9, 5, PROMPTS[1])]
     for n, j in enumerate(jobs):
         j.on_text = pieces[n].append
     rows = [Row(j, None) for j in jobs]
-    run_ticks(SlotDecoder(engine, 2), {0: rows[:1], 3: rows[1:]})
+    run_ticks(slot_decoder(engine, 2), {0: rows[:1], 3: rows[1:]})
     for n, row in enumerate(rows):
         assert "".join(pieces[n]).strip() == row.outcome.text
     # a client that leaves mid-stream ends its row alone
     leaving = job(8, 12)
     leaving.on_text = lambda piece: leaving.cancelled.set()
     rows = [Row(leaving, None), Row(job(9, 5), None)]
-    run_ticks(SlotDecoder(engine, 2), {0: rows})
+    run_ticks(slot_decoder(engine, 2), {0: rows})
     assert isinstance(rows[0].outcome, Exception) and rows[1].tokens == alone(engine, rows[1].job)
 
 
@@ -200,8 +219,10 @@ def test_concurrent_requests_arriving_at_random_times_get_their_own_answers(engi
     assert snap["queued"] == 0 and snap["running"] == 0
 
 
-def test_kv_memory_bounds_the_rows_and_beam_search_goes_to_the_micro_batcher(engine):
-    one_row = SlotDecoder(engine, 1).cache_bytes()
+@both_families
+def test_kv_memory_bounds_the_rows_and_beam_search_goes_to_the_micro_batcher(which, request):
+    engine = request.getfixturevalue(which)
+    one_row = slot_decoder(engine, 1).cache_bytes()
     s = scheduler(engine, max_batch=8, kv_cache_mb=2.5 * one_row / 2**20)
     assert s.decoder.slots == 2
     jobs = [job(40 + n, 6) for n in range(5)]
@@ -219,6 +240,7 @@ def test_kv_memory_bounds_the_rows_and_beam_search_goes_to_the_micro_batcher(eng
     assert results[-1].text == engine.run(("generate", beam.settings), [beam])[0].text
     snap = s.snapshot()
     assert snap["max_batch_size_seen"] == 2 and snap["micro_batches"] == 1
+    assert s.decoder.cache.nbytes() == snap["kv_cache_bytes"] == 2 * one_row  # what was allocated is what was counted
     with pytest.raises(ValueError, match="kv_cache_mb"):
         scheduler(engine, kv_cache_mb=0.5 * one_row / 2**20)
 
@@ -251,7 +273,9 @@ def test_a_full_queue_is_503_and_stop_drains_everything_queued(engine):
     assert [r.text for r in results] == [engine.run(("generate", j.settings), [j])[0].text for j in jobs[:2]]
 
 
-def test_over_http_streamed_and_whole_answers_interleave_and_match_alone(engine):
+@both_families
+def test_over_http_streamed_and_whole_answers_interleave_and_match_alone(which, request):
+    engine = request.getfixturevalue(which)
     httpx = pytest.importorskip("httpx")
     from test_server_fixtures import ServerThread, data_url, sse_events
 
@@ -276,6 +300,7 @@ def test_over_http_streamed_and_whole_answers_interleave_and_match_alone(engine)
         snap = httpx.get(f"{server.url}/metrics").json()["batcher"]
     assert got == expected
     assert snap["batching"] == "continuous" and snap["requests_by_task"] == {"generate": 2, "stream": 2}
+    assert snap["micro_batches"] == 0 and snap["steps"] > 0  # every request ran in the continuous batch
 
 
 def test_a_request_that_times_out_leaves_the_batch_and_the_others_go_on(engine):

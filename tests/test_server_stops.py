@@ -7,17 +7,22 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from test_server_fixtures import make_engine, png_bytes, server_settings
+from test_server_fixtures import make_engine, make_t5_engine, png_bytes, server_settings
 from test_server_scheduler import PROMPTS, alone, job, run_ticks
 
 from blip2.server.limits import ApiError, stops_param
-from blip2.server.scheduler import Row, SlotDecoder
+from blip2.server.scheduler import Row, slot_decoder
 from blip2.server.stops import StopFilter, first_stop, held_back
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     return make_engine(tmp_path_factory.mktemp("stops"), server_settings(), retrieval=False)
+
+
+@pytest.fixture(scope="module")
+def t5_engine(tmp_path_factory):
+    return make_t5_engine(tmp_path_factory.mktemp("stops-t5"), server_settings())
 
 
 def expected(engine, j) -> tuple[list[int], str, bool]:
@@ -84,13 +89,15 @@ def test_stop_parameter_is_checked():
 
 
 # ---------------------------------------------------------------- both batchers
-def test_continuous_rows_end_at_their_stop_string_and_neighbours_are_untouched(engine):
+@pytest.mark.parametrize("which", ["engine", "t5_engine"])
+def test_continuous_rows_end_at_their_stop_string_and_neighbours_are_untouched(which, request):
+    engine = request.getfixturevalue(which)
     jobs = stop_jobs(engine) + [job(5, 10)]
     pieces = [[] for _ in jobs]
     for j, p in zip(jobs[2:4], pieces[2:4]):  # two of them streamed
         j.on_text = p.append
     rows = [Row(j, None) for j in jobs]
-    run_ticks(SlotDecoder(engine, 3), {0: rows[:3], 2: rows[3:]})
+    run_ticks(slot_decoder(engine, 3), {0: rows[:3], 2: rows[3:]})
     for row, p in zip(rows, pieces):
         tokens, text, stopped = expected(engine, row.job)
         assert row.tokens == tokens and row.outcome.text == text, row.job.settings.stop

@@ -158,6 +158,10 @@ class KVCache:
             self.v[layer][rows, :, slots] = v.transpose(1, 2)
         return self.k[layer][:, :, :window], self.v[layer][:, :, :window]
 
+    def nbytes(self) -> int:
+        """What the buffers take (a cache made on the "meta" device sizes one without allocating)."""
+        return sum(t.element_size() * t.numel() for t in self.k + self.v)
+
     def rows(self, start: int, stop: int) -> "KVCache":
         """A view of batch rows [start, stop) whose writes land in this cache (continuous batching
         runs each forward over the rows in use, not over every row allocated)."""

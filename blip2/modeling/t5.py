@@ -121,13 +121,19 @@ class RelativePositionBias(nn.Module):
         self.max_distance = cfg.relative_attention_max_distance
         self.weight = nn.Parameter(torch.randn(self.num_buckets, cfg.num_heads) * cfg.d_model**-0.5)
 
-    def forward(self, q_start: int, q_len: int, k_len: int) -> Tensor:
-        """Queries at positions [q_start, q_start + q_len), keys at [0, k_len) -> (1, H, q_len, k_len)."""
-        device = self.weight.device
-        q_pos = torch.arange(q_start, q_start + q_len, device=device)[:, None]
-        k_pos = torch.arange(k_len, device=device)[None, :]
-        buckets = relative_position_bucket(k_pos - q_pos, self.bidirectional, self.num_buckets, self.max_distance)
-        return F.embedding(buckets, self.weight).permute(2, 0, 1)[None]  # (1, H, q_len, k_len)
+    def forward(self, q_pos: Tensor, k_len: int) -> Tensor:
+        """Queries at positions q_pos (B, T) (B = 1: every row alike), keys at [0, k_len) -> (B, H, T, k_len).
+
+        A tensor rather than a start int, so rows of one batch may sit at their own positions
+        (continuous batching: each row is at its own step)."""
+        k_pos = torch.arange(k_len, device=q_pos.device)
+        relative = k_pos[None, None, :] - q_pos[:, :, None]  # (B, T, k_len)
+        buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
+        return F.embedding(buckets, self.weight).permute(0, 3, 1, 2)  # (B, T, k_len, H) -> (B, H, T, k_len)
+
+    def span(self, q_start: int, q_len: int, k_len: int) -> Tensor:
+        """Every row's queries at [q_start, q_start + q_len) -> (1, H, q_len, k_len)."""
+        return self(torch.arange(q_start, q_start + q_len, device=self.weight.device)[None], k_len)
 
 
 class SelfAttention(nn.Module):
@@ -271,7 +277,7 @@ class T5Encoder(nn.Module):
     def forward(self, x: Tensor, keep: Tensor, need_hidden: bool, need_weights: bool) -> EncoderOutput:
         """x (B, S, D) embeddings; keep (B, S) of 1/0."""
         S = x.shape[1]
-        bias = self.layers[0].attn.rel_bias(0, S, S)  # (1, H, S, S)
+        bias = self.layers[0].attn.rel_bias.span(0, S, S)  # (1, H, S, S)
         mask = bias + padding_mask(keep, bias.dtype)  # (B, H, S, S)
         x = F.dropout(x, self.dropout, self.training)
         hidden = [] if need_hidden else None
@@ -318,6 +324,39 @@ class T5Cache:
             self.cross_mask = self.cross_mask.index_select(0, index)
         self.source = source
 
+    def rows(self, start: int, stop: int, width: int) -> "T5Cache":
+        """A view of batch rows [start, stop) whose writes land in this cache, cross-attending over the
+        first `width` encoder positions (continuous batching runs a step over the rows in use)."""
+        view = object.__new__(T5Cache)
+        view.self_kv = self.self_kv.rows(start, stop)
+        view.cross_kv = [(k[start:stop, :, :width], v[start:stop, :, :width]) for k, v in self.cross_kv]
+        view.cross_mask = self.cross_mask[start:stop, :, :, :width]
+        view.source = self.source[start:stop]
+        return view
+
+    def put_rows(self, start: int, cross_kv: list[tuple[Tensor, Tensor]], cross_mask: Tensor) -> None:
+        """Rows [start, start + k) take new encoder rows (`T5Decoder.cross_state` of k inputs):
+        keys and values (k, H, S, d_kv) per layer, mask (k, 1, 1, S); their positions past S are hidden."""
+        k, S = cross_mask.shape[0], cross_mask.shape[-1]
+        rows = slice(start, start + k)
+        for (mine_k, mine_v), (new_k, new_v) in zip(self.cross_kv, cross_kv):
+            mine_k[rows, :, :S] = new_k
+            mine_v[rows, :, :S] = new_v
+        self.cross_mask[rows] = torch.finfo(self.cross_mask.dtype).min
+        self.cross_mask[rows, :, :, :S] = cross_mask
+
+    def nbytes(self) -> int:
+        cross = sum(t.element_size() * t.numel() for kv in self.cross_kv for t in kv)
+        return self.self_kv.nbytes() + cross + self.cross_mask.element_size() * self.cross_mask.numel()
+
+    def copy_row(self, source: int, target: int, length: int) -> None:
+        """Row `target` takes row `source`: its first `length` decoder slots and its encoder rows."""
+        self.self_kv.copy_row(source, target, length)
+        for k, v in self.cross_kv:
+            k[target] = k[source]
+            v[target] = v[source]
+        self.cross_mask[target] = self.cross_mask[source]
+
     def per_layer(self) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], ...]:
         """(self k, self v, cross k, cross v) per layer, filled positions only: the reference's past_key_values."""
         n = self.length
@@ -349,16 +388,24 @@ class T5Decoder(nn.Module):
         kv = [layer.cross_attn.project_kv(encoder_hidden) for layer in self.layers]
         return kv, padding_mask(encoder_keep, self.dtype)
 
-    def forward(self, x: Tensor, keep: Tensor, cross_kv, cross_mask: Tensor, cache: KVCache | None,
-                need_hidden: bool, need_weights: bool):
-        """x (B, T, D) embeddings of new tokens; keep (B, filled + T) of 1/0 over cache and new tokens."""
+    def forward(self, x: Tensor, keep: Tensor | None, cross_kv, cross_mask: Tensor, cache: KVCache | None,
+                need_hidden: bool, need_weights: bool, positions: Positions | None = None):
+        """x (B, T, D) embeddings of new tokens; keep (B, filled + T) of 1/0 over cache and new tokens.
+
+        With `positions` (continuous batching: each row at its own step) the mask, the cache slots
+        and each row's query positions come from there, `keep` is not read and the caller keeps count."""
         T = x.shape[1]
-        start = cache.length if cache is not None else 0
-        # Relative positions count from the first decoder token, so a cached step at
-        # position `start` sees the same bias as row `start` of a full forward.
-        bias = self.layers[0].attn.rel_bias(start, T, start + T)  # (1, H, T, start + T)
-        at = Positions.after(keep, T, bias.dtype)
-        at = at._replace(mask=bias + at.mask)  # (B, H, T, start + T)
+        rel_bias = self.layers[0].attn.rel_bias
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            # Relative positions count from the first decoder token, so a cached step at
+            # position `start` sees the same bias as row `start` of a full forward.
+            bias = rel_bias.span(start, T, start + T)  # (1, H, T, start + T)
+            at = Positions.after(keep, T, bias.dtype)
+        else:  # a decoder has no padding: a token's position is its slot
+            at = positions
+            bias = rel_bias(at.ids, at.mask.shape[-1])  # (B, H, T, S): each row's own
+        at = at._replace(mask=bias + at.mask)  # (B, H, T, S)
         x = F.dropout(x, self.dropout, self.training)
         hidden = [] if need_hidden else None
         weights = [] if need_weights else None
@@ -370,7 +417,7 @@ class T5Decoder(nn.Module):
             if need_weights:
                 weights.append(w)
                 cross_weights.append(cw)
-        if cache is not None:
+        if cache is not None and positions is None:
             cache.advance(T)
         x = F.dropout(self.final_norm(x), self.dropout, self.training)
         if need_hidden:
@@ -453,6 +500,19 @@ class T5LanguageModel(nn.Module):
         cross_kv, cross_mask = self.decoder.cross_state(encoder_hidden, encoder_mask)
         return T5Cache(kv, cross_kv, cross_mask)
 
+    def new_slot_cache(self, rows: int, max_len: int, source_len: int, device=None) -> T5Cache:
+        """An empty decoder cache for continuous batching: `rows` requests of up to `max_len` decoder
+        positions and `source_len` encoder positions each, every encoder position hidden until
+        `T5Cache.put_rows` fills a row."""
+        cfg = self.config
+        dtype, device = self.decoder.dtype, device or self.shared.weight.device
+        kv = KVCache(cfg.num_decoder_layers, rows, cfg.num_heads, max_len, cfg.d_kv, dtype, device)
+        shape = (rows, cfg.num_heads, source_len, cfg.d_kv)
+        cross = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                 for _ in range(cfg.num_decoder_layers)]
+        mask = torch.full((rows, 1, 1, source_len), torch.finfo(dtype).min, dtype=dtype, device=device)
+        return T5Cache(kv, cross, mask)
+
     def decode(
         self,
         decoder_input_ids: Tensor,
@@ -462,19 +522,24 @@ class T5LanguageModel(nn.Module):
         cache: T5Cache | None = None,
         need_hidden: bool = False,
         need_weights: bool = False,
+        positions: Positions | None = None,
     ) -> DecoderOutput:
         """Logits for `decoder_input_ids` (B, T).
 
         Without a cache, attends over `encoder_hidden` (B, S, D) under `encoder_mask` (B, S).
         With one, the encoder output it was made from is used and the new tokens sit at
         positions [cache.length, cache.length + T); `decoder_attention_mask` then covers
-        (B, cache.length + T).
+        (B, cache.length + T). With `positions` too (each row at its own step: see
+        `T5Decoder.forward`), `decoder_attention_mask` is not read.
         """
         B, T = decoder_input_ids.shape
         start = cache.length if cache is not None else 0
-        if decoder_attention_mask is None:
-            decoder_attention_mask = torch.ones(B, start + T, dtype=torch.long, device=decoder_input_ids.device)
-        _check_mask(decoder_attention_mask, (B, start + T), "decoder_attention_mask")
+        if positions is not None and cache is None:
+            raise ValueError("decode with positions needs the cache they index")
+        if positions is None:
+            if decoder_attention_mask is None:
+                decoder_attention_mask = torch.ones(B, start + T, dtype=torch.long, device=decoder_input_ids.device)
+            _check_mask(decoder_attention_mask, (B, start + T), "decoder_attention_mask")
         if cache is not None:
             cross_kv, cross_mask = cache.cross_kv, cache.cross_mask
             self_kv = cache.self_kv
@@ -487,7 +552,7 @@ class T5LanguageModel(nn.Module):
             self_kv = None
         x, hidden, weights, cross_weights = self.decoder(
             self.embed(decoder_input_ids), decoder_attention_mask, cross_kv, cross_mask, self_kv,
-            need_hidden, need_weights,
+            need_hidden, need_weights, positions,
         )
         if self.config.tie_word_embeddings:
             # With the head tied to the embeddings, the reference rescales first (Mesh TensorFlow's rule).

@@ -53,7 +53,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     def run(key, payloads):
         return count(engine.run(key, payloads))
 
-    if settings.batching == "continuous":  # the micro-batcher inside serves what cannot join (beams, T5...)
+    if settings.batching == "continuous":  # the micro-batcher inside serves what cannot join (beam search, match, embed)
         batcher = ContinuousScheduler(engine, run, settings, on_results=count)
     else:
         batcher = Batcher(run, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue,

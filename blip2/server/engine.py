@@ -296,10 +296,10 @@ class Engine:
 
     # ---- continuous batching (see scheduler.py) ----
     def can_join(self, key: Hashable, job: Any) -> bool:
-        """Whether a request may run in the continuous decode batch: greedy or sampled generation on a
-        decoder-only model. Beam search, T5 and rotary scaling that follows the sequence length
-        (a row's window would depend on its neighbours) go to the micro-batcher."""
-        if key[0] not in ("generate", "stream") or not self.decoder_only:
+        """Whether a request may run in the continuous decode batch: greedy or sampled generation.
+        Beam search and rotary scaling that follows the sequence length (a row's window would
+        depend on its neighbours) go to the micro-batcher."""
+        if key[0] not in ("generate", "stream") or not self.can_generate:
             return False
         scaling = getattr(self.model.config.text_config, "rope_scaling", None) or {}
         return job.settings.num_beams == 1 and scaling.get("type") != "dynamic"

@@ -6,9 +6,11 @@ waits for the whole batch. Here the model thread runs one *tick* at a time:
 1. admit: waiting requests take free rows of a preallocated KV cache, prefilled together into
    their rows (left-padded; image features from the content-hash cache), and choose their first
    token; they join a running batch a few at a time (an admission has a large fixed cost: the
-   image encoder, the Q-Former and the prefill), or alone once the oldest has waited --max-wait-ms;
+   image encoder, the Q-Former and the prefill), or alone once the oldest has waited --max-wait-ms.
+   T5 (`EncoderDecoderSlots`): the encoder reads the prompts and each row keeps its own
+   cross-attention keys, values and encoder mask; its first step feeds the decoder start token;
 2. step: every live row feeds its last token at its own position (`Positions` with per-row
-   slots and masks) and chooses the next;
+   slots and masks; T5: its own relative-position bias) and chooses the next;
 3. leave: rows that ended (an end token, their own max_new_tokens, an error, a client that went
    away) are answered at once and free their row for the next tick's arrivals.
 
@@ -20,8 +22,8 @@ live rows: keys and values (live, H, S, D), S the longest live row.
 
 Admission is bounded twice: the waiting queue (a full queue is a 503 with Retry-After, as in the
 micro-batcher) and the KV cache (`max_batch` rows, fewer when `kv_cache_mb` says so): a request
-waits until a row is free. Beam search, encoder-decoder models (T5), match and embed go to the
-micro-batcher, which shares the one model thread.
+waits until a row is free. Beam search, match and embed go to the micro-batcher, which shares
+the one model thread.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
+from typing import TYPE_CHECKING, Any, Callable, Hashable
 
 import torch
 from torch import Tensor
@@ -45,6 +47,9 @@ from .batcher import Batcher, BatchStats, wait_result
 from .engine import Engine, GenerateJob, GenerateResult
 from .limits import ApiError, Settings
 from .stops import first_stop
+
+if TYPE_CHECKING:
+    from ..modeling.t5 import T5Cache
 
 log = logging.getLogger("blip2.server")
 
@@ -70,6 +75,7 @@ class Row:
     cached: bool = False
     filled: int = 0  # cache slots this request uses (padding included); its next token goes to slot `filled`
     position: int = 0  # its real tokens so far: the position of its next token
+    encoded: int = 0  # encoder positions its cross-attention reads (T5; 0 for a decoder-only model)
     tokens: list[int] = field(default_factory=list)  # new tokens; the last is fed at the next step
     plain: bool = True  # greedy with no score processing: the batch's argmax is its token
     eos: frozenset[int] = frozenset()
@@ -81,6 +87,11 @@ class Row:
     @property
     def ended(self) -> bool:
         return self.outcome is not None
+
+    @property
+    def feed(self) -> int:
+        """The token the next step feeds: its last new token, or its start token before it has any (T5)."""
+        return self.tokens[-1] if self.tokens else self.start_id
 
 
 def _pick(row: Row, logits: Tensor) -> int:
@@ -110,7 +121,8 @@ def _accept(row: Row, token: int, engine: Engine) -> None:
 
 # ---------------------------------------------------------------- the model side
 class SlotDecoder:
-    """A KV cache of `slots` rows and the tick over it (model thread only).
+    """A KV cache of `slots` rows and the tick over it (model thread only), for a decoder-only
+    language model (OPT, Llama); `EncoderDecoderSlots` is T5's.
 
     A row holds the longest request the server's limits allow: query tokens + max_prompt_tokens
     (prompts prefilled together are left-padded to the longest) + max_new_tokens."""
@@ -121,7 +133,7 @@ class SlotDecoder:
         limits = limits or engine.settings
         self.slots, self.max_new = slots, limits.max_new_tokens
         self.row_len = engine.model.config.num_query_tokens + limits.max_prompt_tokens + limits.max_new_tokens
-        self.cache: KVCache | None = None  # allocated on the first tick, in the model thread
+        self.cache = None  # allocated on the first tick, in the model thread (see `_new_cache`)
         self.keep: Tensor | None = None  # (slots, row_len) bool: the cache slots holding each row's tokens
         self.rows: list[Row] = []  # live rows, in cache-row order
 
@@ -142,8 +154,8 @@ class SlotDecoder:
     def _admit(self, joining: list[Row], ended: list[Row]) -> None:
         if self.cache is None:  # the first request; a server's model keeps its layout after that
             fit_layouts(self.engine.model)  # prepacked weights, as model.generate would use
-            self.cache = self.lm.new_cache(self.slots, self.row_len)  # k, v: [layers] of (slots, H, row_len, D)
-            self.keep = torch.zeros(self.slots, self.row_len, dtype=torch.bool, device=self.cache.k[0].device)
+            self.cache = self._new_cache(self.slots)
+            self.keep = torch.zeros(self.slots, self.row_len, dtype=torch.bool, device=self.self_kv.k[0].device)
         ready = []
         for row, inputs in zip(joining, self.engine.row_inputs([r.job for r in joining])):
             try:
@@ -161,7 +173,7 @@ class SlotDecoder:
     def _start(self, row: Row, inputs) -> None:
         """Per-row generation state, as `generate` would set it up for this request alone."""
         config = row.config = inputs.config
-        row.start_id, row.limit = config.bos_token_id, config.new_token_limit(1)
+        row.start_id, row.limit = self._start_token(config), config.new_token_limit(1)
         row.prompt_tokens, row.cached = inputs.prompt_tokens, inputs.cached
         row.plain = not config.do_sample and not is_active(config)  # decided here, not at every step
         row.eos, row.stops = frozenset(config.eos_ids), row.job.settings.stop
@@ -172,6 +184,24 @@ class SlotDecoder:
         if row.job.on_text is not None:
             row.streamer = self.engine._streamer(row.job)
             row.streamer.put(torch.tensor([[row.start_id]]))  # the reference's protocol: start ids first
+
+    # ---- what depends on the language model (`EncoderDecoderSlots` replaces these for T5) ----
+    def _new_cache(self, slots: int, device=None) -> KVCache:
+        return self.lm.new_cache(slots, self.row_len, device=device)  # k, v: [layers] of (slots, H, row_len, D)
+
+    @property
+    def self_kv(self) -> KVCache:
+        """The cache of the self-attention keys and values (the slots `Positions` index)."""
+        return self.cache
+
+    @staticmethod
+    def _start_token(config: GenerationConfig) -> int:
+        return config.bos_token_id  # the prompt begins with it: it is history, never fed
+
+    def _logits(self, tokens: Tensor, at: Positions) -> Tensor:
+        """One step over the live rows: tokens (n, 1) at `at` -> next-token logits (n, V)."""
+        n = len(self.rows)
+        return self.lm(self.lm.embed(tokens), cache=self.cache.rows(0, n), positions=at, last_logits=1).logits[:, -1]
 
     def _prefill(self, rows: list[Row], embeds: list[Tensor]) -> None:
         """Runs the prompts together into the next free cache rows, left-padded to the longest
@@ -198,16 +228,15 @@ class SlotDecoder:
         self._drop(ended)  # rows that were abandoned leave before the step
         if not self.rows:
             return
-        rows, device = self.rows, self.cache.k[0].device
-        n = len(rows)
+        rows, kv = self.rows, self.self_kv
+        n, device = len(rows), kv.k[0].device
         slots = torch.tensor([[r.filled] for r in rows], device=device)  # (n, 1): where each new token goes
         ids = torch.tensor([[r.position] for r in rows], device=device)  # (n, 1): its position (real tokens before it)
-        tokens = torch.tensor([[r.tokens[-1]] for r in rows], device=device)  # (n, 1)
+        tokens = torch.tensor([[r.feed] for r in rows], device=device)  # (n, 1)
         self.keep[torch.arange(n, device=device), slots[:, 0]] = True  # the new token sees itself
         width = max(r.filled for r in rows) + 1
-        at = Positions(ids=ids, slots=slots, mask=padding_mask(self.keep[:n, :width], self.cache.k[0].dtype))
-        logits = self.lm(self.lm.embed(tokens), cache=self.cache.rows(0, n), positions=at,
-                         last_logits=1).logits[:, -1]  # (n, V)
+        at = Positions(ids=ids, slots=slots, mask=padding_mask(self.keep[:n, :width], kv.k[0].dtype))
+        logits = self._logits(tokens, at)  # (n, V)
         for row in rows:
             row.filled += 1
             row.position += 1
@@ -247,17 +276,68 @@ class SlotDecoder:
         return rows
 
     def cache_bytes(self) -> int:
-        """What the KV cache takes (or will, once allocated): rows x positions x bytes per position."""
-        one = self.lm.new_cache(1, 1, device="meta")
-        per_position = sum(t.element_size() * t.numel() for t in one.k + one.v)
-        return self.slots * self.row_len * per_position
+        """What the KV cache takes (or will, once allocated): rows x bytes per row."""
+        return self.slots * self._new_cache(1, device="meta").nbytes()
+
+
+class EncoderDecoderSlots(SlotDecoder):
+    """`SlotDecoder` over T5: the encoder reads the prompt, the decoder writes the answer.
+
+    Admission runs the encoder over the joining prompts (right-padded, as T5's relative positions
+    need) and puts each row's cross-attention keys and values and encoder mask in its cache row;
+    the decoder then starts with nothing cached, and the tick's step feeds each new row its decoder
+    start token beside the running rows (so an admission adds no decoder forward of its own). A
+    decoder has no padding, so a row's position is its slot, and each row gets the relative-position
+    bias of its own step. A row holds query tokens + max_prompt_tokens encoder positions and
+    max_new_tokens decoder positions (the start token, then every new token but the last)."""
+
+    def __init__(self, engine: Engine, slots: int, limits: Settings | None = None) -> None:
+        super().__init__(engine, slots, limits)
+        limits = limits or engine.settings
+        self.source_len = engine.model.config.num_query_tokens + limits.max_prompt_tokens
+        self.row_len = limits.max_new_tokens
+
+    def _new_cache(self, slots: int, device=None) -> T5Cache:
+        return self.lm.new_slot_cache(slots, self.row_len, self.source_len, device)
+
+    @property
+    def self_kv(self) -> KVCache:
+        return self.cache.self_kv
+
+    @staticmethod
+    def _start_token(config: GenerationConfig) -> int:
+        return config.decoder_start_token_id  # fed at the row's first step
+
+    def _prefill(self, rows: list[Row], embeds: list[Tensor]) -> None:
+        n, k, S = len(self.rows), len(rows), max(e.shape[1] for e in embeds)
+        x = embeds[0].new_zeros(k, S, embeds[0].shape[-1])  # (k, S, D)
+        keep = torch.zeros(k, S, dtype=torch.long, device=x.device)  # (k, S): 1 on real tokens
+        for j, e in enumerate(embeds):
+            x[j, : e.shape[1]] = e[0]
+            keep[j, : e.shape[1]] = 1
+        encoded = self.lm.encode(x, keep).last_hidden_state  # (k, S, D)
+        self.cache.put_rows(n, *self.lm.decoder.cross_state(encoded, keep))
+        self.keep[n : n + k] = False  # no decoder token yet
+        for j, row in enumerate(rows):
+            row.filled = row.position = 0
+            row.encoded = embeds[j].shape[1]
+            self.rows.append(row)
+
+    def _logits(self, tokens: Tensor, at: Positions) -> Tensor:
+        n, width = len(self.rows), max(r.encoded for r in self.rows)
+        return self.lm.decode(tokens, cache=self.cache.rows(0, n, width), positions=at).logits[:, -1]
+
+
+def slot_decoder(engine: Engine, slots: int, settings: Settings | None = None) -> SlotDecoder:
+    """The slot decoder for the engine's language model: decoder-only or encoder-decoder (T5)."""
+    return (SlotDecoder if engine.decoder_only else EncoderDecoderSlots)(engine, slots, settings)
 
 
 def kv_rows(engine: Engine, settings: Settings) -> int:
     """How many rows the KV cache has: `max_batch`, fewer when `kv_cache_mb` holds fewer."""
     rows = settings.max_batch
     if settings.kv_cache_mb is not None:
-        one = SlotDecoder(engine, 1, settings)
+        one = slot_decoder(engine, 1, settings)
         rows = min(rows, int(settings.kv_cache_mb * 2**20 // one.cache_bytes()))
         if rows < 1:
             raise ValueError(f"kv_cache_mb={settings.kv_cache_mb:g} holds no request: one row of "
@@ -278,8 +358,8 @@ class ContinuousScheduler:
         self.micro = Batcher(run, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue,
                              settings.request_timeout_s, engine.batch_limit)
         self.executor = self.micro.executor  # one model thread for both: the model is not re-entrant
-        # None: no decoder-only language model (T5, retrieval only), so every request goes to the micro-batcher
-        self.decoder = SlotDecoder(engine, kv_rows(engine, settings), settings) if engine.decoder_only else None
+        # None: no captioning model (retrieval only), so every request goes to the micro-batcher
+        self.decoder = slot_decoder(engine, kv_rows(engine, settings), settings) if engine.can_generate else None
         # An admission (image encoder, Q-Former, prefill) has a large fixed cost, so arrivals join a
         # running batch together: `admit_batch` of them, or fewer once the oldest has waited
         # max_wait_ms; a queue longer than that waits until as many rows are free.
