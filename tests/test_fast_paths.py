@@ -94,6 +94,60 @@ def test_shared_query_prefix_prefills_like_the_whole_prompt(saved):
     assert torch.equal(together, repeated)
 
 
+def image_token_prompts(config, lengths, lead=0, seed=3):
+    """Left-padded prompts holding the image tokens the newer processors write: [pad, (lead text),
+    image x Q, BOS, text], one row per length."""
+    gen = torch.Generator().manual_seed(seed)
+    Q, image, bos = config.num_query_tokens, config.image_token_index, config.text_config.bos_token_id
+    rows = [torch.randint(4, image, (lead,), generator=gen).tolist() + [image] * Q + [bos]
+            + torch.randint(4, image, (n,), generator=gen).tolist() for n in lengths]
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([[config.text_config.pad_token_id] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_prompts_with_image_tokens_share_the_query_prefix(saved, beams):
+    """Newer prompts carry the image tokens themselves, behind each row's padding: one image with
+    several such prompts still computes the queries' keys and values once, and every row gives
+    what it gives alone and what the image repeated per row (nothing shared) gives."""
+    from blip2.generation import GenerationConfig
+
+    directory, config = saved
+    model = Blip2ForConditionalGeneration.from_pretrained(directory)
+    image = make_inputs(config, batch=1)["pixel_values"]
+    ids, mask = image_token_prompts(config, lengths=[1, 5, 3])
+    cfg = GenerationConfig(max_new_tokens=4, bos_token_id=2)
+    with torch.inference_mode():
+        shared, _ = model.stepper(image, ids, mask, cfg)
+        apart, _ = model.stepper(image.expand(3, -1, -1, -1), ids, mask, cfg)
+        assert (shared.shared, apart.shared) == (config.num_query_tokens, 0)
+        torch.testing.assert_close(shared.prefill(), apart.prefill(), atol=1e-5, rtol=1e-5)
+    kwargs = dict(max_new_tokens=6, num_beams=beams)
+    together = model.generate(image, ids, mask, **kwargs)
+    assert torch.equal(together, model.generate(image.expand(3, -1, -1, -1), ids, mask, **kwargs))
+    for row in range(3):
+        alone = model.generate(image, ids[row : row + 1, mask[row].bool()], **kwargs)
+        assert torch.equal(together[row, : alone.shape[1]], alone[0])
+
+
+def test_image_tokens_after_text_are_not_shared(saved):
+    """A prompt whose image block does not open the row (text before it) keeps its layout and shares
+    nothing; the answers are those of the image repeated per row."""
+    from blip2.generation import GenerationConfig
+
+    directory, config = saved
+    model = Blip2ForConditionalGeneration.from_pretrained(directory)
+    image = make_inputs(config, batch=1)["pixel_values"]
+    ids, mask = image_token_prompts(config, lengths=[2, 4], lead=2)
+    with torch.inference_mode():
+        stepper, _ = model.stepper(image, ids, mask, GenerationConfig(max_new_tokens=4, bos_token_id=2))
+    assert stepper.shared == 0
+    assert torch.equal(model.generate(image, ids, mask, max_new_tokens=5),
+                       model.generate(image.expand(2, -1, -1, -1), ids, mask, max_new_tokens=5))
+
+
 @pytest.mark.skipif(not packing_available(), reason="PyTorch built without oneDNN")
 @pytest.mark.parametrize("beams", [1, 3])
 def test_packed_model_generates_the_same_tokens(saved, beams):

@@ -211,16 +211,20 @@ class Blip2(nn.Module):
         B = start.input_ids.shape[0]
         family = family_of(self.config)
         input_ids, attention_mask = pack_padding(start.input_ids, attention_mask, pad_first=family.decoder_only)
-        embeds, mask = self.merge(lm_inputs.expand(B, -1, -1), input_ids, attention_mask)
         shared = 0
+        if family.decoder_only and images == 1 and B > 1:
+            # Several prompts about one image: when every row starts with the same query tokens at
+            # the same positions, their keys and values are computed once for all rows.
+            if not self.has_image_tokens(input_ids):
+                shared = lm_inputs.shape[1]  # the queries go in front of every row
+            else:
+                moved = image_block_first(input_ids, attention_mask, self.config.image_token_index, lm_inputs.shape[1])
+                if moved is not None:
+                    (input_ids, attention_mask), shared = moved, lm_inputs.shape[1]
+        embeds, mask = self.merge(lm_inputs.expand(B, -1, -1), input_ids, attention_mask)
         if family.learned_positions:
             check_positions(int(mask.sum(dim=1).max()), start.new_tokens,
                             self.config.text_config.max_position_embeddings)
-        if family.decoder_only:
-            # Several prompts about one image, queries in front: every row starts with the same
-            # query tokens at the same positions, so their keys and values are computed once.
-            if images == 1 and B > 1 and not self.has_image_tokens(start.input_ids):
-                shared = lm_inputs.shape[1]
         stepper = family.stepper_class(self.language_model, embeds, mask, start.new_tokens,
                                        start_ids=start.start_ids, shared_prefix=shared)
         return stepper, start.start_ids
@@ -252,6 +256,32 @@ def pack_padding(input_ids: Tensor, attention_mask: Tensor | None, pad_first: bo
     order = torch.sort(key.to(torch.int8), dim=1, stable=True).indices  # (B, T)
     same = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(order)
     order = torch.where(misplaced[:, None], order, same)  # rows laid out well are not touched at all
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+
+def image_block_first(input_ids: Tensor, attention_mask: Tensor | None, image_token: int,
+                      queries: int) -> tuple[Tensor, Tensor] | None:
+    """Left-padded rows that begin with their image tokens, [pad, image x Q, text], laid out as
+    [image x Q, pad, text]; None when some row does not begin with Q image tokens.
+
+    The padding is masked and positions count over the mask, so a row means the same either way
+    (the layout the queries-in-front prompts have); what changes is that the image block then sits
+    at the same cache positions in every row, so several prompts about one image can share it.
+    input_ids, attention_mask: (B, T).
+    """
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    first = (attention_mask != 0).to(torch.int8).argmax(dim=1)  # (B,) each row's first real position
+    if int(first.max()) + queries > T:
+        return None
+    at = torch.arange(T, device=input_ids.device)
+    block = first[:, None] + at[:queries]  # (B, Q) where each row's image block would be
+    if not bool((input_ids.gather(1, block) == image_token).all()) or not bool(attention_mask.gather(1, block).all()):
+        return None
+    # Sort key: the image block 0, the padding before it 1, the text after it 2; a stable sort keeps each part's order.
+    key = torch.where(at < first[:, None], 1, torch.where(at < first[:, None] + queries, 0, 2))  # (B, T)
+    order = torch.sort(key.to(torch.int8), dim=1, stable=True).indices
     return input_ids.gather(1, order), attention_mask.gather(1, order)
 
 
