@@ -123,6 +123,28 @@ def _sample(text: str, name: str) -> float | None:
     return None
 
 
+def _responses(text: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("blip2_responses_total{"))
+
+
+def _durations(text: str) -> float:
+    """Requests counted by the latency histogram (summed over workers as they finish)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("blip2_request_duration_seconds_count{"))
+
+
+def _scrape_until(check, url: str, tries: int = 20, ready=lambda: True) -> None:
+    """Scrapes /metrics, 1.2 s apart, until `check(text)` holds; fails with the last scrape if it never does."""
+    text = ""
+    for _ in range(tries):
+        if ready():
+            text = httpx.get(f"{url}/metrics?format=prometheus").text
+            if check(text):
+                return
+        time.sleep(1.2)
+    raise AssertionError("\n".join(line for line in text.splitlines() if not line.startswith("#"))[-3000:])
+
+
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -162,6 +184,17 @@ def test_serve_workers_share_one_port_each_with_its_model(checkpoints):
                 break
             time.sleep(0.1)
         assert counted == calls and _sample(text, "blip2_generated_tokens_total") == 8 * 6
+        # The live state is summed too: both workers' batch capacities, and every worker's responses
+        # (each publishes about once a second, so the scrapes leave it time)
+        _scrape_until(lambda t: _sample(t, "blip2_batch_capacity") == 2 * 2 and _responses(t) == _durations(t), url)
+        # A worker that dies stops counting: uvicorn starts another, and the sum is of the two alive
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while (workers[0] in _children(proc.pid) or len(_children(proc.pid)) < 2) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        _scrape_until(lambda t: _sample(t, "blip2_batch_capacity") == 2 * 2 and _sample(t, "blip2_queue_depth") == 0,
+                      url, ready=lambda: {httpx.get(f"{url}/healthz").json()["pid"] for _ in range(20)} == set(workers))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert not any(_running(w) for w in workers)  # the workers drained and exited with it

@@ -62,9 +62,12 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await batcher.start()
+        publisher = asyncio.create_task(app.state.telemetry.publish_live_state())  # --workers N only
         yield
         # uvicorn has already let in-flight requests finish; this drains anything still queued.
         await batcher.stop()
+        publisher.cancel()
+        await asyncio.gather(publisher, return_exceptions=True)
 
     app = FastAPI(title="blip2", version="0.1.0", lifespan=lifespan, redoc_url=None,
                   description="BLIP-2: caption images, answer questions about them, match and embed.")

@@ -4,11 +4,14 @@ GET /metrics answers Prometheus text when asked (`?format=prometheus`, or an Acc
 text/plain or openmetrics, as Prometheus sends) and the JSON summary otherwise. Live state (queue depth,
 batch sizes, cache, requests by status) is read from the batcher, engine and counters at scrape time;
 latencies, time to first token and generated tokens are observed as requests finish. Under
-`blip2 serve --workers N` those are summed over the workers (prometheus-client's multiprocess mode).
+`blip2 serve --workers N` every metric is summed over the workers alive (prometheus-client's
+multiprocess mode: each worker copies its live state into its files about once a second), except the
+batch occupancy histogram, which is the answering worker's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -36,7 +39,7 @@ class Telemetry:
         try:
             import prometheus_client as prom
         except ModuleNotFoundError:
-            self.registry = None  # JSON metrics and access logs still work
+            self.registry = self.shared = None  # JSON metrics and access logs still work
             return
         self.registry = prom.CollectorRegistry()
         self.latency = prom.Histogram("blip2_request_duration_seconds", "Time from request to response end",
@@ -47,6 +50,22 @@ class Telemetry:
         self.tokens = prom.Counter("blip2_generated_tokens", "Tokens generated (rate() gives tokens/s)",
                                    registry=self.registry)
         self.registry.register(_LiveState(self))
+        self.shared = _SharedLive(prom) if os.environ.get(MULTIPROC_ENV) else None
+
+    # ---- the live state of several workers
+    async def publish_live_state(self, every_s: float = 1.0) -> None:
+        """Runs with the app under `--workers N`: keeps this worker's share of the live state in the
+        multiprocess files (see `_SharedLive`); on the way out the worker's live gauges are dropped."""
+        if self.shared is None:
+            return
+        from prometheus_client import multiprocess
+
+        try:
+            while True:
+                self.shared.publish(self)
+                await asyncio.sleep(every_s)
+        finally:
+            multiprocess.mark_process_dead(os.getpid())
 
     # ---- observations
     def request_done(self, method: str, path: str, status: int, seconds: float, client: str) -> None:
@@ -71,50 +90,104 @@ class Telemetry:
 
         registry = self.registry
         if os.environ.get(MULTIPROC_ENV):
-            # Several workers (`--workers N`): the histograms and counters of every worker, summed from
-            # the files prometheus-client keeps in that folder; the live state is this worker's.
+            # Several workers (`--workers N`): every metric summed over the workers alive, from the files
+            # prometheus-client keeps in that folder; the batch occupancy histogram is this worker's.
             from prometheus_client import multiprocess
 
+            if self.shared is not None:
+                self.shared.publish(self)
+            forget_dead_workers(os.environ[MULTIPROC_ENV])
             registry = prom.CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
-            registry.register(_LiveState(self))
+            registry.register(_LiveState(self, occupancy_only=True))
         return prom.generate_latest(registry), prom.CONTENT_TYPE_LATEST
 
 
-class _LiveState:
-    """A collector read at scrape time from the batcher's, cache's and guard's own counters."""
+def live_metrics(t: Telemetry) -> list[tuple[str, str, str, tuple[str, ...], dict[tuple[str, ...], float]]]:
+    """(kind, name, help, label names, {label values: value}) of the live state, read now from the
+    batcher's, cache's and guard's own counters; kind is "gauge" or "counter"."""
+    batch, cache = t.batcher.snapshot(), t.engine.cache.stats()
+    one = lambda kind, name, doc, value: (kind, name, doc, (), {(): value})  # noqa: E731
+    out = [one("gauge", "blip2_queue_depth", "Requests waiting for a batch", batch["queued"]),
+           one("gauge", "blip2_batch_running", "Requests in the batch now running", batch["running"]),
+           one("gauge", "blip2_batch_capacity", "Most requests per batch", batch["max_batch"])]
+    if "kv_slots" in batch:  # continuous batching: the KV cache's rows (each one running request)
+        out += [one("gauge", "blip2_kv_slots", "Rows of the KV cache (most requests decoding at once)", batch["kv_slots"]),
+                one("gauge", "blip2_kv_slots_used", "KV cache rows holding a running request", batch["kv_slots_used"]),
+                one("gauge", "blip2_kv_cache_bytes", "Memory of the KV cache", batch["kv_cache_bytes"])]
+    out += [one("counter", "blip2_rejected", "Requests refused with 503 (queue full)", batch["rejected"]),
+            one("counter", "blip2_timeouts", "Requests abandoned with 504", batch["timeouts"]),
+            one("counter", "blip2_busy_seconds", "Seconds the model thread ran batches", batch["busy_seconds"])]
+    out += [one("counter", f"blip2_image_cache_{name}", f"Image-feature cache {name} (hit rate: hits / (hits + misses))",
+                cache[name]) for name in ("hits", "misses")]
+    out += [one("gauge", "blip2_image_cache_entries", "Images whose features are cached", cache["entries"]),
+            ("counter", "blip2_responses", "Responses by HTTP status", ("status",),
+             {(str(status),): count for status, count in sorted(t.counters.by_status.items())}),
+            one("gauge", "blip2_requests_in_flight", "Requests being handled", t.counters.in_flight)]
+    return out
 
-    def __init__(self, telemetry: Telemetry) -> None:
-        self.t = telemetry
+
+class _LiveState:
+    """A collector read at scrape time: the live state (`live_metrics`) and the batch occupancy."""
+
+    def __init__(self, telemetry: Telemetry, occupancy_only: bool = False) -> None:
+        self.t, self.occupancy_only = telemetry, occupancy_only
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        batch = self.t.batcher.snapshot()
-        yield GaugeMetricFamily("blip2_queue_depth", "Requests waiting for a batch", value=batch["queued"])
-        yield GaugeMetricFamily("blip2_batch_running", "Requests in the batch now running", value=batch["running"])
-        yield GaugeMetricFamily("blip2_batch_capacity", "Most requests per batch", value=batch["max_batch"])
-        yield _occupancy(self.t.batcher.stats.sizes, batch["max_batch"])
-        if "kv_slots" in batch:  # continuous batching: the KV cache's rows (each one running request)
-            yield GaugeMetricFamily("blip2_kv_slots", "Rows of the KV cache (most requests decoding at once)",
-                                    value=batch["kv_slots"])
-            yield GaugeMetricFamily("blip2_kv_slots_used", "KV cache rows holding a running request",
-                                    value=batch["kv_slots_used"])
-            yield GaugeMetricFamily("blip2_kv_cache_bytes", "Memory of the KV cache", value=batch["kv_cache_bytes"])
-        yield CounterMetricFamily("blip2_rejected", "Requests refused with 503 (queue full)", value=batch["rejected"])
-        yield CounterMetricFamily("blip2_timeouts", "Requests abandoned with 504", value=batch["timeouts"])
-        yield CounterMetricFamily("blip2_busy_seconds", "Seconds the model thread ran batches",
-                                  value=batch["busy_seconds"])
-        cache = self.t.engine.cache.stats()
-        for name in ("hits", "misses"):
-            yield CounterMetricFamily(f"blip2_image_cache_{name}", f"Image-feature cache {name} (hit rate: "
-                                      "hits / (hits + misses))", value=cache[name])
-        yield GaugeMetricFamily("blip2_image_cache_entries", "Images whose features are cached", value=cache["entries"])
-        by_status = CounterMetricFamily("blip2_responses", "Responses by HTTP status", labels=["status"])
-        for status, count in sorted(self.t.counters.by_status.items()):
-            by_status.add_metric([status], count)
-        yield by_status
-        yield GaugeMetricFamily("blip2_requests_in_flight", "Requests being handled", value=self.t.counters.in_flight)
+        if not self.occupancy_only:
+            for kind, name, doc, label_names, values in live_metrics(self.t):
+                family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc, labels=label_names)
+                for label_values, value in values.items():
+                    family.add_metric(list(label_values), value)
+                yield family
+        yield _occupancy(self.t.batcher.stats.sizes, self.t.batcher.snapshot()["max_batch"])
+
+
+class _SharedLive:
+    """Under `--workers N`: this worker's live state copied into prometheus-client's multiprocess files
+    (gauges as "livesum", counters by their increase), so a scrape that any worker answers sums the
+    live state of every worker alive. `publish` runs about once a second and before each scrape."""
+
+    def __init__(self, prom) -> None:
+        self.prom, self.metrics, self.published = prom, {}, {}
+        self.registry = prom.CollectorRegistry()  # holds the metric objects; the values live in the files
+
+    def publish(self, t: Telemetry) -> None:
+        for kind, name, doc, label_names, values in live_metrics(t):
+            metric = self.metrics.get(name)
+            if metric is None:
+                if kind == "gauge":
+                    metric = self.prom.Gauge(name, doc, label_names, multiprocess_mode="livesum", registry=self.registry)
+                else:
+                    metric = self.prom.Counter(name, doc, label_names, registry=self.registry)
+                self.metrics[name] = metric
+            for label_values, value in values.items():
+                child = metric.labels(*label_values) if label_names else metric
+                if kind == "gauge":
+                    child.set(value)
+                else:  # the batcher's counters only grow: add what they grew by since the last publish
+                    grew = value - self.published.get((name, label_values), 0)
+                    if grew > 0:
+                        child.inc(grew)
+                    self.published[(name, label_values)] = value
+
+
+def forget_dead_workers(folder: str) -> None:
+    """Drops the live gauges of workers that are gone (a crashed worker cannot do it itself; uvicorn
+    starts another in its place), so "livesum" counts only the workers alive."""
+    from prometheus_client import multiprocess
+
+    pids = {name.rsplit("_", 1)[1].split(".")[0] for name in os.listdir(folder)
+            if name.startswith("gauge_live") and name.endswith(".db")}
+    for pid in pids:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(int(pid), folder)
+        except (PermissionError, ValueError):
+            pass  # alive under another user, or not a worker's file
 
 
 def _occupancy(sizes, capacity: int):
