@@ -166,6 +166,33 @@ def test_ray_data_with_two_workers_gives_the_same_rows(capsys, tmp_path):
     assert sum(len(rows) for rows in rows_of(single).values()) == 2 * len(EXAMPLES) + 1
 
 
+def test_killed_ray_run_resumes_without_doubling(capsys, tmp_path):
+    """The Ray driver killed once a shard is written: a rerun (with Ray again) writes the rest, one row
+    per sample, and leaves no temporary file."""
+    pytest.importorskip("ray")
+    for n in range(3):
+        make_tar(tmp_path / f"s{n}.tar", EXAMPLES[2 * n:2 * n + 2])
+    out = tmp_path / "out"
+    argv = ["caption", str(tmp_path), "--output", str(out), "--ray", "--ray-workers", "2", *FAST]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "blip2.cli", *argv], env=env, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # its own process group: the kill takes Ray's processes too
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and not list(out.glob("*.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, 9)
+    proc.wait()
+    first = {p.name for p in out.glob("*.jsonl")}
+    code, err = run(capsys, *argv)
+    assert code == 0, err
+    assert (f"{len(first)} shard(s) already written" in err) == bool(first)
+    rows = rows_of(out)
+    assert sorted(rows) == ["s0", "s1", "s2"]
+    keys = [r["key"] for shard in rows.values() for r in shard]
+    assert len(keys) == len(set(keys)) == len(EXAMPLES)
+    assert not [p for p in out.iterdir() if p.suffix != ".jsonl"]
+
+
 def test_ray_rows_complete_a_shard_as_soon_as_all_its_samples_are_back():
     from blip2.bulk import _ShardCollector
 
