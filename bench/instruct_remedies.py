@@ -2,6 +2,9 @@
 
     python bench/instruct_remedies.py lm  [--steps 800] [--lr 1e-3] [--docs 8000] [--questions 3] [--world-docs 4000] [--scenes 150]
     python bench/instruct_remedies.py aux [--steps 320] [--lr 1e-3] [--kinds exist,position] [--head tied|linear] [--plain]
+    python bench/instruct_remedies.py curriculum [--stages exist/plain:1000,exist:1000,exist+position:1000,all:1500]
+        [--start DIR] [--save DIR] [--aux 1.0] [--images 4000]
+    python bench/instruct_remedies.py score --start DIR
 
 `lm`: give the frozen language model the skill Flan-T5 and Vicuna bring to InstructBLIP, answering
 from context. The shipped language model is trained further on text documents: a caption of a
@@ -18,7 +21,18 @@ below) on the mean query output. Printed per eighth of the run: the language-mod
 loss and its accuracy, and the first answer token's loss for yes/no answers (chance ln 2 = 0.693)
 and for directions (chance ln 4 = 1.386), on the training batches.
 
-Prints its figures with the load average. Ad-hoc, for the report (blip2/demo/REPORT.md); no outputs are kept.
+`curriculum`: the same direct signal, stage by stage, each stage from the last one's weights
+(KINDS[/plain|/mix|/only]:STEPS; plain: no negated exist phrasings, only: nothing else of exist;
+all: every kind in the recipe's mix). The head learns the fact asked about: a negated exist
+question's presence, not its answer. Printed per eighth of each stage: the losses, the head's
+accuracy and the first answer token's loss per kind (not-exist: the negated phrasings). `--save`
+keeps each stage's model and head (direct_head.pt, loaded by a later `--start`).
+
+`score`: the recipe's evaluation of a model (per kind, seen and unseen wordings, new images of seen
+pairs and of held-out pairs, 100 questions each) and the tests' independent drawings (120 per kind).
+
+Prints its figures with the load average. Ad-hoc, for the report (blip2/demo/REPORT.md); no outputs
+are kept unless `--save` asks.
 """
 
 from __future__ import annotations
@@ -33,17 +47,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from tokenizers import Tokenizer as FastTokenizer
 
 from blip2.demo import DEMO_DIR, instructions, world
-from blip2.demo.instruct import InstructionPairs, InstructionText, InstructRecipe, fill_cache
+from blip2.demo.instruct import InstructionPairs, InstructionText, InstructRecipe, export, fill_cache
 from blip2.demo.pretrain import TextPretraining, TokenLines, pack, to_pixels
 from blip2.demo.recipe import Recipe, copy_accuracy, draw_images, greedy_ids, trainer_config
 from blip2.demo.tokenizer import PAD_ID
 from blip2.hf_compat import Blip2ForConditionalGeneration
 from blip2.instructblip import InstructBlipForConditionalGeneration
 from blip2.train.data import DecoderLMCollate, InstructionCollate
-from blip2.train.frozen import image_features
+from blip2.train.frozen import FeatureCache, image_features
 from blip2.train.loop import Trainer
 from blip2.train.losses import IGNORE
 from blip2.train.stage2 import Stage2Objective
@@ -158,9 +173,10 @@ class AnswerSignal(Stage2Objective):
     def __init__(self, model, cache, answer_ids: list[int], head: str) -> None:
         super().__init__(model, feature_cache=cache)
         self.answer_ids = torch.tensor(answer_ids)
-        self.head = torch.nn.Linear(model.config.qformer_config.hidden_size, len(answer_ids)) if head == "linear" else None
+        self.head = torch.nn.Linear(model.config.qformer_config.hidden_size, len(ANSWERS)) if head == "linear" else None
 
-    def forward(self, batch: dict, step: int) -> dict:
+    def language_pass(self, batch: dict) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(queries (B, Q, D), soft prompt (B, Q, D_lm), the LM loss, the first answer tokens (B,) and their losses (B,))."""
         m = self.model
         image = image_features(m.vision_model, batch["pixel_values"], batch.get("keys"), self.cache)
         out = m.query_features(image.to(m.query_tokens.dtype), qformer_input_ids=batch["qformer_input_ids"],
@@ -175,6 +191,11 @@ class AnswerSignal(Stage2Objective):
         first = (labels != IGNORE).float().argmax(1)  # (B,) the first answer token's position
         target = labels[rows, first]
         first_loss = F.cross_entropy(logits[rows, first].float(), target, reduction="none")  # (B,)
+        return queries, soft_prompt, lm, target, first_loss
+
+    def forward(self, batch: dict, step: int) -> dict:
+        queries, soft_prompt, lm, target, first_loss = self.language_pass(batch)
+        m = self.model
         if self.head is None:  # query 0's input to the LM, read as a word
             extra_logits = m.language_model.lm_head(soft_prompt[:, 0])  # (B, V)
             extra = F.cross_entropy(extra_logits.float(), target)
@@ -215,9 +236,185 @@ def run_aux(args, work: Path) -> None:
     print(f"{args.steps} steps: {time.perf_counter() - t:.0f} s; load {load()}")
 
 
+# ---------------------------------------------------------------- curriculum: the direct signal, stage by stage
+# Yes/no and position stay at chance under the language-model loss alone: the frozen LM cannot
+# look the answer up, and the Q-Former gains nothing from binding the question's words to the image
+# until the LM also follows (REPORT.md). A 6-way head on the queries, trained on the fact asked
+# about (is the thing there, where is it), gives that binding a gradient of its own; plain existence
+# first. The head learns presence, not the answer, of a negated question: the answer is presence
+# XOR negation, and there neither half alone lowers a loss on the answer (REPORT.md).
+LOGGED_KINDS = ("colour", "shape", "count", "exist", "not-exist", "position")
+
+
+def is_negated(ins: instructions.Instruction) -> bool:
+    return ins.kind == "exist" and any(w in ins.text for w in NEGATION)
+
+
+def fact(ins: instructions.Instruction) -> str:
+    """What the direct signal learns: the answer, except that a negated exist question's is whether
+    the thing is there (the language model's answer is that, flipped)."""
+    if is_negated(ins):
+        return {"yes": "no", "no": "yes"}[ins.answer]
+    return ins.answer
+
+
+class StagePairs(InstructionPairs):
+    """One instruction of the stage's kinds per image, with its kind ("not-exist" for a negated one).
+    `negation`: "plain" asks no negated exist phrasing, "mix" the templates' share, "only" no plain one."""
+
+    def __init__(self, data, seed: int, kinds: list[str], negation: str, describe_share: float) -> None:
+        super().__init__(data, seed, describe_share if "describe" in kinds else 0.0)
+        self.kinds, self.negation = [k for k in kinds if k != "describe"], negation
+
+    def __getitem__(self, i: int) -> dict:
+        while True:
+            kind = "describe" if self.rng.random() < self.describe_share else self.rng.choice(self.kinds)
+            ins = instructions.instruction(self.data.scenes[i], kind, self.rng)
+            wrong_form = ins is not None and ins.kind == "exist" and (
+                (self.negation == "plain" and is_negated(ins)) or (self.negation == "only" and not is_negated(ins)))
+            if ins is None or wrong_form:  # another image (position needs two shapes)
+                i = self.rng.randrange(len(self.data.scenes))
+                continue
+            return {"key": f"train/{i}", "pixel_values": to_pixels(self.data.images[i:i + 1])[0],
+                    "prompt": ins.prompt, "answer": ins.answer, "kind": "not-exist" if is_negated(ins) else ins.kind,
+                    "fact": fact(ins)}
+
+
+class KindCollate:
+    """An instruction batch plus each row's kind (for the first answer token's loss per kind) and
+    its fact's index in ANSWERS (-1: none, e.g. a colour)."""
+
+    def __init__(self, collate: InstructionCollate) -> None:
+        self.collate = collate
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collate(examples)
+        batch["kinds"] = [e["kind"] for e in examples]
+        batch["facts"] = torch.tensor([ANSWERS.index(e["fact"]) if e["fact"] in ANSWERS else -1
+                                       for e in examples])
+        return batch
+
+
+class DirectSignal(AnswerSignal):
+    """The language-model loss plus `weight` x a 6-way head's loss on the mean query output, on the
+    rows whose fact (`fact`) is yes, no or a direction. Also logs the language model's loss on the
+    first answer token per kind (chance: ln 2 = 0.693 for yes/no, ln 4 = 1.386 for directions)."""
+
+    def __init__(self, model, cache: FeatureCache, weight: float) -> None:
+        super().__init__(model, cache, [], "linear")  # its head; the facts come with the batch
+        self.weight = weight
+
+    def forward(self, batch: dict, step: int) -> dict:
+        queries, _, lm, _, first_loss = self.language_pass(batch)
+        nan = torch.tensor(float("nan"))
+        direct, direct_acc = torch.zeros(()), nan
+        asked = batch["facts"] >= 0  # (B,)
+        if asked.any():
+            which = batch["facts"][asked]  # (b,) index into ANSWERS
+            direct_logits = self.head(queries[asked].mean(1))  # (b, 6)
+            direct = F.cross_entropy(direct_logits, which)
+            direct_acc = (direct_logits.argmax(-1) == which).float().mean()
+        kinds = batch["kinds"]
+        firsts = {f"first_{k}": first_loss[[j for j, x in enumerate(kinds) if x == k]].mean() if k in kinds else nan
+                  for k in LOGGED_KINDS}
+        return {"lm": lm, "direct": direct.detach(), "direct_acc": direct_acc, "loss": lm + self.weight * direct,
+                **firsts}
+
+
+def parse_stages(text: str) -> list[tuple[list[str], str, int]]:
+    """"exist/plain:1000,exist+position:800,all:1500" -> [(kinds, negation, steps), ...] ("all": every kind)."""
+    stages = []
+    for part in filter(None, text.split(",")):
+        what, _, steps = part.partition(":")
+        kinds, _, negation = what.partition("/")
+        kinds = list(instructions.KINDS) if kinds == "all" else kinds.split("+")
+        unknown = [k for k in kinds if k not in instructions.KINDS] + \
+            ([negation] if negation not in ("", "plain", "mix", "only") else [])
+        if unknown or not steps.isdigit():
+            raise ValueError(f"curriculum stage {part!r}: expected KINDS[/plain|/mix|/only]:STEPS with kinds "
+                             f"from {instructions.KINDS} or all")
+        stages.append((kinds, negation or "mix", int(steps)))
+    return stages
+
+
+def stage_summary(history: list[dict], parts: int = 8) -> list[str]:
+    """Means over each `parts`-th of a stage: losses, the head's accuracy, first-token losses per kind."""
+    keys = [k for k in history[0] if k in ("lm", "direct", "direct_acc") or k.startswith("first_")]
+    keys = [k for k in keys if not np.isnan([h[k] for h in history]).all()]
+    width = max(1, len(history) // parts)
+    return [f"steps {s + 1}-{s + len(history[s:s + width])}: "
+            + " ".join(f"{k.removeprefix('first_')} {np.nanmean([h[k] for h in history[s:s + width]]):.3f}" for k in keys)
+            for s in range(0, len(history), width)]
+
+
+def curriculum(r: InstructRecipe, stages: str, weight: float, model: InstructBlipForConditionalGeneration, data,
+               tok, cache: FeatureCache, work: Path, head: Path | None = None,
+               save: Path | None = None) -> InstructBlipForConditionalGeneration:
+    """The stages, each from the previous weights (and the head's, from `head` if given);
+    with `save`, each stage's model and head go to save/STAGE."""
+    tokenize = lambda texts: [e.ids for e in tok.encode_batch(texts)]  # noqa: E731
+    lm = DecoderLMCollate(tokenize, pad_id=PAD_ID, max_len=r.answer_len, text=InstructionText())
+    collate = KindCollate(InstructionCollate(lm, tokenize, pad_id=PAD_ID, max_len=r.qformer_positions))
+    objective = DirectSignal(model, cache, weight)
+    if head is not None and head.is_file():
+        objective.head.load_state_dict(torch.load(head))
+    for n, (kinds, negation, steps) in enumerate(parse_stages(stages)):
+        name = f"stage{n + 1}-{'all' if len(kinds) == len(instructions.KINDS) else '+'.join(kinds)}-{negation}"
+        cfg = trainer_config(r, work, name, steps, r.batch, r.lr)
+        history = Trainer(objective, StagePairs(data, r.seed + 11 + n, kinds, negation, r.describe_share),
+                          collate, cfg).fit()
+        for line in [f"{name}: {steps} steps (direct-signal weight {weight}), load {load()}",
+                     *stage_summary(history)]:
+            print(line, flush=True)
+        if save is not None:
+            model.eval().save_pretrained(save / name)
+            torch.save(objective.head.state_dict(), save / name / "direct_head.pt")
+    return model.eval()
+
+
+def run_curriculum(args, work: Path) -> None:
+    """`blip2.demo.instruct.run_curriculum` from --start (default: the shipped instruct/ model; a
+    direct_head.pt beside it is loaded), each stage's model and head saved under --save."""
+    r = InstructRecipe(train_images=args.images, lr=args.lr)
+    start = args.start or args.model / "instruct"
+    model = InstructBlipForConditionalGeneration.from_pretrained(start, torch_dtype=torch.float32)
+    tok = FastTokenizer.from_file(str(args.model / "instruct" / "tokenizer.json"))
+    data = draw_images(r, "train", r.train_images)
+    t = time.perf_counter()
+    curriculum(r, args.stages, args.aux, model, data, tok, fill_cache(model.vision_model, data.images), work,
+               start / "direct_head.pt", args.save)
+    print(f"curriculum {args.stages}: {time.perf_counter() - t:.0f} s; load {load()}")
+
+
+def run_score(args, work: Path) -> None:
+    """The recipe's evaluation (per kind, seen and unseen wordings, test and held-out images, 100
+    questions each) and the tests' independent drawings (`measure`), for an exported instruct/ folder."""
+    import sys
+
+    from blip2.demo.instruct import build_questions, per_kind
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import test_demo_instruct
+
+    t = time.perf_counter()
+    folder = args.start
+    if not (folder / "tokenizer.json").is_file():  # a curriculum stage's float32 save: export it as it would ship
+        folder = work / "instruct"
+        export(InstructRecipe(), InstructBlipForConditionalGeneration.from_pretrained(args.start), args.model / "model", folder)
+    model = InstructBlipForConditionalGeneration.from_pretrained(folder).eval()
+    tok = FastTokenizer.from_file(str(folder / "tokenizer.json"))
+    for split in ("test", "heldout"):
+        for wording in instructions.WORDINGS:
+            acc = per_kind(model, tok, build_questions(split, 100, wording, 64, 0), True)
+            print(f"{split}/{wording}: " + "  ".join(f"{k} {v:.1%}" for k, v in acc.items()), flush=True)
+    drawn = test_demo_instruct.measure(folder=folder)
+    print("drawn by the tests (120 per kind, seed 5): " + "  ".join(f"{k} {v:.1%}" for k, v in drawn.items()))
+    print(f"{time.perf_counter() - t:.0f} s; load {load()}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("lm", "aux"))
+    p.add_argument("what", choices=("lm", "aux", "curriculum", "score"))
     p.add_argument("--model", type=Path, default=DEMO_DIR, help="the demo folder (model/, instruct/)")
     p.add_argument("--steps", type=int, default=None, help="default: 800 (lm), 320 (aux)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -229,12 +426,21 @@ def main() -> None:
     p.add_argument("--plain", action="store_true", help="aux: no negated exist phrasings")
     p.add_argument("--images", type=int, default=4000, help="aux: training images")
     p.add_argument("--scenes", type=int, default=150, help="lm: new scenes scored")
+    p.add_argument("--stages", default="exist/plain:1000,exist:1000,exist+position:1000,all:1500",
+                   help="curriculum: KINDS[/plain|/mix|/only]:STEPS,... (all: every kind, the recipe's mix)")
+    p.add_argument("--aux", type=float, default=1.0, help="curriculum: the direct signal's weight")
+    p.add_argument("--start", type=Path, default=None,
+                   help="curriculum: the instruct model to start from (default --model/instruct; a direct_head.pt "
+                        "beside it is loaded); score: the instruct model to score (exported first if need be)")
+    p.add_argument("--save", type=Path, default=None, help="curriculum: where each stage's model goes")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    if args.what == "score" and args.start is None:
+        p.error("score needs --start: the instruct model to score")
     args.steps = args.steps or (800 if args.what == "lm" else 320)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="blip2-remedies-") as work:
-        (run_lm if args.what == "lm" else run_aux)(args, Path(work))
+        {"lm": run_lm, "aux": run_aux, "curriculum": run_curriculum, "score": run_score}[args.what](args, Path(work))
 
 
 if __name__ == "__main__":

@@ -243,9 +243,9 @@ def test_server_default_is_the_instruct_model():
     assert model == str(INSTRUCT_DIR) and retrieval is not None
 
 
-def measure(per_kind: int = 120, seed: int = 5) -> dict[str, float]:
+def measure(per_kind: int = 120, seed: int = 5, folder=INSTRUCT_DIR) -> dict[str, float]:
     """The figures REPORT.md gives for these pictures: `python tests/test_demo_instruct.py`."""
-    model, processor = load_model(INSTRUCT_DIR, torch_dtype=torch.float32), load_processor(INSTRUCT_DIR)
+    model, processor = load_model(folder, torch_dtype=torch.float32), load_processor(folder)
     drawn = scenes(3 * per_kind, seed)
     out = {}
     for kind in (*sorted(FLOORS), *PENDING):
