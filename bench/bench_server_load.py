@@ -12,10 +12,14 @@ then the ratios.
 
 By default the model is a random-weight copy of the shipped demo model (its shape and tokenizer):
 random weights almost never emit the end token, so every request runs to its own max_tokens and
-the lengths really are mixed. `--model DIR` serves a real checkpoint instead (the trained demo
-model mostly stops after 2-15 tokens whatever max_tokens says).
+the lengths really are mixed. `--lm opt-125m` swaps its language model for one of OPT-125m's
+body (12 layers of 768, feed-forward 3072; the demo's 464-token vocabulary, so its tokenizer and
+processor files still fit): there a decode step's cost grows with its rows, as on real models,
+where the tiny demo model's steps cost about the same for 1 or 16 rows. `--model DIR` serves a
+real checkpoint instead (the trained demo model mostly stops after 2-15 tokens whatever max_tokens says).
 
     python bench/bench_server_load.py [--clients 1 4 16 64] [--requests-per-client 4] [--json-out FILE]
+    python bench/bench_server_load.py --lm opt-125m --clients 16 --answers whole
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ QUESTIONS = ["what colour is the circle?", "how many shapes are there?", "is the
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint to serve (default: a random-weight copy of the demo model)")
+    p.add_argument("--lm", choices=sorted(LM_SHAPES), default="demo",
+                   help="the random copy's language model: the demo's, or OPT-125m's body (see above)")
+    p.add_argument("--answers", choices=("whole", "streamed", "both"), default="both")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--requests-per-client", type=int, default=4, help="requests per client (at least 16 per run)")
     p.add_argument("--think-ms", type=float, default=20.0, help="mean pause between a client's requests")
@@ -57,8 +64,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------- the model
-def random_demo_copy(folder: Path) -> Path:
-    """The demo model's config and processor files with freshly initialised (random) weights."""
+# text_config changes for --lm: OPT-125m's layer sizes (facebook/opt-125m's config.json)
+LM_SHAPES = {
+    "demo": {},
+    "opt-125m": dict(hidden_size=768, word_embed_proj_dim=768, num_hidden_layers=12, ffn_dim=3072,
+                     num_attention_heads=12, max_position_embeddings=2048),
+}
+
+
+def random_demo_copy(folder: Path, lm: str = "demo") -> Path:
+    """The demo model's config and processor files with freshly initialised (random) weights,
+    its language model reshaped as `LM_SHAPES[lm]` says."""
     import torch
 
     from blip2 import Blip2Config, Blip2ForConditionalGeneration
@@ -66,6 +82,8 @@ def random_demo_copy(folder: Path) -> Path:
 
     torch.manual_seed(0)
     config = Blip2Config.from_pretrained(MODEL_DIR)
+    for name, value in LM_SHAPES[lm].items():
+        setattr(config.text_config, name, value)
     Blip2ForConditionalGeneration(config).save_pretrained(folder)
     for path in Path(MODEL_DIR).iterdir():
         if path.name not in ("model.safetensors", "config.json"):
@@ -202,7 +220,7 @@ def bench_mode(model: str, mode: str, images: list[str], args) -> list[dict]:
         asyncio.run(run_load(url, warm, 2, 0.0, 0))  # first-call costs (weight packing) out of the way
         for clients in args.clients:
             count = max(16, clients * args.requests_per_client)
-            for stream in (False, True):
+            for stream in {"whole": (False,), "streamed": (True,), "both": (False, True)}[args.answers]:
                 # the same requests and pauses for both batchers
                 requests = make_requests(count, images, random.Random(args.seed + clients), args, stream)
                 threads, client = thread_cpu(proc.pid), time.process_time()
@@ -254,9 +272,10 @@ def main(argv=None) -> int:
     model = args.model
     if model is None:
         tmp = tempfile.TemporaryDirectory(prefix="blip2-load-")
-        model = str(random_demo_copy(Path(tmp.name)))
+        model = str(random_demo_copy(Path(tmp.name), args.lm))
     images = [f"data:image/png;base64,{base64.b64encode(b).decode()}" for b in example_images(args.images, args.seed)]
-    print(f"model: {args.model or 'random-weight copy of the demo model'}; max_tokens {args.min_tokens}..{args.max_tokens}; "
+    shape = "" if args.lm == "demo" else f", language model of {args.lm}'s body"
+    print(f"model: {args.model or 'random-weight copy of the demo model' + shape}; max_tokens {args.min_tokens}..{args.max_tokens}; "
           f"think {args.think_ms:g} ms (exponential); --max-batch {args.max_batch}")
     print(HEADER, flush=True)
     runs = []

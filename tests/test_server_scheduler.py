@@ -254,7 +254,7 @@ def test_a_full_queue_is_503_and_stop_drains_everything_queued(engine):
         blocker = asyncio.get_running_loop().run_in_executor(s.executor, gate.wait, 30)  # hold the model thread
         waiting = [asyncio.ensure_future(s.submit(("generate", j.settings), j)) for j in jobs[:2]]
         await asyncio.sleep(0.05)
-        assert len(s.pending) == 2
+        assert s.queued() == 2
         with pytest.raises(ApiError) as refused:
             await s.submit(("generate", jobs[2].settings), jobs[2])
         gate.set()
@@ -319,3 +319,82 @@ def test_a_request_that_times_out_leaves_the_batch_and_the_others_go_on(engine):
     assert late.status == 504 and s.snapshot()["timeouts"] == 1
     assert result.text == engine.run(("generate", other.settings), [other])[0].text
     assert s.decoder.rows == [] and not s.pending
+
+
+def test_inputs_are_prepared_off_the_model_thread_and_a_bad_prompt_fails_before_taking_a_row(engine):
+    threads, rows_seen = [], []
+    original = engine.row_inputs
+
+    def recording(jobs):
+        threads.append(threading.current_thread().name)
+        return original(jobs)
+
+    too_long = job(31, 5, " ".join(["red"] * (engine.settings.max_prompt_tokens + 5)))
+    jobs = [job(30 + n, 3 + 4 * n, PROMPTS[n % 4]) for n in range(6)]
+
+    async def main():
+        s = scheduler(engine, max_batch=2)
+        step = s.decoder._step
+
+        def watching(ended):
+            rows_seen.append(list(s.decoder.rows))
+            step(ended)
+
+        s.decoder._step = watching
+        await s.start()
+        results = await asyncio.gather(*(s.submit(("generate", j.settings), j) for j in [too_long, *jobs]),
+                                       return_exceptions=True)
+        await s.stop()
+        return results
+
+    engine.row_inputs = recording
+    try:
+        results = asyncio.run(main())
+    finally:
+        engine.row_inputs = original
+    assert threads and all(name.startswith("blip2-prepare") for name in threads)  # never the model thread
+    assert isinstance(results[0], ApiError) and results[0].status == 400
+    assert all(row.job is not too_long for rows in rows_seen for row in rows)  # it never took a row
+    for result, j in zip(results[1:], jobs):
+        assert result.text == engine.processor.decode(alone(engine, j), skip_special_tokens=True).strip()
+
+
+def test_arrivals_wait_to_be_prepared_together_while_a_cache_full_of_rows_is_ready(engine):
+    gate, sizes = threading.Event(), []
+    original = engine.row_inputs
+    jobs = [job(100 + n, 4) for n in range(6)]
+
+    def recording(batch):
+        sizes.append(len(batch))
+        return original(batch)
+
+    async def until(condition):
+        for _ in range(1000):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the scheduler did not get there")
+
+    async def main():
+        s = scheduler(engine, max_batch=2)
+        await s.start()
+        blocker = asyncio.get_running_loop().run_in_executor(s.executor, gate.wait, 30)  # nothing joins
+        first = [asyncio.ensure_future(s.submit(("generate", j.settings), j)) for j in jobs[:2]]
+        await until(lambda: len(s.pending) == 2)  # as many prepared as the cache has rows
+        later = [asyncio.ensure_future(s.submit(("generate", j.settings), j)) for j in jobs[2:]]
+        await until(lambda: len(s.arriving) == 4)
+        await asyncio.sleep(0.05)
+        assert len(s.arriving) == 4 and len(s.pending) == 2  # not prepared while the ready ones wait
+        gate.set()
+        await blocker
+        results = await asyncio.gather(*first, *later)
+        await s.stop()
+        return results
+
+    engine.row_inputs = recording
+    try:
+        results = asyncio.run(main())
+    finally:
+        engine.row_inputs = original
+    assert sum(sizes) == 6 and sizes[-2:] == [2, 2]  # the four late ones: prepared two at a time (max_batch)
+    assert [r.text for r in results] == [engine.run(("generate", j.settings), [j])[0].text for j in jobs]

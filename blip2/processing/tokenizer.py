@@ -325,7 +325,9 @@ class Tokenizer:
     def decode(self, token_ids: Any, skip_special_tokens: bool = False,
                clean_up_tokenization_spaces: bool | None = None) -> str:
         """Text for a sequence of ids; `skip_special_tokens` drops tokens such as `</s>` and `<pad>`."""
-        text = self._backend.decode(_ids_list(token_ids), skip_special_tokens=skip_special_tokens)
+        ids = _ids_list(token_ids)
+        with self._lock:  # a call in another thread may be reconfiguring the backend (a server's threads)
+            text = self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
         clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
         return clean_up_tokenization(text) if clean else text
 

@@ -1,12 +1,14 @@
 """Continuous batching: requests join the running decode batch at step boundaries and leave when they finish.
 
 The micro-batcher (batcher.py) runs a batch to its end, so a request arriving one step late
-waits for the whole batch. Here the model thread runs one *tick* at a time:
+waits for the whole batch. First a thread of its own *prepares* each arrival's prompt embeddings
+(image features from the content-hash cache or the image encoder, then the Q-Former), in batches
+while the model thread decodes. Then the model thread runs one *tick* at a time:
 
-1. admit: waiting requests take free rows of a preallocated KV cache, prefilled together into
-   their rows (left-padded; image features from the content-hash cache), and choose their first
-   token; they join a running batch a few at a time (an admission has a large fixed cost: the
-   image encoder, the Q-Former and the prefill), or alone once the oldest has waited --max-wait-ms.
+1. admit: prepared requests take free rows of a preallocated KV cache, prefilled together into
+   their rows (left-padded), and choose their first token; they join a running batch a few at a
+   time (an admission has a fixed cost: a forward of its own), or alone once the oldest has
+   waited --max-wait-ms.
    T5 (`EncoderDecoderSlots`): the encoder reads the prompts and each row keeps its own
    cross-attention keys, values and encoder mask; its first step feeds the decoder start token;
 2. step: every live row feeds its last token at its own position (`Positions` with per-row
@@ -33,6 +35,7 @@ import collections
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable
 
@@ -44,7 +47,7 @@ from ..generation.processors import is_active, process, warp
 from ..modeling.attention import KVCache, Positions, padding_mask
 from ..modeling.inference import fit_layouts
 from .batcher import Batcher, BatchStats, wait_result
-from .engine import Engine, GenerateJob, GenerateResult
+from .engine import Engine, GenerateJob, GenerateResult, RowInputs
 from .limits import ApiError, Settings
 from .stops import first_stop
 
@@ -77,6 +80,7 @@ class Row:
     position: int = 0  # its real tokens so far: the position of its next token
     encoded: int = 0  # encoder positions its cross-attention reads (T5; 0 for a decoder-only model)
     tokens: list[int] = field(default_factory=list)  # new tokens; the last is fed at the next step
+    inputs: RowInputs | None = None  # its prompt embeddings and options, prepared before it joins
     plain: bool = True  # greedy with no score processing: the batch's argmax is its token
     eos: frozenset[int] = frozenset()
     stops: tuple[str, ...] = ()
@@ -156,8 +160,13 @@ class SlotDecoder:
             fit_layouts(self.engine.model)  # prepacked weights, as model.generate would use
             self.cache = self._new_cache(self.slots)
             self.keep = torch.zeros(self.slots, self.row_len, dtype=torch.bool, device=self.self_kv.k[0].device)
+        unprepared = [r for r in joining if r.inputs is None]  # the scheduler prepares them beforehand
+        if unprepared:
+            for row, inputs in zip(unprepared, self.engine.row_inputs([r.job for r in unprepared])):
+                row.inputs = inputs
         ready = []
-        for row, inputs in zip(joining, self.engine.row_inputs([r.job for r in joining])):
+        for row in joining:
+            inputs, row.inputs = row.inputs, None  # the cache holds what is needed of them after the prefill
             try:
                 if isinstance(inputs, Exception):
                     raise inputs  # this request's own fault (a prompt too long...): it fails alone
@@ -360,7 +369,7 @@ class ContinuousScheduler:
         self.executor = self.micro.executor  # one model thread for both: the model is not re-entrant
         # None: no captioning model (retrieval only), so every request goes to the micro-batcher
         self.decoder = slot_decoder(engine, kv_rows(engine, settings), settings) if engine.can_generate else None
-        # An admission (image encoder, Q-Former, prefill) has a large fixed cost, so arrivals join a
+        # An admission (a prefill forward) has a fixed cost, so arrivals join a
         # running batch together: `admit_batch` of them, or fewer once the oldest has waited
         # max_wait_ms; a queue longer than that waits until as many rows are free.
         self.admit_batch = max(1, settings.max_batch // 4)
@@ -368,28 +377,52 @@ class ContinuousScheduler:
         self.steps_per_trip = STEPS_PER_TRIP
         self.max_queue, self.timeout_s = settings.max_queue, settings.request_timeout_s
         self.on_results = on_results or (lambda results: None)
-        self.pending: collections.deque[Row] = collections.deque()
+        # A request's prompt embeddings (image encoder, Q-Former: most of an admission's cost) do not
+        # depend on the decode batch, so a thread of their own prepares them while the model thread
+        # decodes: `arriving` -> (prepare thread) -> `pending` -> (model thread) a row of the cache.
+        # Preparing is cheaper per request in larger batches (the image encoder and Q-Former have a
+        # fixed cost per call), so arrivals are prepared when fewer than a cache's rows are ready,
+        # as many together as are waiting (up to max_batch): under load, whole batches; idle, at once.
+        self.arriving: collections.deque[Row] = collections.deque()
+        self.preparing = 0  # requests in the prepare thread now
+        self.prepare_batch = settings.max_batch  # the most prepared together
+        self.prepare_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blip2-prepare")
+        self.pending: collections.deque[Row] = collections.deque()  # prepared, waiting for a row
         self.stats = BatchStats()  # one "batch" per step: its size is the live rows
         self.request_seconds: collections.deque[float] = collections.deque(maxlen=64)
-        self._arrival: asyncio.Event | None = None
+        self._arrival: asyncio.Event | None = None  # a request was prepared (or the scheduler is closing)
+        self._incoming: asyncio.Event | None = None  # a request arrived (or the scheduler is closing)
         self._worker: asyncio.Task | None = None
+        self._preparer: asyncio.Task | None = None
         self._closing = False
 
     # ---- lifecycle ----
     async def start(self) -> None:
         await self.micro.start()
-        self._arrival = asyncio.Event()
+        self._arrival, self._incoming = asyncio.Event(), asyncio.Event()
         if self.decoder is not None:
+            # Packed weights before the prepare thread first uses the model: packing swaps layers
+            # that the other thread might be running.
+            await asyncio.get_running_loop().run_in_executor(self.executor, self._fit_layouts)
+            self._preparer = asyncio.create_task(self._prepare_loop(), name="blip2-prepare")
             self._worker = asyncio.create_task(self._loop(), name="blip2-scheduler")
 
     async def stop(self) -> None:
         """Finishes every queued and running request, then stops (graceful drain)."""
         self._closing = True
-        if self._arrival is not None:
-            self._arrival.set()
+        for event in (self._arrival, self._incoming):
+            if event is not None:
+                event.set()
+        if self._preparer is not None:
+            await self._preparer
         if self._worker is not None:
             await self._worker
+        self.prepare_executor.shutdown(wait=True)
         await self.micro.stop()
+
+    def _fit_layouts(self) -> None:
+        with torch.inference_mode():
+            fit_layouts(self.engine.model)
 
     # ---- submitting ----
     def check_room(self) -> None:
@@ -397,10 +430,14 @@ class ContinuousScheduler:
             return self.micro.check_room()
         if self._closing or self._worker is None:
             raise ApiError(503, "the server is shutting down", headers={"Retry-After": "5"})
-        if len(self.pending) >= self.max_queue:
+        if self.queued() >= self.max_queue:
             self.stats.rejected += 1
-            raise ApiError(503, f"the server is busy: {len(self.pending)} requests are queued; retry later",
+            raise ApiError(503, f"the server is busy: {self.queued()} requests are queued; retry later",
                            headers={"Retry-After": str(self.retry_after())})
+
+    def queued(self) -> int:
+        """Requests waiting for a row: being prepared or prepared."""
+        return len(self.arriving) + self.preparing + len(self.pending)
 
     async def submit(self, key: Hashable, payload: Any, timeout_s: float | None = None) -> Any:
         if self.decoder is None or not self.engine.can_join(key, payload):
@@ -409,14 +446,57 @@ class ContinuousScheduler:
         self.stats.requests_by_task[str(key[0])] += 1
         row = Row(payload, asyncio.get_running_loop().create_future())
         row.future.add_done_callback(lambda _: setattr(row, "abandoned", True))  # the tick drops it
-        self.pending.append(row)
-        self._arrival.set()
+        self.arriving.append(row)
+        self._incoming.set()
         return await wait_result(row.future, self.timeout_s if timeout_s is None else timeout_s, self.stats)
 
     def retry_after(self) -> int:
         """Seconds until a queued request likely gets a row: queued rounds of rows times a request's time."""
         mean = sum(self.request_seconds) / len(self.request_seconds) if self.request_seconds else 1.0
-        return max(1, math.ceil(len(self.pending) / self.decoder.slots * mean))
+        return max(1, math.ceil(self.queued() / self.decoder.slots * mean))
+
+    # ---- preparing ----
+    async def _prepare_loop(self) -> None:
+        """Prepares arrivals in the prepare thread while fewer than a cache's rows are prepared, as
+        many together as are waiting (up to `prepare_batch`), and queues them for a row; a request
+        whose inputs fail is answered at once."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.arriving or len(self.pending) >= self.decoder.slots:
+                if self._closing and not self.arriving:
+                    self._arrival.set()  # the model loop may be waiting for this loop to end
+                    return
+                self._incoming.clear()  # set again by an arrival or by rows taken from `pending`
+                await self._incoming.wait()
+                continue
+            batch = []
+            while self.arriving and len(batch) < self.prepare_batch:
+                row = self.arriving.popleft()
+                if not row.abandoned:
+                    batch.append(row)
+            self.preparing = len(batch)
+            try:
+                prepared = await loop.run_in_executor(self.prepare_executor, self._prepare, [r.job for r in batch])
+            except Exception as err:  # noqa: BLE001 - a bug here must not leave the requests hanging
+                log.exception("preparing requests failed")
+                prepared = [ApiError(500, f"generation failed: {type(err).__name__}: {err}")] * len(batch)
+            finally:
+                self.preparing = 0
+            failed = []
+            for row, inputs in zip(batch, prepared):
+                if isinstance(inputs, Exception):
+                    row.outcome = inputs
+                    failed.append(row)
+                else:
+                    row.inputs = inputs
+                    self.pending.append(row)
+            self._answer(failed)
+            self._arrival.set()
+
+    def _prepare(self, jobs: list[GenerateJob]) -> list:
+        """Prepare thread: each job's `RowInputs` or its error (see `Engine.row_inputs`)."""
+        with torch.inference_mode():  # per thread; and the packed layers stay packed only without autograd
+            return self.engine.row_inputs(jobs)
 
     # ---- the worker ----
     async def _loop(self) -> None:
@@ -430,12 +510,14 @@ class ContinuousScheduler:
         loop = asyncio.get_running_loop()
         while True:
             if not self.pending and not self.decoder.rows:
-                if self._closing:
+                if self._closing and not self.arriving and not self.preparing and self._preparer.done():
                     return
                 self._arrival.clear()
                 await self._arrival.wait()
                 continue
             self._answer(await loop.run_in_executor(self.executor, self._tick))
+            if self.arriving and len(self.pending) < self.decoder.slots:
+                self._incoming.set()  # rows were taken: prepare the next arrivals
 
     def _tick(self) -> list[Row]:
         """Model thread: admits what may join now and advances the live rows, for up to
@@ -511,7 +593,7 @@ class ContinuousScheduler:
         live = len(self.decoder.rows) if self.decoder is not None else 0
         slots = self.decoder.slots if self.decoder is not None else 0
         return {**mine, "batching": "continuous",
-                "queued": len(self.pending) + micro["queued"], "running": live + micro["running"],
+                "queued": self.queued() + micro["queued"], "running": live + micro["running"],
                 "max_batch": slots, "max_queue": self.max_queue,
                 "rejected": mine["rejected"] + micro["rejected"], "timeouts": mine["timeouts"] + micro["timeouts"],
                 "busy_seconds": round(mine["busy_seconds"] + micro["busy_seconds"], 3),
