@@ -23,7 +23,7 @@ import torch
 from blip2.cli import main as cli_main
 from blip2.commands import Loaded, batches, load_pixels, Failures
 from blip2.demo import EXAMPLES_DIR, MODEL_DIR
-from blip2.hf_compat import Blip2ForConditionalGeneration
+from blip2.hf_compat import Blip2ForConditionalGeneration, fast_dtype
 from blip2.processing import Blip2Processor
 
 
@@ -40,14 +40,14 @@ def write_shards(folder: Path, shards: int, per_shard: int) -> list[bytes]:
     return images
 
 
-def in_process_rate(images: list[bytes], total: int, batch: int, tokens: int) -> float:
+def in_process_rate(images: list[bytes], total: int, batch: int, tokens: int, dtype: torch.dtype) -> float:
     """Images/s of generate alone on pre-decoded batches (the best the CLI could do)."""
-    model = Blip2ForConditionalGeneration.from_pretrained(str(MODEL_DIR))
+    model = Blip2ForConditionalGeneration.from_pretrained(str(MODEL_DIR), torch_dtype=dtype)
     processor = Blip2Processor.from_pretrained(str(MODEL_DIR))
-    m = Loaded(model, processor, torch.device("cpu"), torch.float32)
+    m = Loaded(model, processor, torch.device("cpu"), dtype)
     _, pixels = load_pixels([(n, images[n % len(images)]) for n in range(total)], processor.image_processor,
                             Failures())
-    chunks = [torch.stack(c) for c in batches(pixels, batch)]
+    chunks = [torch.stack(c).to(dtype) for c in batches(pixels, batch)]
     with torch.inference_mode():
         m.model.generate(pixel_values=chunks[0], max_new_tokens=tokens)  # warm-up
         started = time.perf_counter()
@@ -56,10 +56,10 @@ def in_process_rate(images: list[bytes], total: int, batch: int, tokens: int) ->
     return total / (time.perf_counter() - started)
 
 
-def cli_rate(shard_dir: Path, out: Path, total: int, batch: int, tokens: int) -> float:
+def cli_rate(shard_dir: Path, out: Path, total: int, batch: int, tokens: int, dtype: torch.dtype) -> float:
     started = time.perf_counter()
     code = cli_main(["caption", str(shard_dir), "--output", str(out), "--batch-size", str(batch),
-                     "--max-new-tokens", str(tokens), "--no-progress"])
+                     "--max-new-tokens", str(tokens), "--no-progress", "--dtype", str(dtype).removeprefix("torch.")])
     seconds = time.perf_counter() - started
     assert code == 0, f"blip2 caption exited with {code}"
     rows = sum(len(p.read_text().splitlines()) for p in out.glob("*.jsonl"))
@@ -73,7 +73,10 @@ def main() -> None:
     parser.add_argument("--per-shard", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=10)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="both sides (auto: what `blip2 caption` picks on this machine)")
     args = parser.parse_args()
+    dtype = fast_dtype("cpu") if args.dtype == "auto" else getattr(torch, args.dtype)
     total = args.shards * args.per_shard
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs; "
           f"torch threads {torch.get_num_threads()}")
@@ -81,9 +84,9 @@ def main() -> None:
         shard_dir, out = Path(tmp) / "shards", Path(tmp) / "out"
         shard_dir.mkdir()
         images = write_shards(shard_dir, args.shards, args.per_shard)
-        batch_rate = in_process_rate(images, total, args.batch_size, args.max_new_tokens)
-        bulk_rate = cli_rate(shard_dir, out, total, args.batch_size, args.max_new_tokens)
-    print(f"{args.shards} shards x {args.per_shard} images, batch {args.batch_size}, {args.max_new_tokens} new tokens")
+        batch_rate = in_process_rate(images, total, args.batch_size, args.max_new_tokens, dtype)
+        bulk_rate = cli_rate(shard_dir, out, total, args.batch_size, args.max_new_tokens, dtype)
+    print(f"{args.shards} shards x {args.per_shard} images, batch {args.batch_size}, {args.max_new_tokens} new tokens, {dtype}")
     print(f"in-process generate on decoded batches: {batch_rate:.1f} images/s")
     print(f"blip2 caption --output (whole command):  {bulk_rate:.1f} images/s  ratio {bulk_rate / batch_rate:.2f}")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (figures are under this load)")
