@@ -192,9 +192,14 @@ def test_serve_workers_share_one_port_each_with_its_model(checkpoints):
         deadline = time.monotonic() + 60
         while (workers[0] in _children(proc.pid) or len(_children(proc.pid)) < 2) and time.monotonic() < deadline:
             time.sleep(0.2)
-        workers = _children(proc.pid)
+        workers, answered = _children(proc.pid), set()
+
+        def both_answered() -> bool:  # the new worker is up once it has answered (calls land where the kernel puts them)
+            answered.update(httpx.get(f"{url}/healthz", timeout=30).json()["pid"] for _ in range(20))
+            return answered >= set(workers)
+
         _scrape_until(lambda t: _sample(t, "blip2_batch_capacity") == 2 * 2 and _sample(t, "blip2_queue_depth") == 0,
-                      url, ready=lambda: {httpx.get(f"{url}/healthz").json()["pid"] for _ in range(20)} == set(workers))
+                      url, tries=40, ready=both_answered)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert not any(_running(w) for w in workers)  # the workers drained and exited with it
