@@ -446,8 +446,12 @@ class ContinuousScheduler:
         self.stats.requests_by_task[str(key[0])] += 1
         row = Row(payload, asyncio.get_running_loop().create_future())
         row.future.add_done_callback(lambda _: setattr(row, "abandoned", True))  # the tick drops it
-        self.arriving.append(row)
-        self._incoming.set()
+        if self.decoder.rows or self.pending or self.arriving or self.preparing:
+            self.arriving.append(row)
+            self._incoming.set()
+        else:  # an idle model: the model thread prepares it itself, one thread hop sooner
+            self.pending.append(row)
+            self._arrival.set()
         return await wait_result(row.future, self.timeout_s if timeout_s is None else timeout_s, self.stats)
 
     def retry_after(self) -> int:
