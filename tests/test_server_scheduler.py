@@ -325,9 +325,9 @@ def test_inputs_are_prepared_off_the_model_thread_and_a_bad_prompt_fails_before_
     threads, rows_seen = [], []
     original = engine.row_inputs
 
-    def recording(jobs):
-        threads.append(threading.current_thread().name)
-        return original(jobs)
+    def recording(batch):
+        threads.append((threading.current_thread().name, batch))
+        return original(batch)
 
     too_long = job(31, 5, " ".join(["red"] * (engine.settings.max_prompt_tokens + 5)))
     jobs = [job(30 + n, 3 + 4 * n, PROMPTS[n % 4]) for n in range(6)]
@@ -353,8 +353,9 @@ def test_inputs_are_prepared_off_the_model_thread_and_a_bad_prompt_fails_before_
     finally:
         engine.row_inputs = original
     # the first finds the model idle and is prepared by the model thread itself; the rest never are
-    assert threads[0].startswith("blip2-model") and len(threads) > 1
-    assert all(name.startswith("blip2-prepare") for name in threads[1:])
+    by_model = [batch for name, batch in threads if name.startswith("blip2-model")]
+    assert by_model == [[jobs[0]]] and len(threads) > 1
+    assert all(name.startswith(("blip2-model", "blip2-prepare")) for name, _ in threads)
     assert isinstance(results[1], ApiError) and results[1].status == 400
     assert all(row.job is not too_long for rows in rows_seen for row in rows)  # it never took a row
     for result, j in zip(results[:1] + results[2:], jobs):
