@@ -321,14 +321,23 @@ def test_a_request_that_times_out_leaves_the_batch_and_the_others_go_on(engine):
     assert s.decoder.rows == [] and not s.pending
 
 
-def test_inputs_are_prepared_off_the_model_thread_and_a_bad_prompt_fails_before_taking_a_row(engine):
-    threads, rows_seen = [], []
+def run_recording_inputs(engine, main, record):
+    """asyncio.run(main()), every batch the engine prepares (`row_inputs`) shown to `record` first."""
     original = engine.row_inputs
 
     def recording(batch):
-        threads.append((threading.current_thread().name, batch))
+        record(batch)
         return original(batch)
 
+    engine.row_inputs = recording
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.row_inputs = original
+
+
+def test_inputs_are_prepared_off_the_model_thread_and_a_bad_prompt_fails_before_taking_a_row(engine):
+    threads, rows_seen = [], []
     too_long = job(31, 5, " ".join(["red"] * (engine.settings.max_prompt_tokens + 5)))
     jobs = [job(30 + n, 3 + 4 * n, PROMPTS[n % 4]) for n in range(6)]
 
@@ -347,11 +356,7 @@ def test_inputs_are_prepared_off_the_model_thread_and_a_bad_prompt_fails_before_
         await s.stop()
         return results
 
-    engine.row_inputs = recording
-    try:
-        results = asyncio.run(main())
-    finally:
-        engine.row_inputs = original
+    results = run_recording_inputs(engine, main, lambda batch: threads.append((threading.current_thread().name, batch)))
     # the first finds the model idle and is prepared by the model thread itself; the rest never are
     by_model = [batch for name, batch in threads if name.startswith("blip2-model")]
     assert by_model == [[jobs[0]]] and len(threads) > 1
@@ -364,12 +369,7 @@ def test_inputs_are_prepared_off_the_model_thread_and_a_bad_prompt_fails_before_
 
 def test_arrivals_wait_to_be_prepared_together_while_a_cache_full_of_rows_is_ready(engine):
     gate, sizes = threading.Event(), []
-    original = engine.row_inputs
     jobs = [job(100 + n, 4) for n in range(6)]
-
-    def recording(batch):
-        sizes.append(len(batch))
-        return original(batch)
 
     async def until(condition):
         for _ in range(1000):
@@ -394,10 +394,6 @@ def test_arrivals_wait_to_be_prepared_together_while_a_cache_full_of_rows_is_rea
         await s.stop()
         return results
 
-    engine.row_inputs = recording
-    try:
-        results = asyncio.run(main())
-    finally:
-        engine.row_inputs = original
+    results = run_recording_inputs(engine, main, lambda batch: sizes.append(len(batch)))
     assert sum(sizes) == 6 and sizes[-2:] == [2, 2]  # the four late ones: prepared two at a time (max_batch)
     assert [r.text for r in results] == [engine.run(("generate", j.settings), [j])[0].text for j in jobs]
