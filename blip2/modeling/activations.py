@@ -28,6 +28,13 @@ ACTIVATIONS = {
 }
 
 
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """`F.dropout(x, p, training)`, without the call when not training: at inference it is the
+    identity, and a decoding step runs it a few times per layer (each call crosses into torch and
+    gives up the GIL, which a busy server's other threads then take)."""
+    return F.dropout(x, p, training) if training else x
+
+
 def activation(name: str):
     try:
         return ACTIVATIONS[name]
@@ -35,4 +42,4 @@ def activation(name: str):
         raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
 
 
-__all__ = ["activation", "ACTIVATIONS"]
+__all__ = ["activation", "dropout", "ACTIVATIONS"]

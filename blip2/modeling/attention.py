@@ -43,10 +43,11 @@ def attend(
     if q.shape[2] == 1 and not need_weights and head_mask is None and dropout_p == 0.0:
         # One query (a decoding step): two small products in float32 beat the fused kernel,
         # which first copies the strided cache slices, by 2-4x on CPU, and are as accurate.
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, 1, Tk)
+        scores = torch.matmul(_float32(q), _float32(k).transpose(-1, -2)) * scale  # (B, H, 1, Tk)
         if mask is not None:
             scores = scores + mask
-        return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype), None
+        out = torch.matmul(torch.softmax(scores, dim=-1), _float32(v))
+        return (out if out.dtype == q.dtype else out.to(q.dtype)), None
     if not need_weights and head_mask is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
         return out, None
@@ -58,6 +59,12 @@ def attend(
     if head_mask is not None:
         probs = probs * head_mask
     return torch.matmul(probs, v), weights
+
+
+def _float32(x: Tensor) -> Tensor:
+    """`x.float()` without the call when it is float32 already (each call into torch gives up the
+    GIL, which a server's other threads then take: a decoding step makes a few per layer)."""
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -153,10 +160,17 @@ class KVCache:
             self.k[layer].index_copy_(2, slots, k)
             self.v[layer].index_copy_(2, slots, v)
         else:  # each row its own slots: (B, 1) rows x (B, T) slots pick (B, T, H, D)
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            rows = self._row_index(k.shape[0], k.device)
             self.k[layer][rows, :, slots] = k.transpose(1, 2)
             self.v[layer][rows, :, slots] = v.transpose(1, 2)
         return self.k[layer][:, :, :window], self.v[layer][:, :, :window]
+
+    def _row_index(self, batch: int, device) -> Tensor:
+        """(B, 1): 0..B-1, made once per cache (or per `rows` view: a step's), not once per layer."""
+        index = getattr(self, "_rows", None)
+        if index is None or index.shape[0] != batch:
+            index = self._rows = torch.arange(batch, device=device)[:, None]
+        return index
 
     def nbytes(self) -> int:
         """What the buffers take (a cache made on the "meta" device sizes one without allocating)."""

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .activations import activation
+from .activations import activation, dropout
 from .attention import KVCache, Positions, attend, check_heads, merge_heads, split_heads
 from .checkpointing import run_layer
 from .init import init_normal_lm_
@@ -59,12 +58,12 @@ class OPTLayer(nn.Module):
     def forward(self, x, at: Positions, layer: int, cache: KVCache | None, need_weights: bool):
         h = self.attn_norm(x) if self.pre_norm else x
         h, weights = self.attn(h, at, layer, cache, need_weights)
-        x = x + F.dropout(h, self.dropout, self.training)
+        x = x + dropout(h, self.dropout, self.training)
         if not self.pre_norm:
             x = self.attn_norm(x)
         h = self.mlp_norm(x) if self.pre_norm else x
         h = self.fc2(self.act(self.fc1(h)))
-        x = x + F.dropout(h, self.dropout, self.training)
+        x = x + dropout(h, self.dropout, self.training)
         if not self.pre_norm:
             x = self.mlp_norm(x)
         return x, weights
@@ -135,7 +134,7 @@ class OPTLanguageModel(nn.Module):
             positions = self._positions_after(cache, attention_mask, inputs_embeds)
         x = self.project_in(inputs_embeds) if self.project_in is not None else inputs_embeds
         x = x + self.embed_positions(positions.ids + POSITION_OFFSET)
-        x = F.dropout(x, self.config.dropout, self.training)
+        x = dropout(x, self.config.dropout, self.training)
 
         hidden = [] if need_hidden else None
         weights = [] if need_weights else None

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .activations import activation
+from .activations import activation, dropout
 from .attention import attend, check_heads, merge_heads, split_heads
 from .checkpointing import run_layer
 
@@ -98,7 +98,7 @@ class QFormerLayer(nn.Module):
 
     def residual(self, norm: nn.LayerNorm, h: Tensor, x: Tensor) -> Tensor:
         """BERT's post-LN residual: LN(dropout(h) + x)."""
-        return norm(F.dropout(h, self.dropout, self.training) + x)
+        return norm(dropout(h, self.dropout, self.training) + x)
 
     def forward(self, x, self_mask, image, image_mask, head_mask=None, need_weights=False, past=None):
         h, self_w, present = self.self_attn(x, self_mask, head_mask, need_weights, past)
@@ -195,7 +195,7 @@ class QFormer(nn.Module):
 
     def _inputs(self, embeds: Tensor, attention_mask, image, image_mask, past) -> tuple[Tensor, Tensor, Tensor | None]:
         """The input norm and dropout, and both additive masks (self, cross; the latter None without an image)."""
-        x = F.dropout(self.layernorm(embeds), self.config.hidden_dropout_prob, self.training)
+        x = dropout(self.layernorm(embeds), self.config.hidden_dropout_prob, self.training)
         B, T, _ = x.shape
         past_len = past[0][0].shape[2] if past is not None else 0
         if attention_mask is None:

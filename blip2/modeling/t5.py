@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .activations import activation
+from .activations import activation, dropout
 from .attention import KVCache, Positions, attend, merge_heads, padding_mask, split_heads
 from .checkpointing import run_layer
 from .init import normal_rows_
@@ -202,7 +202,7 @@ class FeedForward(nn.Module):
         self.dropout = cfg.dropout_rate
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.dropout(self.act(self.wi(x)), self.dropout, self.training)
+        h = dropout(self.act(self.wi(x)), self.dropout, self.training)
         return self.wo(input_of(self.wo, h))
 
 
@@ -218,7 +218,7 @@ class GatedFeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate, linear = self.wi(x).chunk(2, dim=-1)  # (B, T, d_ff) each
-        h = F.dropout(self.act(gate) * linear, self.dropout, self.training)
+        h = dropout(self.act(gate) * linear, self.dropout, self.training)
         return self.wo(input_of(self.wo, h))
 
 
@@ -238,8 +238,8 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor, need_weights: bool):
         h, weights = self.attn(self.attn_norm(x), mask, 0, None, need_weights)
-        x = clamp_inf(x + F.dropout(h, self.dropout, self.training))
-        x = x + F.dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
+        x = clamp_inf(x + dropout(h, self.dropout, self.training))
+        x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
         return clamp_inf(x), weights
 
 
@@ -257,10 +257,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x: Tensor, at: Positions, cross_kv: tuple[Tensor, Tensor], cross_mask: Tensor,
                 layer: int, cache: KVCache | None, need_weights: bool):
         h, self_weights = self.attn(self.attn_norm(x), at.mask, layer, cache, need_weights, at.slots)
-        x = clamp_inf(x + F.dropout(h, self.dropout, self.training))
+        x = clamp_inf(x + dropout(h, self.dropout, self.training))
         h, cross_weights = self.cross_attn(self.cross_norm(x), *cross_kv, cross_mask, need_weights)
-        x = clamp_inf(x + F.dropout(h, self.dropout, self.training))
-        x = x + F.dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
+        x = clamp_inf(x + dropout(h, self.dropout, self.training))
+        x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
         return clamp_inf(x), self_weights, cross_weights
 
 
@@ -279,7 +279,7 @@ class T5Encoder(nn.Module):
         S = x.shape[1]
         bias = self.layers[0].attn.rel_bias.span(0, S, S)  # (1, H, S, S)
         mask = bias + padding_mask(keep, bias.dtype)  # (B, H, S, S)
-        x = F.dropout(x, self.dropout, self.training)
+        x = dropout(x, self.dropout, self.training)
         hidden = [] if need_hidden else None
         weights = [] if need_weights else None
         for layer in self.layers:
@@ -288,7 +288,7 @@ class T5Encoder(nn.Module):
             x, w = run_layer(self, layer, x, mask, need_weights)
             if need_weights:
                 weights.append(w)
-        x = F.dropout(self.final_norm(x), self.dropout, self.training)
+        x = dropout(self.final_norm(x), self.dropout, self.training)
         if need_hidden:
             hidden.append(x)
         return EncoderOutput(x, _maybe_tuple(hidden), _maybe_tuple(weights))
@@ -406,7 +406,7 @@ class T5Decoder(nn.Module):
             at = positions
             bias = rel_bias(at.ids, at.mask.shape[-1])  # (B, H, T, S): each row's own
         at = at._replace(mask=bias + at.mask)  # (B, H, T, S)
-        x = F.dropout(x, self.dropout, self.training)
+        x = dropout(x, self.dropout, self.training)
         hidden = [] if need_hidden else None
         weights = [] if need_weights else None
         cross_weights = [] if need_weights else None
@@ -419,7 +419,7 @@ class T5Decoder(nn.Module):
                 cross_weights.append(cw)
         if cache is not None and positions is None:
             cache.advance(T)
-        x = F.dropout(self.final_norm(x), self.dropout, self.training)
+        x = dropout(self.final_norm(x), self.dropout, self.training)
         if need_hidden:
             hidden.append(x)
         return x, _maybe_tuple(hidden), _maybe_tuple(weights), _maybe_tuple(cross_weights)

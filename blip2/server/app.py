@@ -278,19 +278,19 @@ async def read_image(engine: Engine, settings: Settings, fields: dict, files: di
     return await load_image(engine, settings, source, task, name)
 
 
-def _bytes_and_digest(source: bytes | str, name: str) -> tuple[bytes, str]:
+def _image_data(engine: Engine, settings: Settings, source: bytes | str, task: str, name: str) -> ImageData:
     data = source if isinstance(source, bytes) else decode_base64(source, name)
-    return data, image_digest(data)
+    sha = image_digest(data)
+    features = engine.cache.get(engine.feature_kind(task), sha)  # the cache is thread-safe
+    if features is not None:
+        return ImageData(sha, features=features)  # a known image: no need to decode it again
+    return ImageData(sha, image=decode_image(data, settings.max_image_pixels, name))
 
 
 async def load_image(engine: Engine, settings: Settings, source: bytes | str, task: str, name: str) -> ImageData:
-    """Uploaded bytes or base64 text -> ImageData; the work runs in a thread, off the event loop."""
-    data, sha = await run_in_threadpool(_bytes_and_digest, source, name)
-    features = engine.cache.get(engine.feature_kind(task), sha)
-    if features is not None:
-        return ImageData(sha, features=features)  # a known image: no need to decode it again
-    image = await run_in_threadpool(decode_image, data, settings.max_image_pixels, name)
-    return ImageData(sha, image=image)
+    """Uploaded bytes or base64 text -> ImageData; the work runs in a thread, off the event loop,
+    in one trip there (each trip costs the event loop a wake-up and the model thread the GIL)."""
+    return await run_in_threadpool(_image_data, engine, settings, source, task, name)
 
 
 def generation_settings(fields: dict, settings: Settings, max_tokens_names=("max_new_tokens",)) -> GenerationSettings:

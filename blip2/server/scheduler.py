@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ..generation import CallbackStreamer, GenerationConfig
 from ..generation.processors import is_active, process, warp
-from ..modeling.attention import KVCache, Positions, padding_mask
+from ..modeling.attention import KVCache, Positions
 from ..modeling.inference import fit_layouts
 from .batcher import Batcher, BatchStats, wait_result
 from .engine import Engine, GenerateJob, GenerateResult, RowInputs
@@ -138,7 +138,9 @@ class SlotDecoder:
         self.slots, self.max_new = slots, limits.max_new_tokens
         self.row_len = engine.model.config.num_query_tokens + limits.max_prompt_tokens + limits.max_new_tokens
         self.cache = None  # allocated on the first tick, in the model thread (see `_new_cache`)
-        self.keep: Tensor | None = None  # (slots, row_len) bool: the cache slots holding each row's tokens
+        # (slots, row_len) additive: 0 on the cache slots holding each row's tokens, the dtype's
+        # minimum elsewhere; kept up to date in place, so a step's mask is a view, not a new tensor
+        self.mask: Tensor | None = None
         self.rows: list[Row] = []  # live rows, in cache-row order
 
     def tick(self, joining: list[Row]) -> list[Row]:
@@ -159,7 +161,8 @@ class SlotDecoder:
         if self.cache is None:  # the first request; a server's model keeps its layout after that
             fit_layouts(self.engine.model)  # prepacked weights, as model.generate would use
             self.cache = self._new_cache(self.slots)
-            self.keep = torch.zeros(self.slots, self.row_len, dtype=torch.bool, device=self.self_kv.k[0].device)
+            k = self.self_kv.k[0]
+            self.mask = torch.full((self.slots, self.row_len), torch.finfo(k.dtype).min, dtype=k.dtype, device=k.device)
         unprepared = [r for r in joining if r.inputs is None]  # the scheduler prepares them beforehand
         if unprepared:
             for row, inputs in zip(unprepared, self.engine.row_inputs([r.job for r in unprepared])):
@@ -224,8 +227,8 @@ class SlotDecoder:
             keep[j, T - e.shape[1]:] = 1
         at = Positions.after(keep, T, x.dtype)  # slots 0..T-1 of each row, causal, padding hidden
         logits = self.lm(x, cache=self.cache.rows(n, n + k), positions=at, last_logits=1).logits[:, -1]  # (k, V)
-        self.keep[n : n + k] = False  # what a previous request left there is not this row's
-        self.keep[n : n + k, :T] = keep.bool()
+        self.mask[n : n + k] = torch.finfo(self.mask.dtype).min  # what a previous request left there is not this row's
+        self.mask[n : n + k, :T].masked_fill_(keep.bool(), 0.0)  # its tokens are seen, its padding is not
         for j, row in enumerate(rows):
             row.filled, row.position = T, embeds[j].shape[1]
             self.rows.append(row)
@@ -239,12 +242,15 @@ class SlotDecoder:
             return
         rows, kv = self.rows, self.self_kv
         n, device = len(rows), kv.k[0].device
-        slots = torch.tensor([[r.filled] for r in rows], device=device)  # (n, 1): where each new token goes
-        ids = torch.tensor([[r.position] for r in rows], device=device)  # (n, 1): its position (real tokens before it)
-        tokens = torch.tensor([[r.feed] for r in rows], device=device)  # (n, 1)
-        self.keep[torch.arange(n, device=device), slots[:, 0]] = True  # the new token sees itself
+        # One tensor for the step's three columns: each torch call gives up the GIL, which the
+        # server's other threads (HTTP, preparing arrivals) then hold for a while.
+        state = torch.tensor([[r.filled, r.position, r.feed] for r in rows], device=device)  # (n, 3)
+        slots = state[:, 0:1]  # (n, 1): where each new token goes
+        ids = state[:, 1:2]  # (n, 1): its position (real tokens before it)
+        tokens = state[:, 2:3]  # (n, 1)
+        self.mask[:n].scatter_(1, slots, 0.0)  # the new token sees itself
         width = max(r.filled for r in rows) + 1
-        at = Positions(ids=ids, slots=slots, mask=padding_mask(self.keep[:n, :width], kv.k[0].dtype))
+        at = Positions(ids=ids, slots=slots, mask=self.mask[:n, None, None, :width])  # (n, 1, 1, width)
         logits = self._logits(tokens, at)  # (n, V)
         for row in rows:
             row.filled += 1
@@ -274,12 +280,12 @@ class SlotDecoder:
             last = self.rows.pop()
             if last is not row:
                 self.cache.copy_row(len(self.rows), i, last.filled)
-                self.keep[i] = self.keep[len(self.rows)]
+                self.mask[i] = self.mask[len(self.rows)]
                 self.rows[i] = last
 
     def fail_all(self, err: BaseException) -> list[Row]:
         """After an error outside any one row: every live row fails, the cache is rebuilt."""
-        rows, self.rows, self.cache, self.keep = self.rows, [], None, None
+        rows, self.rows, self.cache, self.mask = self.rows, [], None, None
         for row in rows:
             row.outcome = err
         return rows
@@ -326,7 +332,7 @@ class EncoderDecoderSlots(SlotDecoder):
             keep[j, : e.shape[1]] = 1
         encoded = self.lm.encode(x, keep).last_hidden_state  # (k, S, D)
         self.cache.put_rows(n, *self.lm.decoder.cross_state(encoded, keep))
-        self.keep[n : n + k] = False  # no decoder token yet
+        self.mask[n : n + k] = torch.finfo(self.mask.dtype).min  # no decoder token yet
         for j, row in enumerate(rows):
             row.filled = row.position = 0
             row.encoded = embeds[j].shape[1]
