@@ -15,11 +15,15 @@ random weights almost never emit the end token, so every request runs to its own
 the lengths really are mixed. `--lm opt-125m` swaps its language model for one of OPT-125m's
 body (12 layers of 768, feed-forward 3072; the demo's 464-token vocabulary, so its tokenizer and
 processor files still fit): there a decode step's cost grows with its rows, as on real models,
-where the tiny demo model's steps cost about the same for 1 or 16 rows. `--model DIR` serves a
+where the tiny demo model's steps cost about the same for 1 or 16 rows. `--lm opt-350m` is
+OPT-350m's body (24 post-norm layers of 1024, projected from 512-wide embeddings); `--lm
+flan-t5-small` an encoder-decoder of Flan-T5-small's body (8 + 8 gated-GELU layers of 512), so the
+T5 path of both batchers is measured too. `--model DIR` serves a
 real checkpoint instead (the trained demo model mostly stops after 2-15 tokens whatever max_tokens says).
 
     python bench/bench_server_load.py [--clients 1 4 16 64] [--requests-per-client 4] [--json-out FILE]
     python bench/bench_server_load.py --lm opt-125m --clients 16 --answers whole
+    python bench/bench_server_load.py --lm flan-t5-small --clients 16 --answers whole
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint to serve (default: a random-weight copy of the demo model)")
     p.add_argument("--lm", choices=sorted(LM_SHAPES), default="demo",
-                   help="the random copy's language model: the demo's, or OPT-125m's body (see above)")
+                   help="the random copy's language model: the demo's, or OPT-125m's, OPT-350m's or Flan-T5-small's body (see above)")
     p.add_argument("--answers", choices=("whole", "streamed", "both"), default="both")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--requests-per-client", type=int, default=4, help="requests per client (at least 16 per run)")
@@ -64,11 +68,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------- the model
-# text_config changes for --lm: OPT-125m's layer sizes (facebook/opt-125m's config.json)
+# text_config for --lm: the demo's changed to OPT-125m's or OPT-350m's layer sizes (facebook/opt-*'s
+# config.json), or a text config of another family (model_type) with Flan-T5-small's sizes
+# (google/flan-t5-small's config.json); every one keeps the demo's vocabulary and token ids.
 LM_SHAPES = {
     "demo": {},
     "opt-125m": dict(hidden_size=768, word_embed_proj_dim=768, num_hidden_layers=12, ffn_dim=3072,
                      num_attention_heads=12, max_position_embeddings=2048),
+    "opt-350m": dict(hidden_size=1024, word_embed_proj_dim=512, num_hidden_layers=24, ffn_dim=4096,
+                     num_attention_heads=16, max_position_embeddings=2048, do_layer_norm_before=False),
+    "flan-t5-small": dict(model_type="t5", d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8,
+                          num_heads=6, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
 }
 
 
@@ -82,11 +92,18 @@ def random_demo_copy(folder: Path, lm: str = "demo") -> Path:
 
     torch.manual_seed(0)
     config = Blip2Config.from_pretrained(MODEL_DIR)
-    for name, value in LM_SHAPES[lm].items():
-        setattr(config.text_config, name, value)
+    shape, text = dict(LM_SHAPES[lm]), config.text_config
+    if shape.get("model_type", text.model_type) != text.model_type:  # another family: its own text config
+        ids = dict(vocab_size=text.vocab_size, pad_token_id=text.pad_token_id, eos_token_id=text.eos_token_id,
+                   decoder_start_token_id=text.pad_token_id)  # T5 starts decoding from padding
+        config = Blip2Config.from_dict({**config.to_dict(), "text_config": {**shape, **ids}})
+    else:
+        for name, value in shape.items():
+            setattr(text, name, value)
     Blip2ForConditionalGeneration(config).save_pretrained(folder)
     for path in Path(MODEL_DIR).iterdir():
-        if path.name not in ("model.safetensors", "config.json"):
+        # the demo's processor files; its generation config only where the language model is its family
+        if path.name not in ("model.safetensors", "config.json") and not (folder / path.name).exists():
             shutil.copy(path, folder / path.name)
     return folder
 
