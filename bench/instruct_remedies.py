@@ -3,7 +3,7 @@
     python bench/instruct_remedies.py lm  [--steps 800] [--lr 1e-3] [--docs 8000] [--questions 3] [--world-docs 4000] [--scenes 150]
     python bench/instruct_remedies.py aux [--steps 320] [--lr 1e-3] [--kinds exist,position] [--head tied|linear] [--plain]
     python bench/instruct_remedies.py curriculum [--stages exist/plain:1000,exist:1000,exist+position:1000,all:1500]
-        [--start DIR] [--save DIR] [--aux 1.0] [--images 4000]
+        [--start DIR] [--save DIR] [--aux 1.0] [--answer-aux 0.0] [--images 4000]
     python bench/instruct_remedies.py score --start DIR
 
 `lm`: give the frozen language model the skill Flan-T5 and Vicuna bring to InstructBLIP, answering
@@ -25,8 +25,10 @@ and for directions (chance ln 4 = 1.386), on the training batches.
 (KINDS[/plain|/mix|/only]:STEPS; plain: no negated exist phrasings, only: nothing else of exist;
 all: every kind in the recipe's mix). The head learns the fact asked about: a negated exist
 question's presence, not its answer. Printed per eighth of each stage: the losses, the head's
-accuracy and the first answer token's loss per kind (not-exist: the negated phrasings). `--save`
-keeps each stage's model and head (direct_head.pt, loaded by a later `--start`).
+accuracy and the first answer token's loss per kind (not-exist: the negated phrasings). With
+`--answer-aux W`, a second such head learns the answer itself (the fact flipped for a negated
+question), weight W. `--save` keeps each stage's model and heads (direct_head.pt, loaded by a
+later `--start`, and answer_head.pt).
 
 `score`: the recipe's evaluation of a model (per kind, seen and unseen wordings, new images of seen
 pairs and of held-out pairs, 100 questions each) and the tests' independent drawings (120 per kind).
@@ -282,7 +284,7 @@ class StagePairs(InstructionPairs):
 
 class KindCollate:
     """An instruction batch plus each row's kind (for the first answer token's loss per kind) and
-    its fact's index in ANSWERS (-1: none, e.g. a colour)."""
+    the indices in ANSWERS of its fact and its answer (-1: none, e.g. a colour)."""
 
     def __init__(self, collate: InstructionCollate) -> None:
         self.collate = collate
@@ -290,35 +292,44 @@ class KindCollate:
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.collate(examples)
         batch["kinds"] = [e["kind"] for e in examples]
-        batch["facts"] = torch.tensor([ANSWERS.index(e["fact"]) if e["fact"] in ANSWERS else -1
-                                       for e in examples])
+        for key, field in (("facts", "fact"), ("answers", "answer")):
+            batch[key] = torch.tensor([ANSWERS.index(e[field]) if e[field] in ANSWERS else -1 for e in examples])
         return batch
+
+
+def head_loss(head: torch.nn.Linear, queries: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(cross-entropy, accuracy) of a 6-way head on the mean query output, over the rows with a
+    target (index into ANSWERS, -1: none)."""
+    asked = targets >= 0  # (B,)
+    if not asked.any():
+        return torch.zeros(()), torch.tensor(float("nan"))
+    logits = head(queries[asked].mean(1))  # (b, 6)
+    return F.cross_entropy(logits, targets[asked]), (logits.argmax(-1) == targets[asked]).float().mean()
 
 
 class DirectSignal(AnswerSignal):
     """The language-model loss plus `weight` x a 6-way head's loss on the mean query output, on the
-    rows whose fact (`fact`) is yes, no or a direction. Also logs the language model's loss on the
+    rows whose fact (`fact`) is yes, no or a direction, plus `answer_weight` x a second such head's
+    loss on the answer itself (a negated exist question's: the fact flipped), which asks the
+    queries to hold the answer, not only the fact. Also logs the language model's loss on the
     first answer token per kind (chance: ln 2 = 0.693 for yes/no, ln 4 = 1.386 for directions)."""
 
-    def __init__(self, model, cache: FeatureCache, weight: float) -> None:
+    def __init__(self, model, cache: FeatureCache, weight: float, answer_weight: float = 0.0) -> None:
         super().__init__(model, cache, [], "linear")  # its head; the facts come with the batch
-        self.weight = weight
+        self.weight, self.answer_weight = weight, answer_weight
+        self.answer_head = torch.nn.Linear(self.head.in_features, len(ANSWERS))
 
     def forward(self, batch: dict, step: int) -> dict:
         queries, _, lm, _, first_loss = self.language_pass(batch)
         nan = torch.tensor(float("nan"))
-        direct, direct_acc = torch.zeros(()), nan
-        asked = batch["facts"] >= 0  # (B,)
-        if asked.any():
-            which = batch["facts"][asked]  # (b,) index into ANSWERS
-            direct_logits = self.head(queries[asked].mean(1))  # (b, 6)
-            direct = F.cross_entropy(direct_logits, which)
-            direct_acc = (direct_logits.argmax(-1) == which).float().mean()
+        direct, direct_acc = head_loss(self.head, queries, batch["facts"])
+        answer, answer_acc = head_loss(self.answer_head, queries, batch["answers"])
         kinds = batch["kinds"]
         firsts = {f"first_{k}": first_loss[[j for j, x in enumerate(kinds) if x == k]].mean() if k in kinds else nan
                   for k in LOGGED_KINDS}
-        return {"lm": lm, "direct": direct.detach(), "direct_acc": direct_acc, "loss": lm + self.weight * direct,
-                **firsts}
+        heads = {"answer": answer.detach(), "answer_acc": answer_acc} if self.answer_weight else {}
+        return {"lm": lm, "direct": direct.detach(), "direct_acc": direct_acc, **heads,
+                "loss": lm + self.weight * direct + self.answer_weight * answer, **firsts}
 
 
 def parse_stages(text: str) -> list[tuple[list[str], str, int]]:
@@ -339,7 +350,7 @@ def parse_stages(text: str) -> list[tuple[list[str], str, int]]:
 
 def stage_summary(history: list[dict], parts: int = 8) -> list[str]:
     """Means over each `parts`-th of a stage: losses, the head's accuracy, first-token losses per kind."""
-    keys = [k for k in history[0] if k in ("lm", "direct", "direct_acc") or k.startswith("first_")]
+    keys = [k for k in history[0] if k in ("lm", "direct", "direct_acc", "answer", "answer_acc") or k.startswith("first_")]
     keys = [k for k in keys if not np.isnan([h[k] for h in history]).all()]
     width = max(1, len(history) // parts)
     return [f"steps {s + 1}-{s + len(history[s:s + width])}: "
@@ -349,13 +360,13 @@ def stage_summary(history: list[dict], parts: int = 8) -> list[str]:
 
 def curriculum(r: InstructRecipe, stages: str, weight: float, model: InstructBlipForConditionalGeneration, data,
                tok, cache: FeatureCache, work: Path, head: Path | None = None,
-               save: Path | None = None) -> InstructBlipForConditionalGeneration:
+               save: Path | None = None, answer_weight: float = 0.0) -> InstructBlipForConditionalGeneration:
     """The stages, each from the previous weights (and the head's, from `head` if given);
-    with `save`, each stage's model and head go to save/STAGE."""
+    with `save`, each stage's model and heads go to save/STAGE."""
     tokenize = lambda texts: [e.ids for e in tok.encode_batch(texts)]  # noqa: E731
     lm = DecoderLMCollate(tokenize, pad_id=PAD_ID, max_len=r.answer_len, text=InstructionText())
     collate = KindCollate(InstructionCollate(lm, tokenize, pad_id=PAD_ID, max_len=r.qformer_positions))
-    objective = DirectSignal(model, cache, weight)
+    objective = DirectSignal(model, cache, weight, answer_weight)
     if head is not None and head.is_file():
         objective.head.load_state_dict(torch.load(head))
     for n, (kinds, negation, steps) in enumerate(parse_stages(stages)):
@@ -363,12 +374,13 @@ def curriculum(r: InstructRecipe, stages: str, weight: float, model: InstructBli
         cfg = trainer_config(r, work, name, steps, r.batch, r.lr)
         history = Trainer(objective, StagePairs(data, r.seed + 11 + n, kinds, negation, r.describe_share),
                           collate, cfg).fit()
-        for line in [f"{name}: {steps} steps (direct-signal weight {weight}), load {load()}",
+        for line in [f"{name}: {steps} steps (direct-signal weight {weight}, answer head {answer_weight}), load {load()}",
                      *stage_summary(history)]:
             print(line, flush=True)
         if save is not None:
             model.eval().save_pretrained(save / name)
             torch.save(objective.head.state_dict(), save / name / "direct_head.pt")
+            torch.save(objective.answer_head.state_dict(), save / name / "answer_head.pt")
     return model.eval()
 
 
@@ -382,7 +394,7 @@ def run_curriculum(args, work: Path) -> None:
     data = draw_images(r, "train", r.train_images)
     t = time.perf_counter()
     curriculum(r, args.stages, args.aux, model, data, tok, fill_cache(model.vision_model, data.images), work,
-               start / "direct_head.pt", args.save)
+               start / "direct_head.pt", args.save, args.answer_aux)
     print(f"curriculum {args.stages}: {time.perf_counter() - t:.0f} s; load {load()}")
 
 
@@ -429,6 +441,8 @@ def main() -> None:
     p.add_argument("--stages", default="exist/plain:1000,exist:1000,exist+position:1000,all:1500",
                    help="curriculum: KINDS[/plain|/mix|/only]:STEPS,... (all: every kind, the recipe's mix)")
     p.add_argument("--aux", type=float, default=1.0, help="curriculum: the direct signal's weight")
+    p.add_argument("--answer-aux", type=float, default=0.0,
+                   help="curriculum: the weight of a second head, trained on the answer (0: none)")
     p.add_argument("--start", type=Path, default=None,
                    help="curriculum: the instruct model to start from (default --model/instruct; a direct_head.pt "
                         "beside it is loaded); score: the instruct model to score (exported first if need be)")
