@@ -53,7 +53,8 @@ from torch import Tensor
 from tokenizers import Tokenizer as FastTokenizer
 
 from blip2.demo import DEMO_DIR, instructions, world
-from blip2.demo.instruct import InstructionPairs, InstructionText, InstructRecipe, export, fill_cache
+from blip2.demo.instruct import (HEAD_ANSWERS, HeadTargets, InstructionPairs, InstructionText, InstructRecipe,
+                                  export, fill_cache, head_loss)
 from blip2.demo.pretrain import TextPretraining, TokenLines, pack, to_pixels
 from blip2.demo.recipe import Recipe, copy_accuracy, draw_images, greedy_ids, trainer_config
 from blip2.demo.tokenizer import PAD_ID
@@ -65,8 +66,7 @@ from blip2.train.loop import Trainer
 from blip2.train.losses import IGNORE
 from blip2.train.stage2 import Stage2Objective
 
-ANSWERS = ("yes", "no", "left", "right", "above", "below")
-NEGATION = (" no ", " not ", "missing", "absent")  # the negated exist phrasings
+ANSWERS = HEAD_ANSWERS  # yes, no and the directions: what the heads on the queries tell apart
 
 
 def load() -> str:
@@ -163,7 +163,7 @@ class KindPairs(InstructionPairs):
             ins = instructions.instruction(self.data.scenes[i], self.rng.choice(self.kinds), self.rng)
             if ins is None:
                 i = self.rng.randrange(len(self.data.scenes))
-            elif not (self.plain and any(w in ins.text for w in NEGATION)):
+            elif not (self.plain and instructions.is_negated(ins)):
                 break
         return {"key": f"train/{i}", "pixel_values": to_pixels(self.data.images[i:i + 1])[0],
                 "prompt": ins.prompt, "answer": ins.answer}
@@ -243,21 +243,11 @@ def run_aux(args, work: Path) -> None:
 # look the answer up, and the Q-Former gains nothing from binding the question's words to the image
 # until the LM also follows (REPORT.md). A 6-way head on the queries, trained on the fact asked
 # about (is the thing there, where is it), gives that binding a gradient of its own; plain existence
-# first. The head learns presence, not the answer, of a negated question: the answer is presence
-# XOR negation, and there neither half alone lowers a loss on the answer (REPORT.md).
+# first. The head learns presence, not the answer, of a negated question (`instructions.fact`): the
+# answer is presence XOR negation, and there neither half alone lowers a loss on the answer
+# (REPORT.md). The heads and their targets are the recipe's (`blip2.demo.instruct.QueryHeads`).
 LOGGED_KINDS = ("colour", "shape", "count", "exist", "not-exist", "position")
-
-
-def is_negated(ins: instructions.Instruction) -> bool:
-    return ins.kind == "exist" and any(w in ins.text for w in NEGATION)
-
-
-def fact(ins: instructions.Instruction) -> str:
-    """What the direct signal learns: the answer, except that a negated exist question's is whether
-    the thing is there (the language model's answer is that, flipped)."""
-    if is_negated(ins):
-        return {"yes": "no", "no": "yes"}[ins.answer]
-    return ins.answer
+is_negated = instructions.is_negated
 
 
 class StagePairs(InstructionPairs):
@@ -279,32 +269,15 @@ class StagePairs(InstructionPairs):
                 continue
             return {"key": f"train/{i}", "pixel_values": to_pixels(self.data.images[i:i + 1])[0],
                     "prompt": ins.prompt, "answer": ins.answer, "kind": "not-exist" if is_negated(ins) else ins.kind,
-                    "fact": fact(ins)}
+                    "fact": instructions.fact(ins)}
 
 
-class KindCollate:
-    """An instruction batch plus each row's kind (for the first answer token's loss per kind) and
-    the indices in ANSWERS of its fact and its answer (-1: none, e.g. a colour)."""
-
-    def __init__(self, collate: InstructionCollate) -> None:
-        self.collate = collate
+class KindCollate(HeadTargets):
+    """The heads' batch (facts and answers as indices into ANSWERS) plus each row's kind, for the
+    first answer token's loss per kind."""
 
     def __call__(self, examples: list[dict]) -> dict:
-        batch = self.collate(examples)
-        batch["kinds"] = [e["kind"] for e in examples]
-        for key, field in (("facts", "fact"), ("answers", "answer")):
-            batch[key] = torch.tensor([ANSWERS.index(e[field]) if e[field] in ANSWERS else -1 for e in examples])
-        return batch
-
-
-def head_loss(head: torch.nn.Linear, queries: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """(cross-entropy, accuracy) of a 6-way head on the mean query output, over the rows with a
-    target (index into ANSWERS, -1: none)."""
-    asked = targets >= 0  # (B,)
-    if not asked.any():
-        return torch.zeros(()), torch.tensor(float("nan"))
-    logits = head(queries[asked].mean(1))  # (b, 6)
-    return F.cross_entropy(logits, targets[asked]), (logits.argmax(-1) == targets[asked]).float().mean()
+        return {**super().__call__(examples), "kinds": [e["kind"] for e in examples]}
 
 
 class DirectSignal(AnswerSignal):

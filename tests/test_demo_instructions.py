@@ -35,6 +35,7 @@ def test_answers_follow_from_the_scene_and_negations_flip_them():
             there = any((not colour or c == colour) and (shape == "shape" or s == shape) for c, s in scene.pairs)
             flip = bool(negated.search(ins.text))
             assert ins.answer == ("yes" if there != flip else "no"), (ins, scene.pairs)
+            assert instructions.is_negated(ins) == flip and instructions.fact(ins) == ("yes" if there else "no")
             seen[ins.answer] += 1
             seen["negated"] += flip
             count = instructions.instruction(scene, "count", rng, wording)
@@ -83,7 +84,39 @@ def test_answer_words_are_words_of_the_language_model():
         assert len(tok.encode(" " + word).ids) == 2, word  # BOS + the word
 
 
-TOY = replace(instruct.QUICK, train_images=32, steps=2, batch=8, eval_per_kind=2, eval_scenes=4)
+TOY = replace(instruct.QUICK, train_images=32, steps=2, batch=8, eval_per_kind=2, eval_scenes=4,
+              fact_head_weight=1.0, answer_head_weight=0.5)
+
+
+def test_heads_read_only_rows_with_a_yes_no_or_direction_target():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, len(instruct.HEAD_ANSWERS))
+    queries = torch.randn(3, 2, 4)  # (B, Q, D)
+    loss, acc = instruct.head_loss(head, queries, torch.tensor([-1, 2, -1]))
+    want = torch.nn.functional.cross_entropy(head(queries[1:2].mean(1)), torch.tensor([2]))
+    assert torch.allclose(loss, want) and acc in (0.0, 1.0)
+    loss, acc = instruct.head_loss(head, queries, torch.tensor([-1, -1, -1]))
+    assert loss == 0 and torch.isnan(acc)
+    batch = instruct.HeadTargets(lambda examples: {})(
+        [{"fact": "yes", "answer": "no"}, {"fact": "red", "answer": "red"}, {"fact": "left", "answer": "left"}])
+    assert batch["facts"].tolist() == [0, -1, 2] and batch["answers"].tolist() == [1, -1, 2]
+
+
+def test_a_second_continuation_reports_every_run(tmp_path):
+    """1500 steps, continued for 1500, then for 1200: 4200 steps and every run's minutes in all."""
+    first = {"settings": {"steps": 1500}, "minutes": 20.0, "continued_from": None}
+    (tmp_path / "instruct_scores.json").write_text(json.dumps(first))
+    second = {"settings": {"steps": 1500}, "minutes": 25.0, "continued_from": instruct.earlier_run(tmp_path / "instruct")}
+    assert second["continued_from"] == {"steps": 1500, "minutes": 20.0, "runs": 1}
+    (tmp_path / "instruct_scores.json").write_text(json.dumps(second))
+    third = {"settings": {"steps": 1200}, "minutes": 10.0, "continued_from": instruct.earlier_run(tmp_path / "instruct")}
+    assert third["continued_from"] == {"steps": 3000, "minutes": 45.0, "runs": 2}
+    line = " ".join(instruct.continued(third))
+    assert "2 earlier runs" in line and "4200 steps and 55.0 minutes in all" in line
+    legacy = dict(second, continued_from={"steps": 1500, "minutes": 20.0})  # written before runs were counted
+    (tmp_path / "instruct_scores.json").write_text(json.dumps(legacy))
+    assert instruct.earlier_run(tmp_path / "instruct") == {"steps": 3000, "minutes": 45.0, "runs": 2}
+    assert instruct.continued({"continued_from": None}) == []
 
 
 @pytest.mark.skipif(not (DEMO_DIR / "model" / "config.json").is_file(), reason="needs the shipped BLIP-2 demo model")
@@ -97,6 +130,7 @@ def test_toy_recipe_writes_an_instructblip_checkpoint(tmp_path):
     assert set(scores["vqa"]["instruct"]["test/seen"]) == set(instructions.KINDS)
     report = (out / "REPORT.md").read_text()
     assert report.startswith("# the BLIP-2 part\n") and report.count(instruct.MARKER) == 1
+    assert "--set fact_head_weight=1.0 --set answer_head_weight=0.5" in report  # the command, as run
     instruct.write_report(out, instruct.report(scores, True))  # a rerun replaces its section
     assert (out / "REPORT.md").read_text() == report
 
@@ -104,6 +138,10 @@ def test_toy_recipe_writes_an_instructblip_checkpoint(tmp_path):
     model, processor = load_model(folder), load_processor(folder)
     assert isinstance(model, InstructBlipForConditionalGeneration) and isinstance(processor, InstructBlipProcessor)
     assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "float16"
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:  # the heads trained beside it do not ship
+        assert not [k for k in f.keys() if "head" in k and "lm_head" not in k]
     image = world.example("test", 0).image
     inputs = processor(images=image, text="Question: what colour is the circle? Answer:", return_tensors="pt")
     assert inputs["qformer_input_ids"].shape[1] > 5

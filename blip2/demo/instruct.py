@@ -1,6 +1,7 @@
 """The instruction-aware demo model: InstructBLIP's recipe, in miniature, on the synthetic world.
 
     python -m blip2.demo.instruct --out blip2/demo [--base blip2/demo] [--quick]
+        [--start-from blip2/demo/instruct] [--set NAME=VALUE ...]
 
 InstructBLIP (Dai et al., 2023) starts from a trained BLIP-2 and fine-tunes only its Q-Former,
 which now reads the instruction too; the image encoder and the language model stay frozen. So
@@ -13,6 +14,8 @@ does this recipe, after `python -m blip2.demo.recipe` has made the BLIP-2 demo m
 2. Train on instruction-formatted pairs (`blip2.demo.instructions`): six question kinds, several
    phrasings each, on training images of seen colour-shape pairs only. The Q-Former and the
    language model read the same prompt ("Question: ... Answer:", or a caption instruction).
+   Optionally, training-only heads on the queries add a direct signal for yes/no and position
+   (`fact_head_weight`, `answer_head_weight`; `QueryHeads`).
 3. Once more with the instruction hidden from the Q-Former (the LM still reads it): the ablation,
    which is BLIP-2's way.
 4. Ship the model (float16, with InstructBlipProcessor's files) in `--out`/instruct, load it back
@@ -37,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -77,6 +81,9 @@ class InstructRecipe:
     eval_scenes: int = 200  # captioned images per split
     ablation: bool = True
     save_dtype: str = "float16"
+    # Training-only heads on the queries (not exported): 0 leaves the language-model loss alone.
+    fact_head_weight: float = 0.0  # a 6-way head learns the fact asked (yes/no: is it there; a direction)
+    answer_head_weight: float = 0.0  # another learns the answer (a negated question's fact, flipped)
 
 
 QUICK = InstructRecipe(train_images=256, steps=20, batch=16, eval_per_kind=8, eval_scenes=16)
@@ -135,7 +142,7 @@ class InstructionPairs(Dataset):
         if ins is None:  # e.g. one shape, no position question: a kind every scene allows
             ins = instructions.instruction(scene, self.rng.choice(["count", "exist"]), self.rng)
         return {"key": f"train/{i}", "pixel_values": to_pixels(self.data.images[i:i + 1])[0],
-                "prompt": ins.prompt, "answer": ins.answer}
+                "prompt": ins.prompt, "answer": ins.answer, "fact": instructions.fact(ins)}
 
 
 class InstructionText:
@@ -161,6 +168,58 @@ def _ids(rows: list[list[int]]) -> tuple[Tensor, Tensor]:
     return ids, torch.ones_like(ids)
 
 
+# Yes/no and position answers sit near chance under the language-model loss alone: the frozen LM
+# does not look the answer up, and the Q-Former gains nothing from binding the question's words to
+# the image until the LM also follows (REPORT.md). Heads on the queries give that binding a
+# gradient of its own. They are training-only: the model that ships has none.
+HEAD_ANSWERS = ("yes", "no", "left", "right", "above", "below")
+
+
+class HeadTargets:
+    """A batch plus, per row, the indices in HEAD_ANSWERS of its fact and its answer (-1: neither, e.g. a colour)."""
+
+    def __init__(self, collate) -> None:
+        self.collate = collate
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collate(examples)
+        for key, field in (("facts", "fact"), ("answers", "answer")):
+            batch[key] = torch.tensor([HEAD_ANSWERS.index(e[field]) if e[field] in HEAD_ANSWERS else -1
+                                       for e in examples])
+        return batch
+
+
+def head_loss(head: torch.nn.Linear, queries: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(cross-entropy, accuracy) of a 6-way head on the mean query output (queries: (B, Q, D)), over
+    the rows with a target (targets: (B,) indices into HEAD_ANSWERS, -1: none)."""
+    asked = targets >= 0  # (B,)
+    if not asked.any():
+        return torch.zeros(()), torch.tensor(float("nan"))
+    logits = head(queries[asked].mean(1))  # (b, 6)
+    return F.cross_entropy(logits, targets[asked]), (logits.argmax(-1) == targets[asked]).float().mean()
+
+
+class QueryHeads(Stage2Objective):
+    """The language-model loss plus `fact_weight` x a fact head's loss and `answer_weight` x an
+    answer head's loss (`head_loss`). The fact alone leaves the XOR with a negation to the frozen
+    LM, which does not do it; the answer alone gives neither half (is it there, is it negated) a
+    lower loss at first, so both."""
+
+    def __init__(self, model, cache: FeatureCache, fact_weight: float, answer_weight: float) -> None:
+        super().__init__(model, feature_cache=cache)
+        width = model.config.qformer_config.hidden_size
+        self.fact_head = torch.nn.Linear(width, len(HEAD_ANSWERS))
+        self.answer_head = torch.nn.Linear(width, len(HEAD_ANSWERS))
+        self.fact_weight, self.answer_weight = fact_weight, answer_weight
+
+    def forward(self, batch: dict, step: int) -> dict[str, Tensor]:
+        lm, queries = self.language_loss(batch)
+        fact, fact_acc = head_loss(self.fact_head, queries, batch["facts"])
+        answer, answer_acc = head_loss(self.answer_head, queries, batch["answers"])
+        return {"lm": lm, "fact": fact.detach(), "fact_acc": fact_acc, "answer": answer.detach(),
+                "answer_acc": answer_acc, "loss": lm + self.fact_weight * fact + self.answer_weight * answer}
+
+
 def train(r: InstructRecipe, model: InstructBlipForConditionalGeneration, data, tok, cache: FeatureCache,
           work: Path, name: str, hide: bool = False) -> InstructBlipForConditionalGeneration:
     tokenize = lambda texts: [e.ids for e in tok.encode_batch(texts)]  # noqa: E731
@@ -168,11 +227,17 @@ def train(r: InstructRecipe, model: InstructBlipForConditionalGeneration, data, 
     collate = (HiddenInstruction if hide else InstructionCollate)(lm, tokenize, pad_id=PAD_ID,
                                                                   max_len=r.qformer_positions)
     objective = Stage2Objective(model, feature_cache=cache)
+    if (r.fact_head_weight or r.answer_head_weight) and not hide:  # a hidden instruction names no fact
+        collate = HeadTargets(collate)
+        objective = QueryHeads(model, cache, r.fact_head_weight, r.answer_head_weight)
     steps = (r.ablation_steps or r.steps) if hide else r.steps
     cfg = trainer_config(r, work, name, steps, r.batch, r.lr)
     log(f"{name}: {steps} steps of {r.batch} instructions{' (hidden from the Q-Former)' if hide else ''}")
     history = Trainer(objective, InstructionPairs(data, r.seed + (7 if hide else 3), r.describe_share), collate, cfg).fit()
-    log(f"{name}: lm loss {history[-1]['lm']:.3f}")
+    last = history[-max(1, steps // 8):]  # the last eighth: one batch's head accuracy is noisy
+    log(f"{name}: lm loss {history[-1]['lm']:.3f}" + "".join(
+        f"; {k} {np.nanmean([h[k] for h in last]):.3f} (last {len(last)} steps)"
+        for k in ("fact_acc", "answer_acc") if k in history[-1]))
     return model.eval()
 
 
@@ -292,16 +357,26 @@ NAMES = {"blip2": "BLIP-2 (shipped model/, Q-Former without the instruction, not
 
 
 def continued(scores: dict) -> list[str]:
-    """The report's line on a run that continued an earlier one (`--start-from`), if this was one."""
+    """The report's line on a run that continued earlier ones (`--start-from`), if this was one."""
     before = scores.get("continued_from")
     if not before:
         return []
-    steps, minutes = before.get("steps"), before.get("minutes")
-    known = steps is not None and minutes is not None
-    return ["", "This run continued the Q-Former of an earlier run of the same settings (`--start-from`"
-            + (f"; {steps} steps, {minutes:.1f} minutes): {steps + scores['settings']['steps']} steps in all, with a "
-               "new warm-up and cosine schedule for the second part." if known else ")."),
-            ]
+    steps, minutes, runs = before.get("steps"), before.get("minutes"), before.get("runs", 1)
+    if steps is None or minutes is None:
+        return ["", "This run continued the Q-Former of an earlier run of this recipe (`--start-from`)."]
+    earlier = "an earlier run" if runs == 1 else f"{runs} earlier runs"
+    return ["", f"This run continued the Q-Former of {earlier} of this recipe (`--start-from`; {steps} steps, "
+                f"{minutes:.1f} minutes): {steps + scores['settings']['steps']} steps and "
+                f"{minutes + scores['minutes']:.1f} minutes in all, each run with its own warm-up and cosine schedule."]
+
+
+def command(scores: dict, quick: bool) -> str:
+    """The command that made the shipped model: every setting that differs from the default, as `--set`."""
+    default = asdict(QUICK if quick else InstructRecipe())
+    sets = "".join(f" --set {k}={str(v).lower() if isinstance(v, bool) else v}"
+                   for k, v in scores["settings"].items() if v != default.get(k))
+    start = " --start-from blip2/demo/instruct" if scores.get("continued_from") else ""
+    return f"python -m blip2.demo.instruct --out blip2/demo{' --quick' if quick else ''}{start}{sets}"
 
 
 def report(scores: dict, quick: bool) -> str:
@@ -312,13 +387,16 @@ def report(scores: dict, quick: bool) -> str:
         MARKER,
         "## The instruction-aware model (InstructBLIP)",
         "",
-        f"`python -m blip2.demo.instruct --out blip2/demo{' --quick' if quick else ''}` (seed {r['seed']}, "
+        f"`{command(scores, quick)}` (seed {r['seed']}, "
         f"{scores['threads']} threads, load average {scores['load']}): {scores['minutes']:.1f} minutes, after the "
         "BLIP-2 recipe above. It starts from the shipped BLIP-2 model and tunes only the Q-Former, which "
         "reads the instruction (the stage-1 Q-Former's text side reads it at the start); the image encoder "
         f"and the language model stay frozen. {r['steps']} steps of {r['batch']} instructions on "
         f"{r['train_images']} training images of seen pairs; six kinds, several phrasings each "
-        "(`blip2.demo.instructions`); the unseen wordings are phrasings held out of training.",
+        "(`blip2.demo.instructions`); the unseen wordings are phrasings held out of training."
+        + (f" Beside the language-model loss, training-only heads on the mean query output (not shipped): "
+           f"the fact asked, weight {r['fact_head_weight']}; the answer, weight {r['answer_head_weight']}."
+           if r.get("fact_head_weight") or r.get("answer_head_weight") else ""),
         *continued(scores),
         "",
         "VQA: exact match (greedy; the question in `Question: {} Answer:`, which the Q-Former reads too); "
@@ -331,7 +409,8 @@ def report(scores: dict, quick: bool) -> str:
     for name, cells in scores["vqa"].items():
         for cell, acc in cells.items():
             split, wording = cell.split("/")
-            label = NAMES[name].format(steps=r["steps"], hidden=r["ablation_steps"] or r["steps"])
+            label = NAMES[name].format(steps=r["steps"] + ((scores.get("continued_from") or {}).get("steps") or 0),
+                                       hidden=r["ablation_steps"] or r["steps"])
             lines.append(f"| {label} | {split} | {wording} | "
                          + " | ".join(f"{acc.get(k, float('nan')):.1%}" for k in kinds) + " |")
     cap, val = scores["captions"], scores["validation_captions"]
@@ -354,12 +433,17 @@ def report(scores: dict, quick: bool) -> str:
 
 
 def earlier_run(checkpoint: Path) -> dict:
-    """Steps and minutes of the run that wrote `checkpoint` (its instruct_scores.json beside it), for the report."""
+    """Steps, minutes and runs that made `checkpoint`, from the instruct_scores.json beside it (which
+    holds the runs it continued in turn), for the report; None where unknown."""
     found = checkpoint.parent / "instruct_scores.json"
     if not found.is_file():
-        return {"steps": None, "minutes": None}
+        return {"steps": None, "minutes": None, "runs": 1}
     earlier = json.loads(found.read_text(encoding="utf-8"))
-    return {"steps": earlier["settings"]["steps"], "minutes": earlier["minutes"]}
+    before = earlier.get("continued_from") or {"steps": 0, "minutes": 0.0, "runs": 0}
+    if before.get("steps") is None or before.get("minutes") is None:
+        return {"steps": None, "minutes": None, "runs": 1 + before.get("runs", 1)}
+    return {"steps": earlier["settings"]["steps"] + before["steps"], "minutes": earlier["minutes"] + before["minutes"],
+            "runs": 1 + before.get("runs", 1)}
 
 
 def write_report(out: Path, text: str) -> None:

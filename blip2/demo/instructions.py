@@ -76,6 +76,7 @@ CAPTION_INSTRUCTIONS = frozenset({"", CAPTION_PROMPT, "describe the image.", "de
 NEGATED = frozenset({"is there no {bare}?", "is there not {np}?", "is {np} missing?",
                      "is there no {bare} in the picture?", "is it true that there is no {bare}?", "is {np} absent?"})
 RELATIONS = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
+NEGATION_WORDS = (" no ", " not ", " missing", " absent")  # what every NEGATED phrasing, and no other, says
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,17 @@ def instruction(scene: world.Scene, kind: str, rng: random.Random, wording: str 
 def instructions(scene: world.Scene, rng: random.Random, wording: str = "seen") -> list[Instruction]:
     """One instruction of every kind the scene allows."""
     return [ins for kind in KINDS if (ins := instruction(scene, kind, rng, wording)) is not None]
+
+
+def is_negated(ins: Instruction) -> bool:
+    """A negated existence question ("is there no red circle?"): yes when the thing is not there."""
+    return ins.kind == "exist" and any(w in f" {ins.text}" for w in NEGATION_WORDS)
+
+
+def fact(ins: Instruction) -> str:
+    """The fact asked about: the answer, except that a negated existence question's is whether the
+    thing is there (its answer flipped)."""
+    return {"yes": "no", "no": "yes"}[ins.answer] if is_negated(ins) else ins.answer
 
 
 def _colour(scene, rng, options) -> Instruction | None:

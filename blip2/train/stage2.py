@@ -48,6 +48,12 @@ class Stage2Objective(nn.Module):
         return [(lm, blocks)]
 
     def forward(self, batch: dict, step: int) -> dict[str, Tensor]:
+        loss, _ = self.language_loss(batch)
+        return {"lm": loss, "loss": loss}
+
+    def language_loss(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """(the language model's loss on the text, the query outputs (B, Q, D)): what a subclass adding
+        a loss of its own on the queries starts from."""
         m = self.model
         image = image_features(m.vision_model, batch["pixel_values"], batch.get("keys"), self.cache)  # (B, N, Dv)
         # InstructBLIP: the Q-Former also reads the instruction (the prompt), and outputs over it too.
@@ -63,8 +69,7 @@ class Stage2Objective(nn.Module):
         else:
             logits = self._seq2seq_logits(embeds, mask, batch["decoder_attention_mask"], labels)  # aligned with labels
             loss_sum, count = _aligned_loss_sum(logits, labels)
-        loss = token_mean(loss_sum, count)
-        return {"lm": loss, "loss": loss}
+        return token_mean(loss_sum, count), queries
 
     def _decoder_logits(self, embeds: Tensor, mask: Tensor) -> Tensor:
         lm = self.model.language_model
