@@ -237,7 +237,7 @@ def train(r: InstructRecipe, model: InstructBlipForConditionalGeneration, data, 
     last = history[-max(1, steps // 8):]  # the last eighth: one batch's head accuracy is noisy
     log(f"{name}: lm loss {history[-1]['lm']:.3f}" + "".join(
         f"; {k} {np.nanmean([h[k] for h in last]):.3f} (last {len(last)} steps)"
-        for k in ("fact_acc", "answer_acc") if k in history[-1]))
+        for k, weight in (("fact_acc", r.fact_head_weight), ("answer_acc", r.answer_head_weight)) if weight and not hide))
     return model.eval()
 
 
