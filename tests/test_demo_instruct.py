@@ -171,9 +171,9 @@ def test_shipped_files_and_size():
 
 
 # What the shipped model reaches on these pictures (`measure`: 120 per kind, seed 5; README.md),
-# asserted with a margin on 40 per kind. Yes/no and position answers are at chance (55%, 27%):
+# asserted with a margin on 40 per kind. Yes/no and position answers are at chance (45%, 32%):
 # the unmet targets are in tests/pending_demo_quality.py.
-FLOORS = {"colour": 0.9, "shape": 0.7, "count": 0.55}
+FLOORS = {"colour": 0.9, "shape": 0.8, "count": 0.55}
 PENDING = ("exist", "position")
 
 
@@ -196,7 +196,7 @@ def test_describes_pictures_drawn_by_other_code(shipped):
     drawn = scenes(30, seed=12)
     said = ask(model, processor, [image for image, _ in drawn], ["what is in the image?"] * len(drawn), 40)
     right = [names_all(s, shapes) for s, (_, shapes) in zip(said, drawn)]
-    assert np.mean(right) >= 0.7, [(s, [(x.colour, x.kind) for x in shapes]) for s, (_, shapes), ok
+    assert np.mean(right) >= 0.8, [(s, [(x.colour, x.kind) for x in shapes]) for s, (_, shapes), ok
                                    in zip(said, drawn, right) if not ok]
 
 

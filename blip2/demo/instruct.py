@@ -352,7 +352,7 @@ def export(r: InstructRecipe, model: InstructBlipForConditionalGeneration, base_
 
 MARKER = "<!-- the instruction-aware model: written by python -m blip2.demo.instruct -->"
 NAMES = {"blip2": "BLIP-2 (shipped model/, Q-Former without the instruction, not tuned on these)",
-         "hidden": "ablation: tuned the same way for {hidden} steps, instruction hidden from the Q-Former",
+         "hidden": "ablation: {hidden} steps from BLIP-2, language-model loss only, instruction hidden from the Q-Former",
          "instruct": "InstructBLIP (shipped instruct/), {steps} steps"}
 
 
@@ -368,6 +368,14 @@ def continued(scores: dict) -> list[str]:
     return ["", f"This run continued the Q-Former of {earlier} of this recipe (`--start-from`; {steps} steps, "
                 f"{minutes:.1f} minutes): {steps + scores['settings']['steps']} steps and "
                 f"{minutes + scores['minutes']:.1f} minutes in all, each run with its own warm-up and cosine schedule."]
+
+
+def heads_sentence(r: dict) -> str:
+    """The report's words on the training-only heads, if any were trained."""
+    heads = [f"{what}, weight {r[key]}" for what, key in (("the fact asked", "fact_head_weight"),
+                                                        ("the answer", "answer_head_weight")) if r.get(key)]
+    return (" Beside the language-model loss, a 6-way head on the mean query output (training only, not shipped) "
+            "learned " + "; another ".join(heads) + ".") if heads else ""
 
 
 def command(scores: dict, quick: bool) -> str:
@@ -394,9 +402,7 @@ def report(scores: dict, quick: bool) -> str:
         f"and the language model stay frozen. {r['steps']} steps of {r['batch']} instructions on "
         f"{r['train_images']} training images of seen pairs; six kinds, several phrasings each "
         "(`blip2.demo.instructions`); the unseen wordings are phrasings held out of training."
-        + (f" Beside the language-model loss, training-only heads on the mean query output (not shipped): "
-           f"the fact asked, weight {r['fact_head_weight']}; the answer, weight {r['answer_head_weight']}."
-           if r.get("fact_head_weight") or r.get("answer_head_weight") else ""),
+        + heads_sentence(r),
         *continued(scores),
         "",
         "VQA: exact match (greedy; the question in `Question: {} Answer:`, which the Q-Former reads too); "
