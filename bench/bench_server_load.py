@@ -16,7 +16,7 @@ the lengths really are mixed. `--lm opt-125m` swaps its language model for one o
 body (12 layers of 768, feed-forward 3072; the demo's 464-token vocabulary, so its tokenizer and
 processor files still fit): there a decode step's cost grows with its rows, as on real models,
 where the tiny demo model's steps cost about the same for 1 or 16 rows. `--lm opt-350m` is
-OPT-350m's body (24 post-norm layers of 1024, projected from 512-wide embeddings); `--lm
+OPT-350m's body (24 post-norm layers of 1024; embeddings 1024 wide, as BLIP-2 needs); `--lm
 flan-t5-small` an encoder-decoder of Flan-T5-small's body (8 + 8 gated-GELU layers of 512), so the
 T5 path of both batchers is measured too. `--model DIR` serves a
 real checkpoint instead (the trained demo model mostly stops after 2-15 tokens whatever max_tokens says).
@@ -75,7 +75,8 @@ LM_SHAPES = {
     "demo": {},
     "opt-125m": dict(hidden_size=768, word_embed_proj_dim=768, num_hidden_layers=12, ffn_dim=3072,
                      num_attention_heads=12, max_position_embeddings=2048),
-    "opt-350m": dict(hidden_size=1024, word_embed_proj_dim=512, num_hidden_layers=24, ffn_dim=4096,
+    # OPT-350m's own embeddings are 512 wide and projected; BLIP-2 needs them as wide as the layers
+    "opt-350m": dict(hidden_size=1024, word_embed_proj_dim=1024, num_hidden_layers=24, ffn_dim=4096,
                      num_attention_heads=16, max_position_embeddings=2048, do_layer_norm_before=False),
     "flan-t5-small": dict(model_type="t5", d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8,
                           num_heads=6, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
