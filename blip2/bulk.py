@@ -520,7 +520,8 @@ class _RayRows:
                 errors.report(i, str(batch["error"][i]))
         items = [(i, bytes(batch["image"][i])) for i in range(n) if i not in errors.by_name]
         made: list[tuple[int, dict]] = []
-        for names, pixel_values in image_batches(items, self.args, self.m, errors, tqdm(disable=True)):
+        # workers=0: Ray's own actors are the parallelism here, and forking inside a Ray worker is unsafe
+        for names, pixel_values in image_batches(items, self.args, self.m, errors, tqdm(disable=True), workers=0):
             made += [(record.pop("image"), record) for record, _ in self.rows(names, pixel_values)]
         made += [(i, {"error": message}) for i, message in errors.by_name.items()]
         parts = collections.Counter(i for i, _ in made)  # rows per sample (one per question)

@@ -3,6 +3,7 @@ beyond what is generated (the cache and the history grow instead of being alloca
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -71,6 +72,15 @@ def test_nan_or_infinite_pixel_values_are_refused_naming_the_image(opt):
     bad[1, 0, 5, 5] = math.inf
     with pytest.raises(ValueError, match="NaN or infinite"):
         opt(pixel_values=bad, input_ids=torch.ones(3, 2, dtype=torch.long))
+    bad[1, 0, 5, 5], bad[2, 1, 0, 0] = -math.inf, math.inf  # the sum is NaN; both images named, in bfloat16 too
+    with pytest.raises(ValueError, match=r"image\(s\) \[1, 2\]"):
+        copy.deepcopy(opt).to(torch.bfloat16).generate(bad.to(torch.bfloat16), max_new_tokens=3)
+
+
+def test_huge_finite_pixel_values_are_not_mistaken_for_infinite(opt):
+    big = pixels(2)
+    big[:, :, :2, :2] = 3e38  # finite, but their float32 sum overflows
+    assert opt.generate(big, max_new_tokens=2).shape[0] == 2
 
 
 @pytest.mark.parametrize("beams", [1, 3])

@@ -38,9 +38,10 @@ def add_eval_parser(subparsers) -> None:
                    help="VQA prompt with {} for the question (default: the model family's)")
     p.add_argument("--max-images", type=int_option(0), default=0, help="score only the first N images / questions")
     p.add_argument("--no-java", action="store_true", help="no Java: Python tokenizer, no METEOR or SPICE")
-    from ..commands import _common
+    from ..commands import _common, _decode_option
 
     _common(p, generation=True, formats=("text",))  # --model, --device, --dtype, --batch-size, generation
+    _decode_option(p)
     p.set_defaults(run=run_eval)
 
 
@@ -96,8 +97,7 @@ def run_eval(args) -> int:
             raise SystemExit(f"blip2: {_model_dir(args, False)}: the checkpoint has no language model (a retrieval "
                              "or stage-1 model): it cannot caption or answer; try --task retrieval")
         m = load(args, retrieval=retrieval, task="blip2")
-        image_processor = m.processor.image_processor
-        load_images = lambda paths: _pixels(image_processor, paths)  # noqa: E731
+        load_images = lambda chunks: _pixel_batches(m, args, chunks)  # noqa: E731
         codec = TextCodec(_model_dir(args, retrieval))
         settings = EvalSettings(
             prompt=args.prompt or "", batch_size=args.batch_size, max_images=args.max_images,
@@ -126,13 +126,26 @@ def run_eval(args) -> int:
     return 0
 
 
-def _pixels(image_processor, paths: list[str]):
-    from ..processing import ImageInputError
+def _pixel_batches(m, args, chunks: list[list[str]]):
+    """(B, 3, H, W) per chunk of image paths, decoded ahead as the inference commands do; an image that
+    cannot be read stops the evaluation (its scores would be wrong without it)."""
+    from ..commands import image_batches
 
-    try:
-        return image_processor(paths, return_tensors="pt")["pixel_values"]
-    except (ImageInputError, OSError) as err:
-        raise SystemExit(f"blip2: {err}") from None
+    stop = _StopAtFirst()
+    items = [(path, path) for chunk in chunks for path in chunk]
+    args = argparse.Namespace(**{**vars(args), "batch_size": len(chunks[0]) if chunks else 1})
+    for _, pixels in image_batches(items, args, m, stop, _NoBar()):
+        yield pixels
+
+
+class _StopAtFirst:
+    def report(self, name: str, message: str) -> None:
+        raise SystemExit(f"blip2: {name}: {message}")
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
 
 
 def format_table(metrics: dict[str, dict]) -> str:

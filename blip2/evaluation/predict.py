@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -19,7 +19,8 @@ from .data import EvalSet
 from .retrieval import recall_at_k
 from .vqa import vqa_accuracy
 
-LoadImages = Callable[[list[str]], Tensor]  # image paths -> (B, 3, H, W)
+# chunks of image paths -> one (B, 3, H, W) per chunk, in order (a loader may decode the next ones ahead)
+LoadImages = Callable[[list[list[str]]], Iterator[Tensor]]
 
 
 class TextCodec:
@@ -86,8 +87,9 @@ def generate_texts(model, load: LoadImages, codec: TextCodec, paths: list[str], 
     """One generated text per (image, prompt) pair."""
     out = []
     device, dtype = model.device, model.dtype
-    for start in range(0, len(paths), batch_size):
-        pixels = load(paths[start:start + batch_size]).to(device, dtype)
+    starts = range(0, len(paths), batch_size)
+    for start, pixels in zip(starts, load([paths[s:s + batch_size] for s in starts])):
+        pixels = pixels.to(device, dtype)
         batch_prompts = prompts[start:start + batch_size]
         ids = mask = None
         if any(batch_prompts):
@@ -144,9 +146,9 @@ def retrieval_results(model, load: LoadImages, tokenize: Callable[[list[str]], t
     keep = _limit(ev.captioned(), settings)
     device, dtype = model.device, model.dtype
     image_feats = []
-    for start in range(0, len(keep), settings.batch_size):
-        pixels = load([ev.images[i] for i in keep[start:start + settings.batch_size]]).to(device, dtype)
-        image = model.vision_model(pixels).last_hidden_state
+    chunks = [[ev.images[i] for i in keep[s:s + settings.batch_size]] for s in range(0, len(keep), settings.batch_size)]
+    for pixels in load(chunks):
+        image = model.vision_model(pixels.to(device, dtype)).last_hidden_state
         image_feats.append(model.image_embeds(model.image_queries(image).last_hidden_state).float())  # (B, Q, E)
     texts = [(n, c) for n, i in enumerate(keep) for c in ev.captions[i]]
     text_feats = []

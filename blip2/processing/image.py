@@ -72,7 +72,9 @@ def open_image(source: Any, what: str, max_pixels: int | None) -> Image.Image:
         raise ImageInputError(f"{what}: no such file") from None
     except Image.DecompressionBombError as err:
         raise ImageTooLargeError(f"{what}: {err}") from None
-    except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except Image.UnidentifiedImageError:  # PIL's message names its in-memory file object, not the image
+        raise ImageInputError(f"{what}: not a readable image (no image format recognised)") from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageInputError(f"{what}: not a readable image ({err})") from None
     return image
 

@@ -137,6 +137,9 @@ class EvalMetrics:
                 pixels.append(self.transform(image))
         return torch.stack(pixels)
 
+    def _loads(self, chunks: list[list[str]]):
+        return map(self._load, chunks)  # in the training process: no workers forked beside a trainer
+
     @torch.no_grad()
     def compute(self) -> tuple[dict[str, float], list[dict]]:
         """{"caption_CIDEr": ..., "vqa_vqa_accuracy": ..., "retrieval_i2t_r1": ...} and sample captions."""
@@ -145,12 +148,12 @@ class EvalMetrics:
         ev, s = self.eval_set, self.settings
         results, samples = {}, []
         if self.generates and "caption" in ev.tasks:
-            out = caption_results(self.model, self._load, self.codec, ev, s)
+            out = caption_results(self.model, self._loads, self.codec, ev, s)
             results["caption"], samples = out["metrics"], out["predictions"][: s.samples]
         if self.generates and "vqa" in ev.tasks:
-            results["vqa"] = vqa_results(self.model, self._load, self.codec, ev, s)["metrics"]
+            results["vqa"] = vqa_results(self.model, self._loads, self.codec, ev, s)["metrics"]
         if not self.generates and "retrieval" in ev.tasks:
-            results["retrieval"] = retrieval_results(self.model, self._load,
+            results["retrieval"] = retrieval_results(self.model, self._loads,
                                                      lambda t: self.codec.right_padded(t, 64), ev, s)["metrics"]
         flat = {f"{task}_{name}": value for task, metrics in results.items() for name, value in metrics.items()
                 if name != "n"}
