@@ -108,11 +108,12 @@ def _split_key(member: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def _tar_groups(path: str, read: bool) -> Iterator[tuple[str, dict[str, bytes | None]]]:
-    """(key, {extension: bytes}) per run of consecutive members sharing a key, streamed."""
+def _tar_groups(path: str, read: bool, mode: str = "r|*") -> Iterator[tuple[str, dict[str, bytes | None]]]:
+    """(key, {extension: bytes}) per run of consecutive members sharing a key, streamed (mode "r|*"), or
+    with the data seeked over ("r:", an uncompressed tar)."""
     key, group = None, {}
     try:
-        with tarfile.open(path, "r|*") as tar:
+        with tarfile.open(path, mode) as tar:
             for member in tar:
                 if not member.isfile() or Path(member.name).name.startswith((".", "__")):
                     continue
@@ -137,8 +138,11 @@ def _tar_samples(path: str) -> Iterator[tuple[str, Any]]:
 
 
 def _tar_count(path: str) -> int | None:
+    """Samples in a tar: an uncompressed one's headers are read and its data seeked over (a streamed count
+    would read the whole shard once more); a compressed one is decompressed to count."""
+    mode = "r|*" if path.endswith((".gz", ".tgz")) else "r:"
     try:
-        return sum(1 for _ in _tar_groups(path, read=False))
+        return sum(1 for _ in _tar_groups(path, read=False, mode=mode))
     except ShardError:
         return None
 
@@ -298,10 +302,10 @@ def run_bulk(args, m, paths: list[str], shards: list[Shard], rows, key: str, fai
 
     rank, world = rank_and_world()
     out, todo = _pending(args, paths, shards, world, rank)
-    counts = [_count(s) for s in todo]
+    shown = not args.no_progress and rank == 0
+    counts = [_count(s) for s in todo] if shown else [None]  # only the bar's ETA needs them
     total = None if None in counts else sum(counts)
-    bar = tqdm(total=total, desc=f"{key} {len(todo)} shard(s)", unit="img", file=sys.stderr,
-               disable=args.no_progress or rank != 0)
+    bar = tqdm(total=total, desc=f"{key} {len(todo)} shard(s)", unit="img", file=sys.stderr, disable=not shown)
     sample_errors = 0
     for shard in todo:
         try:

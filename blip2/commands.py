@@ -107,7 +107,7 @@ def _bulk_options(p: argparse.ArgumentParser) -> None:
 def _decode_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int_option(0), default=None,
                    help="processes that decode the next images while the model runs; on a CPU each takes one of "
-                        "torch's threads (default: 1 where the first batches show it is faster, else 0)")
+                        "torch's threads (default: 1 when the model runs on a GPU, 0 on a CPU)")
 
 
 def _common(p: argparse.ArgumentParser, generation: bool, formats=("text", "jsonl")) -> None:
@@ -190,20 +190,21 @@ def load_pixels(items: list, image_processor, failures: Failures) -> tuple[list,
 def image_batches(items, args, m: "Loaded", failures: Failures, bar, workers: int | None = None):
     """(names, pixel_values on the model's device and dtype) per batch of readable images; `items`
     (paths or (name, source) pairs, see `load_pixels`) may be a stream. The next batches are decoded
-    in `workers` processes (default: --num-workers, or as blip2.prefetch plans it) while the model runs."""
+    in `workers` processes (default: --num-workers, else blip2.prefetch.default_workers) while the model runs."""
     import numpy as np
     import torch
 
-    from .prefetch import fixed_plan, planned_chunks
+    from .prefetch import default_workers, fixed_plan, planned_chunks
 
+    on_cpu = torch.device(m.device).type == "cpu"
     if workers is None:
         workers = getattr(args, "num_workers", None)
+    if workers is None:
+        workers = default_workers(on_cpu)
     if isinstance(items, list) and len(items) <= args.batch_size:
         workers = 0  # one batch: nothing to overlap
-    on_cpu = torch.device(m.device).type == "cpu"
-    plan = m.decode_plan if workers is None else fixed_plan(workers, on_cpu)
-    decided = lambda plan: setattr(m, "decode_plan", plan)  # noqa: E731 - later shards reuse it
-    for decoded in planned_chunks(batches(items, args.batch_size), m.processor.image_processor, on_cpu, plan, decided):
+    plan = fixed_plan(workers, on_cpu)
+    for decoded in planned_chunks(batches(items, args.batch_size), m.processor.image_processor, plan):
         for name, message in decoded.errors:
             failures.report(name, message)
         bar.update(decoded.size)
@@ -234,7 +235,6 @@ class Loaded:
     processor: object
     device: object
     dtype: object
-    decode_plan: object = None  # blip2.prefetch.Plan, once chosen: decoding workers and torch threads
 
 
 def default_dir(retrieval: bool, task: str = "caption") -> str:

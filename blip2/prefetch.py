@@ -7,11 +7,8 @@ from the input in the calling process (a stream's side effects, such as a shard'
 results come back in input order with each image's error, and at most two chunks per worker are in
 flight, so a long stream is never read ahead of the model by more than that.
 
-On a CPU the worker's core is taken from torch's threads: a worker beside as many torch threads as
-cores stalls their parallel regions (measured on 2 cores: 0.27 of the rate). Whether that trade pays
-depends on the model, so by default (`planned_chunks`) the first batches are timed both ways: decoding here
-with all threads, and the model with one thread fewer; a small model whose steps are Python-bound
-loses nothing and gains the decoding, a large one keeps its threads.
+On a CPU each worker's core is taken from torch's threads (`fixed_plan`): a worker beside as many
+torch threads as cores stalls their parallel regions (measured on 2 cores: 0.27 of the rate).
 """
 
 from __future__ import annotations
@@ -40,19 +37,31 @@ class Decoded(NamedTuple):
 
 def decode_chunk(chunk: list, image_processor) -> Decoded:
     """One chunk of items: a path, or a (name, source) pair whose source is a path, bytes or a PIL image."""
+    pairs = [item if isinstance(item, tuple) else (item, item) for item in chunk]
+    names, pixels, errors = [], [], []
+    for (name, _), result in zip(pairs, _pixels_or_errors(image_processor, [source for _, source in pairs])):
+        if isinstance(result, OSError):
+            errors.append((name, f"cannot read: {result}"))
+        elif isinstance(result, Exception):  # ImageInputError: "image 3 (path): why"
+            errors.append((name, str(result).split(": ", 1)[-1]))
+        else:
+            names.append(name)
+            pixels.append(result)
+    return Decoded(len(chunk), names, pixels, errors)
+
+
+def _pixels_or_errors(image_processor, sources: list) -> list:
+    if hasattr(image_processor, "pixels_or_errors"):  # this library's image processors: the batch shares its work
+        return image_processor.pixels_or_errors(sources)
     from .processing import ImageInputError
 
-    names, pixels, errors = [], [], []
-    for item in chunk:
-        name, source = item if isinstance(item, tuple) else (item, item)
+    out = []
+    for source in sources:
         try:
-            pixels.append(image_processor([source])["pixel_values"][0])
-            names.append(name)
-        except ImageInputError as err:
-            errors.append((name, str(err).split(": ", 1)[-1]))
-        except OSError as err:
-            errors.append((name, f"cannot read: {err}"))
-    return Decoded(len(chunk), names, pixels, errors)
+            out.append(image_processor([source])["pixel_values"][0])
+        except (ImageInputError, OSError) as err:
+            out.append(err)
+    return out
 
 
 def usable_cpus() -> int:
@@ -60,6 +69,13 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def default_workers(on_cpu: bool) -> int:
+    """One worker when the model runs on an accelerator and a second core exists; none when the model runs
+    on the CPU, where a worker's core is taken from torch's threads: on this project's 2-core machine a
+    worker beside 1 torch thread never beat decoding here with 2 (`bench/bench_bulk.py --num-workers`)."""
+    return 1 if not on_cpu and usable_cpus() >= 2 else 0
 
 
 class Plan(NamedTuple):
@@ -76,55 +92,17 @@ def fixed_plan(workers: int, on_cpu: bool) -> Plan:
     return Plan(workers, max(1, torch.get_num_threads() - workers))
 
 
-def planned_chunks(chunks: Iterable[list], image_processor, on_cpu: bool, plan: Plan | None,
-                   decided=lambda plan: None) -> Iterator[Decoded]:
-    """`decoded_chunks` by `plan`, with torch's threads set for it while the chunks are consumed. Without a
-    plan (the default) one is chosen from the first chunks and given to `decided`, for the next call."""
+def planned_chunks(chunks: Iterable[list], image_processor, plan: Plan) -> Iterator[Decoded]:
+    """`decoded_chunks` by `plan`, with torch's threads set for it while the chunks are consumed."""
     import torch
 
     before = torch.get_num_threads()
-    chunks = iter(chunks)
     try:
-        if plan is None:
-            plan = yield from _trial(chunks, image_processor, on_cpu)
-            if plan is None:
-                return  # the chunks ran out first: nothing decided
-            decided(plan)
         if plan.threads is not None:
             torch.set_num_threads(plan.threads)
         yield from decoded_chunks(chunks, image_processor, plan.workers)
     finally:
         torch.set_num_threads(before)
-
-
-def _trial(chunks: Iterator[list], image_processor, on_cpu: bool):
-    """Yields the first chunks decoded here while timing them and the model; returns the faster Plan
-    (None if the chunks ran out first): per image, decoding + the model with all threads, or the slower
-    of decoding and the model with one thread fewer."""
-    import torch
-
-    if usable_cpus() < 2:
-        return Plan(0, None)
-    if not on_cpu:
-        return Plan(1, None)  # the model runs on the accelerator: a worker costs it nothing
-    threads = torch.get_num_threads()
-    fewer = max(1, threads - 1)
-    timed = []
-    for trial_threads in (threads, threads, fewer):  # the first is a warm-up (weights packed, caches filled)
-        chunk = next(chunks, None)
-        if chunk is None:
-            return None
-        torch.set_num_threads(trial_threads)
-        started = time.perf_counter()
-        decoded = decode_chunk(chunk, image_processor)
-        decoding = (time.perf_counter() - started) / max(1, decoded.size)
-        started = time.perf_counter()
-        yield decoded
-        timed.append((decoding, (time.perf_counter() - started) / max(1, decoded.size)))  # per image
-    (decode_a, model_all), (decode_b, model_fewer) = timed[1], timed[2]
-    decoding = min(decode_a, decode_b)
-    split = max(model_fewer, decoding)
-    return Plan(1, fewer) if split < model_all + decoding else Plan(0, None)
 
 
 def decoded_chunks(chunks: Iterable[list], image_processor, workers: int) -> Iterator[Decoded]:

@@ -208,3 +208,18 @@ def test_ray_rows_complete_a_shard_as_soon_as_all_its_samples_are_back():
     assert c.add(batch([(0, 1, 1, 2, 2)])) == [0]
     assert [r[:2] for r in c.take(0)] == [(0, 0), (1, 0), (1, 1)]  # sample order, then question order
     assert c.take(1) and c.left() == [2] and c.take(2) == []
+
+
+def test_tar_shards_are_counted_for_the_progress_bar_without_reading_their_data(tmp_path, monkeypatch):
+    import gzip
+
+    from blip2 import bulk
+
+    keys = make_tar(tmp_path / "a.tar", EXAMPLES[:3], broken="a_bad")
+    (tmp_path / "a.tar.gz").write_bytes(gzip.compress((tmp_path / "a.tar").read_bytes()))
+    modes = []
+    real = bulk._tar_groups
+    monkeypatch.setattr(bulk, "_tar_groups", lambda path, read, mode="r|*": modes.append(mode) or real(path, read, mode))
+    assert bulk._tar_count(str(tmp_path / "a.tar")) == len(keys) == 4
+    assert bulk._tar_count(str(tmp_path / "a.tar.gz")) == 4
+    assert modes == ["r:", "r|*"]  # a plain tar's data is seeked over; a compressed one streams

@@ -279,3 +279,22 @@ def test_unsupported_modes_and_arrays():
 
 def test_error_types_are_value_errors():
     assert issubclass(ImageInputError, ValueError) and issubclass(ImageTooLargeError, ImageInputError)
+
+
+def test_the_shared_batch_work_and_the_pillow_path_change_no_bit():
+    """pixels_or_errors rescales and normalises a batch in one go and resizes PIL images without the
+    round trip through NumPy: each image's pixels are exactly what it gets alone, as an array; a bad
+    image fails alone, in its place."""
+    photo = Image.open(DATA / "coffee.png")
+    images = [photo, photo.convert("L"), photo.convert("RGBA"), photo.convert("P"),
+              photo.resize((37, 3)), photo.resize((5, 1)), photo.resize((40, 4)), photo.resize((9, 2))]
+    processor = ours()
+    together = processor.pixels_or_errors(images[:4] + [b"not an image"] + images[4:])
+    assert isinstance(together.pop(4), ImageInputError)
+    for n, (image, got) in enumerate(zip(images, together)):
+        as_array = processor([np.asarray(to_rgb(image))])["pixel_values"][0]  # never the Pillow path
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, as_array, err_msg=f"image {n} ({image.mode} {image.size})")
+        np.testing.assert_array_equal(got, processor([image])["pixel_values"][0])  # alone: no shared batch
+    want = reference()(images[:4], return_tensors="np")["pixel_values"]
+    assert np.abs(np.stack(together[:4]) - want).max() <= 1e-6

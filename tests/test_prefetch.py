@@ -187,50 +187,24 @@ def test_a_killed_run_leaves_no_worker_behind(tmp_path):
     assert not alive, f"worker(s) {alive} outlived the killed command"
 
 
-def consume(stream, model_ms) -> list:
-    """Takes every chunk, spending `model_ms(torch threads)` on each as a model would."""
-    import time
-
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_a_plan_sets_torch_threads_while_it_runs_and_puts_them_back(workers):
     import torch
 
-    names = []
-    for decoded in stream:
-        names += decoded.names
-        time.sleep(model_ms(torch.get_num_threads()) / 1000)
-    return names
-
-
-@pytest.mark.skipif(__import__("blip2.prefetch").prefetch.usable_cpus() < 2, reason="needs 2 cores")
-@pytest.mark.parametrize("model, expected", [
-    ("python-bound", "worker"),  # the same time with a thread fewer: decoding moves to a worker
-    ("compute-bound", "here"),  # 4x slower with a thread fewer: the threads stay, decoding stays here
-])
-def test_the_default_plan_is_timed_on_the_first_batches(model, expected):
-    import torch
-
-    from blip2.prefetch import Plan, planned_chunks
+    from blip2.prefetch import Plan, fixed_plan, planned_chunks
 
     processor = BlipImageProcessor(size={"height": 16, "width": 16})
-    data = EXAMPLES[0].read_bytes()
-    chunks = [[(f"{c}-{n}", data) for n in range(4)] for c in range(8)]
-    model_ms = (lambda threads: 20) if model == "python-bound" else (lambda threads: 20 if threads >= 2 else 80)
+    chunks = [[(n, EXAMPLES[0].read_bytes())] for n in range(5)]
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(3)
     try:
-        plans = []
-        names = consume(planned_chunks(chunks, processor, True, None, plans.append), model_ms)
-        assert names == [name for chunk in chunks for name, _ in chunk]
-        assert plans == ([Plan(1, 1)] if expected == "worker" else [Plan(0, None)])
-        assert torch.get_num_threads() == 2  # put back after the run
-        again = []  # the next call (the next shard) follows the plan without a trial
-        consume(planned_chunks(chunks[:4], processor, True, plans[0], again.append), model_ms)
-        assert again == [] and torch.get_num_threads() == 2
-        short = []  # chunks that run out during the trial decide nothing
-        consume(planned_chunks(chunks[:2], processor, True, None, short.append), model_ms)
-        assert short == []
-        from blip2.prefetch import fixed_plan  # --num-workers N: on a CPU, N of torch's threads go to them
-
-        assert fixed_plan(1, True) == Plan(1, 1) and fixed_plan(3, True) == Plan(3, 1)
-        assert fixed_plan(1, False) == Plan(1, None) and fixed_plan(0, True) == Plan(0, None)
+        plan = fixed_plan(workers, on_cpu=True)  # on a CPU, each worker's core comes out of torch's threads
+        assert plan == (Plan(0, None) if workers == 0 else Plan(workers, 3 - workers))
+        assert fixed_plan(workers, on_cpu=False) == Plan(workers, None)
+        seen = []
+        for decoded in planned_chunks(chunks, processor, plan):
+            seen.append((decoded.names[0], torch.get_num_threads()))
+        assert seen == [(n, plan.threads or 3) for n in range(5)]
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)

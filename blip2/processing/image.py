@@ -217,11 +217,24 @@ class Blip2ImageProcessor:
         Keyword overrides (do_resize, size, resample, do_rescale, rescale_factor, do_normalize,
         image_mean, image_std, do_convert_rgb) apply to this call only.
         """
-        options = self._options(overrides)
-        items = _as_list(images)
-        pixels = [self._one(item, index, options) for index, item in enumerate(items)]
+        pixels = self.pixels_or_errors(images, **overrides)
+        for result in pixels:
+            if isinstance(result, Exception):
+                raise result
         batch = BatchFeature(pixel_values=pixels)
         return batch.convert_to_tensors(return_tensors)
+
+    def pixels_or_errors(self, images: Any, **overrides: Any) -> list:
+        """Each image's float32 (3, H, W) pixel_values, or the ImageInputError (or OSError) that stopped it,
+        so one bad image fails alone; the batch's rescale and normalise run as one NumPy operation."""
+        options = self._options(overrides)
+        sized = []
+        for index, item in enumerate(_as_list(images)):
+            try:
+                sized.append(self._sized(item, index, options))
+            except (ImageInputError, OSError) as err:
+                sized.append(err)
+        return _finish(sized, options)
 
     def _options(self, overrides: dict) -> dict:
         unknown = set(overrides) - {"do_resize", "size", "resample", "do_rescale", "rescale_factor",
@@ -241,9 +254,13 @@ class Blip2ImageProcessor:
         options["resample"] = _resample_code(options["resample"])
         return options
 
-    def _one(self, item: Any, index: int, opt: dict) -> np.ndarray:
-        """One image to a normalised float32 (3, H, W) array, by the reference's dtype steps."""
+    def _sized(self, item: Any, index: int, opt: dict) -> np.ndarray:
+        """One image checked and resized, (H, W, C), before rescaling, by the reference's dtype steps."""
         what = _describe(index, item)
+        if isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(item, "read"):
+            item = open_image(item, what, self.max_pixels)
+        if isinstance(item, Image.Image) and (fast := self._sized_pil(item, what, opt)) is not None:
+            return fast
         array = self._hwc_array(item, what, opt["do_convert_rgb"])
         if array.shape[-1] != len(opt["image_mean"]) and opt["do_normalize"]:
             raise ImageInputError(f"{what}: {array.shape[-1]} channels but image_mean has "
@@ -252,11 +269,24 @@ class Blip2ImageProcessor:
             raise ImageInputError(f"{what}: contains NaN or infinite values")
         if opt["do_resize"]:
             array = _resize(array, opt["size"], opt["resample"], what)
-        if opt["do_rescale"]:
-            array = _rescale(array, opt["rescale_factor"], what)
-        if opt["do_normalize"]:
-            array = _normalize(array, opt["image_mean"], opt["image_std"])
-        return np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32)  # (3, H, W)
+        if opt["do_rescale"] and array.dtype.kind == "f" and array.size and array.min() >= 0 and array.max() <= 1:
+            # stacklevel 4: past _sized, pixels_or_errors and preprocess, to preprocess's caller
+            warnings.warn(f"{what} already looks rescaled to [0, 1]; pass do_rescale=False for such inputs",
+                          stacklevel=4)
+        return array
+
+    def _sized_pil(self, image: Image.Image, what: str, opt: dict) -> np.ndarray | None:
+        """The usual case without its round trip through NumPy: an RGB image resized by Pillow directly,
+        which is what `_resize` does with its array. None where that path would differ: no resize, no
+        RGB conversion, a mean of other than 3 values, or a height of 1 or 3, which the reference takes
+        for a channels-first array."""
+        if not (opt["do_resize"] and opt["do_convert_rgb"]) or (opt["do_normalize"] and len(opt["image_mean"]) != 3):
+            return None
+        rgb = to_rgb(_load_pixels(image, what, self.max_pixels), what)
+        if rgb.height in (1, 3):
+            return None
+        size = opt["size"]
+        return np.asarray(rgb.resize((size["width"], size["height"]), resample=opt["resample"]))
 
     def _hwc_array(self, item: Any, what: str, convert_rgb: bool) -> np.ndarray:
         """The image as an (H, W, C) array: opened, size-checked, decoded, and RGB when asked."""
@@ -400,12 +430,24 @@ def _to_uint8(array: np.ndarray, what: str) -> tuple[np.ndarray, bool]:
                           f"got [{array.min()}, {array.max()}]")
 
 
-def _rescale(array: np.ndarray, factor: float, what: str) -> np.ndarray:
-    if array.dtype.kind == "f" and array.size and array.min() >= 0 and array.max() <= 1:
-        # stacklevel 5 steps past _rescale, _one, preprocess's list comprehension and preprocess.
-        warnings.warn(f"{what} already looks rescaled to [0, 1]; pass do_rescale=False for such inputs",
-                      stacklevel=5)
-    return (array * factor).astype(np.float32)
+def _finish(sized: list, opt: dict) -> list:
+    """Rescaled, normalised float32 (3, H, W) arrays from `_sized`'s (H, W, C) ones; errors pass through.
+    uint8 images of one size (the usual batch) are done together: the same element-wise steps, so
+    the same bits, in one NumPy call instead of one per image."""
+    arrays = [a for a in sized if not isinstance(a, Exception)]
+    if len(arrays) > 1 and all(a.dtype == np.uint8 and a.shape == arrays[0].shape for a in arrays):
+        done = iter(_channels_first(np.stack(arrays), opt))
+        return [a if isinstance(a, Exception) else next(done) for a in sized]
+    return [a if isinstance(a, Exception) else _channels_first(a[None], opt)[0] for a in sized]
+
+
+def _channels_first(batch: np.ndarray, opt: dict) -> np.ndarray:
+    """(B, H, W, C) -> rescaled and normalised (B, C, H, W) float32."""
+    if opt["do_rescale"]:
+        batch = (batch * opt["rescale_factor"]).astype(np.float32)
+    if opt["do_normalize"]:
+        batch = _normalize(batch, opt["image_mean"], opt["image_std"])
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
 
 
 def _normalize(array: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
