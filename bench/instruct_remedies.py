@@ -22,7 +22,8 @@ loss and its accuracy, and the first answer token's loss for yes/no answers (cha
 and for directions (chance ln 4 = 1.386), on the training batches.
 
 `curriculum`: the same direct signal, stage by stage, each stage from the last one's weights
-(KINDS[/plain|/mix|/only]:STEPS; plain: no negated exist phrasings, only: nothing else of exist;
+(KINDS[/plain|/mix|/only|/negF]:STEPS; plain: no negated exist phrasings, only: nothing else of exist,
+neg0.2: negated phrasings on 20% of the exist rows;
 all: every kind in the recipe's mix). The head learns the fact asked about: a negated exist
 question's presence, not its answer. Printed per eighth of each stage: the losses, the head's
 accuracy and the first answer token's loss per kind (not-exist: the negated phrasings). With
@@ -31,7 +32,7 @@ question), weight W. `--save` keeps each stage's model and heads (direct_head.pt
 later `--start`, and answer_head.pt).
 
 `score`: the recipe's evaluation of a model (per kind, seen and unseen wordings, new images of seen
-pairs and of held-out pairs, 100 questions each) and the tests' independent drawings (120 per kind).
+pairs and of held-out pairs, 100 questions each; exist also split into plain and negated phrasings) and the tests' independent drawings (120 per kind).
 
 Prints its figures with the load average. Ad-hoc, for the report (blip2/demo/REPORT.md); no outputs
 are kept unless `--save` asks.
@@ -252,19 +253,23 @@ is_negated = instructions.is_negated
 
 class StagePairs(InstructionPairs):
     """One instruction of the stage's kinds per image, with its kind ("not-exist" for a negated one).
-    `negation`: "plain" asks no negated exist phrasing, "mix" the templates' share, "only" no plain one."""
+    `negation`: "plain" asks no negated exist phrasing, "mix" the templates' share (4 of 9), "only" no
+    plain one, "negF" (e.g. neg0.2) a negated phrasing on a share F of the exist rows, to bring
+    negations in gradually."""
 
     def __init__(self, data, seed: int, kinds: list[str], negation: str, describe_share: float) -> None:
         super().__init__(data, seed, describe_share if "describe" in kinds else 0.0)
         self.kinds, self.negation = [k for k in kinds if k != "describe"], negation
+        self.neg_share = {"plain": 0.0, "only": 1.0}.get(negation, float(negation[3:]) if negation.startswith("neg") else None)
 
     def __getitem__(self, i: int) -> dict:
+        kind = "describe" if self.rng.random() < self.describe_share else self.rng.choice(self.kinds)
+        want_negated = kind == "exist" and self.neg_share is not None and self.rng.random() < self.neg_share
         while True:
-            kind = "describe" if self.rng.random() < self.describe_share else self.rng.choice(self.kinds)
             ins = instructions.instruction(self.data.scenes[i], kind, self.rng)
-            wrong_form = ins is not None and ins.kind == "exist" and (
-                (self.negation == "plain" and is_negated(ins)) or (self.negation == "only" and not is_negated(ins)))
-            if ins is None or wrong_form:  # another image (position needs two shapes)
+            wrong_form = ins is not None and ins.kind == "exist" and self.neg_share is not None and \
+                is_negated(ins) != want_negated
+            if ins is None or wrong_form:  # another image (position needs two shapes), the kind and form kept
                 i = self.rng.randrange(len(self.data.scenes))
                 continue
             return {"key": f"train/{i}", "pixel_values": to_pixels(self.data.images[i:i + 1])[0],
@@ -305,6 +310,14 @@ class DirectSignal(AnswerSignal):
                 "loss": lm + self.weight * direct + self.answer_weight * answer, **firsts}
 
 
+def is_share(negation: str) -> bool:
+    """"neg0.2": a negated phrasing on 20% of the exist rows."""
+    try:
+        return negation.startswith("neg") and 0.0 <= float(negation[3:]) <= 1.0
+    except ValueError:
+        return False
+
+
 def parse_stages(text: str) -> list[tuple[list[str], str, int]]:
     """"exist/plain:1000,exist+position:800,all:1500" -> [(kinds, negation, steps), ...] ("all": every kind)."""
     stages = []
@@ -313,9 +326,9 @@ def parse_stages(text: str) -> list[tuple[list[str], str, int]]:
         kinds, _, negation = what.partition("/")
         kinds = list(instructions.KINDS) if kinds == "all" else kinds.split("+")
         unknown = [k for k in kinds if k not in instructions.KINDS] + \
-            ([negation] if negation not in ("", "plain", "mix", "only") else [])
+            ([negation] if negation not in ("", "plain", "mix", "only") and not is_share(negation) else [])
         if unknown or not steps.isdigit():
-            raise ValueError(f"curriculum stage {part!r}: expected KINDS[/plain|/mix|/only]:STEPS with kinds "
+            raise ValueError(f"curriculum stage {part!r}: expected KINDS[/plain|/mix|/only|/negF]:STEPS with kinds "
                              f"from {instructions.KINDS} or all")
         stages.append((kinds, negation or "mix", int(steps)))
     return stages
@@ -342,6 +355,8 @@ def curriculum(r: InstructRecipe, stages: str, weight: float, model: InstructBli
     objective = DirectSignal(model, cache, weight, answer_weight)
     if head is not None and head.is_file():
         objective.head.load_state_dict(torch.load(head))
+    if head is not None and (head.parent / "answer_head.pt").is_file() and answer_weight:
+        objective.answer_head.load_state_dict(torch.load(head.parent / "answer_head.pt"))
     for n, (kinds, negation, steps) in enumerate(parse_stages(stages)):
         name = f"stage{n + 1}-{'all' if len(kinds) == len(instructions.KINDS) else '+'.join(kinds)}-{negation}"
         cfg = trainer_config(r, work, name, steps, r.batch, r.lr)
@@ -359,7 +374,7 @@ def curriculum(r: InstructRecipe, stages: str, weight: float, model: InstructBli
 
 def run_curriculum(args, work: Path) -> None:
     """`blip2.demo.instruct.run_curriculum` from --start (default: the shipped instruct/ model; a
-    direct_head.pt beside it is loaded), each stage's model and head saved under --save."""
+    direct_head.pt beside it is loaded, and an answer_head.pt with --answer-aux), each stage's model and head saved under --save."""
     r = InstructRecipe(train_images=args.images, lr=args.lr)
     start = args.start or args.model / "instruct"
     model = InstructBlipForConditionalGeneration.from_pretrained(start, torch_dtype=torch.float32)
@@ -376,7 +391,7 @@ def run_score(args, work: Path) -> None:
     questions each) and the tests' independent drawings (`measure`), for an exported instruct/ folder."""
     import sys
 
-    from blip2.demo.instruct import build_questions, per_kind
+    from blip2.demo.instruct import Questions, build_questions, per_kind
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import test_demo_instruct
@@ -390,8 +405,15 @@ def run_score(args, work: Path) -> None:
     tok = FastTokenizer.from_file(str(folder / "tokenizer.json"))
     for split in ("test", "heldout"):
         for wording in instructions.WORDINGS:
-            acc = per_kind(model, tok, build_questions(split, 100, wording, 64, 0), True)
-            print(f"{split}/{wording}: " + "  ".join(f"{k} {v:.1%}" for k, v in acc.items()), flush=True)
+            qs = build_questions(split, 100, wording, 64, 0)
+            acc = per_kind(model, tok, qs, True)
+            forms = []  # the exist questions again, plain and negated apart (right / asked)
+            for form, negated in (("plain", False), ("negated", True)):
+                asked = [(i, ins) for i, ins in qs.asked if ins.kind == "exist" and is_negated(ins) == negated]
+                right = per_kind(model, tok, Questions(qs.scenes, qs.images, asked), True)["exist"] * len(asked)
+                forms.append(f"{form} {round(right)}/{len(asked)}")
+            print(f"{split}/{wording}: " + "  ".join(f"{k} {v:.1%}" for k, v in acc.items())
+                  + f"  (exist {', '.join(forms)})", flush=True)
     drawn = test_demo_instruct.measure(folder=folder)
     print("drawn by the tests (120 per kind, seed 5): " + "  ".join(f"{k} {v:.1%}" for k, v in drawn.items()))
     print(f"{time.perf_counter() - t:.0f} s; load {load()}")
@@ -412,7 +434,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=4000, help="aux: training images")
     p.add_argument("--scenes", type=int, default=150, help="lm: new scenes scored")
     p.add_argument("--stages", default="exist/plain:1000,exist:1000,exist+position:1000,all:1500",
-                   help="curriculum: KINDS[/plain|/mix|/only]:STEPS,... (all: every kind, the recipe's mix)")
+                   help="curriculum: KINDS[/plain|/mix|/only|/negF]:STEPS,... (all: every kind, the recipe's mix)")
     p.add_argument("--aux", type=float, default=1.0, help="curriculum: the direct signal's weight")
     p.add_argument("--answer-aux", type=float, default=0.0,
                    help="curriculum: the weight of a second head, trained on the answer (0: none)")
