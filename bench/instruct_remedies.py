@@ -55,7 +55,7 @@ from tokenizers import Tokenizer as FastTokenizer
 
 from blip2.demo import DEMO_DIR, instructions, world
 from blip2.demo.instruct import (HEAD_ANSWERS, HeadTargets, InstructionPairs, InstructionText, InstructRecipe,
-                                  export, fill_cache, head_loss)
+                                  StagePairs, export, fill_cache, head_loss, parse_stages)
 from blip2.demo.pretrain import TextPretraining, TokenLines, pack, to_pixels
 from blip2.demo.recipe import Recipe, copy_accuracy, draw_images, greedy_ids, trainer_config
 from blip2.demo.tokenizer import PAD_ID
@@ -248,33 +248,7 @@ def run_aux(args, work: Path) -> None:
 # answer is presence XOR negation, and there neither half alone lowers a loss on the answer
 # (REPORT.md). The heads and their targets are the recipe's (`blip2.demo.instruct.QueryHeads`).
 LOGGED_KINDS = ("colour", "shape", "count", "exist", "not-exist", "position")
-is_negated = instructions.is_negated
-
-
-class StagePairs(InstructionPairs):
-    """One instruction of the stage's kinds per image, with its kind ("not-exist" for a negated one).
-    `negation`: "plain" asks no negated exist phrasing, "mix" the templates' share (4 of 9), "only" no
-    plain one, "negF" (e.g. neg0.2) a negated phrasing on a share F of the exist rows, to bring
-    negations in gradually."""
-
-    def __init__(self, data, seed: int, kinds: list[str], negation: str, describe_share: float) -> None:
-        super().__init__(data, seed, describe_share if "describe" in kinds else 0.0)
-        self.kinds, self.negation = [k for k in kinds if k != "describe"], negation
-        self.neg_share = {"plain": 0.0, "only": 1.0}.get(negation, float(negation[3:]) if negation.startswith("neg") else None)
-
-    def __getitem__(self, i: int) -> dict:
-        kind = "describe" if self.rng.random() < self.describe_share else self.rng.choice(self.kinds)
-        want_negated = kind == "exist" and self.neg_share is not None and self.rng.random() < self.neg_share
-        while True:
-            ins = instructions.instruction(self.data.scenes[i], kind, self.rng)
-            wrong_form = ins is not None and ins.kind == "exist" and self.neg_share is not None and \
-                is_negated(ins) != want_negated
-            if ins is None or wrong_form:  # another image (position needs two shapes), the kind and form kept
-                i = self.rng.randrange(len(self.data.scenes))
-                continue
-            return {"key": f"train/{i}", "pixel_values": to_pixels(self.data.images[i:i + 1])[0],
-                    "prompt": ins.prompt, "answer": ins.answer, "kind": "not-exist" if is_negated(ins) else ins.kind,
-                    "fact": instructions.fact(ins)}
+is_negated = instructions.is_negated  # the stages and their parser are the recipe's (`stages`)
 
 
 class KindCollate(HeadTargets):
@@ -308,30 +282,6 @@ class DirectSignal(AnswerSignal):
         heads = {"answer": answer.detach(), "answer_acc": answer_acc} if self.answer_weight else {}
         return {"lm": lm, "direct": direct.detach(), "direct_acc": direct_acc, **heads,
                 "loss": lm + self.weight * direct + self.answer_weight * answer, **firsts}
-
-
-def is_share(negation: str) -> bool:
-    """"neg0.2": a negated phrasing on 20% of the exist rows."""
-    try:
-        return negation.startswith("neg") and 0.0 <= float(negation[3:]) <= 1.0
-    except ValueError:
-        return False
-
-
-def parse_stages(text: str) -> list[tuple[list[str], str, int]]:
-    """"exist/plain:1000,exist+position:800,all:1500" -> [(kinds, negation, steps), ...] ("all": every kind)."""
-    stages = []
-    for part in filter(None, text.split(",")):
-        what, _, steps = part.partition(":")
-        kinds, _, negation = what.partition("/")
-        kinds = list(instructions.KINDS) if kinds == "all" else kinds.split("+")
-        unknown = [k for k in kinds if k not in instructions.KINDS] + \
-            ([negation] if negation not in ("", "plain", "mix", "only") and not is_share(negation) else [])
-        if unknown or not steps.isdigit():
-            raise ValueError(f"curriculum stage {part!r}: expected KINDS[/plain|/mix|/only|/negF]:STEPS with kinds "
-                             f"from {instructions.KINDS} or all")
-        stages.append((kinds, negation or "mix", int(steps)))
-    return stages
 
 
 def stage_summary(history: list[dict], parts: int = 8) -> list[str]:

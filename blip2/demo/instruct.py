@@ -84,6 +84,9 @@ class InstructRecipe:
     # Training-only heads on the queries (not exported): 0 leaves the language-model loss alone.
     fact_head_weight: float = 0.0  # a 6-way head learns the fact asked (yes/no: is it there; a direction)
     answer_head_weight: float = 0.0  # another learns the answer (a negated question's fact, flipped)
+    # "" trains `steps` on the mix above; else stages, each with its own warm-up and cosine
+    # schedule (`parse_stages`), and `steps` becomes their sum.
+    stages: str = ""
 
 
 QUICK = InstructRecipe(train_images=256, steps=20, batch=16, eval_per_kind=8, eval_scenes=16)
@@ -143,6 +146,62 @@ class InstructionPairs(Dataset):
             ins = instructions.instruction(scene, self.rng.choice(["count", "exist"]), self.rng)
         return {"key": f"train/{i}", "pixel_values": to_pixels(self.data.images[i:i + 1])[0],
                 "prompt": ins.prompt, "answer": ins.answer, "fact": instructions.fact(ins)}
+
+
+class StagePairs(InstructionPairs):
+    """A stage's instructions: one of `kinds` per image (describe at the recipe's share if among them),
+    with its kind ("not-exist" for a negated one). `negation` sets the negated exist phrasings:
+    "mix" the templates' share (4 of 9), "plain" none, "only" nothing else, "negF" (e.g. neg0.2) a
+    negated phrasing on a share F of the exist rows, to bring negations in gradually."""
+
+    def __init__(self, data, seed: int, kinds: list[str], negation: str, describe_share: float) -> None:
+        super().__init__(data, seed, describe_share if "describe" in kinds else 0.0)
+        self.kinds, self.negation = [k for k in kinds if k != "describe"], negation
+        self.neg_share = {"plain": 0.0, "only": 1.0}.get(negation, float(negation[3:]) if negation.startswith("neg") else None)
+
+    def __getitem__(self, i: int) -> dict:
+        kind = "describe" if self.rng.random() < self.describe_share else self.rng.choice(self.kinds)
+        want_negated = kind == "exist" and self.neg_share is not None and self.rng.random() < self.neg_share
+        while True:
+            ins = instructions.instruction(self.data.scenes[i], kind, self.rng)
+            wrong_form = ins is not None and ins.kind == "exist" and self.neg_share is not None and \
+                instructions.is_negated(ins) != want_negated
+            if ins is None or wrong_form:  # another image (position needs two shapes), the kind and form kept
+                i = self.rng.randrange(len(self.data.scenes))
+                continue
+            return {"key": f"train/{i}", "pixel_values": to_pixels(self.data.images[i:i + 1])[0],
+                    "prompt": ins.prompt, "answer": ins.answer, "fact": instructions.fact(ins),
+                    "kind": "not-exist" if instructions.is_negated(ins) else ins.kind}
+
+
+def is_share(negation: str) -> bool:
+    """"neg0.2": a negated phrasing on 20% of the exist rows."""
+    try:
+        return negation.startswith("neg") and 0.0 <= float(negation[3:]) <= 1.0
+    except ValueError:
+        return False
+
+
+def parse_stages(text: str) -> list[tuple[list[str], str, int]]:
+    """"exist/plain:800,exist/neg0.2:400,all:600" -> [(kinds, negation, steps), ...]: KINDS joined
+    by "+" ("all": every kind, the recipe's mix), /plain|/mix|/only|/negF (default mix), :STEPS."""
+    stages = []
+    for part in filter(None, text.split(",")):
+        what, _, steps = part.partition(":")
+        kinds, _, negation = what.partition("/")
+        kinds = list(instructions.KINDS) if kinds == "all" else kinds.split("+")
+        unknown = [k for k in kinds if k not in instructions.KINDS] + \
+            ([negation] if negation not in ("", "plain", "mix", "only") and not is_share(negation) else [])
+        if unknown or not steps.isdigit() or int(steps) < 1:
+            raise ValueError(f"stage {part!r}: expected KINDS[/plain|/mix|/only|/negF]:STEPS with kinds "
+                             f"from {instructions.KINDS} or all")
+        stages.append((kinds, negation or "mix", int(steps)))
+    return stages
+
+
+def with_stages(r: InstructRecipe) -> InstructRecipe:
+    """`r` with `steps` the sum of its stages' (checked), if it has stages."""
+    return replace(r, steps=sum(s for _, _, s in parse_stages(r.stages))) if r.stages else r
 
 
 class InstructionText:
@@ -230,14 +289,24 @@ def train(r: InstructRecipe, model: InstructBlipForConditionalGeneration, data, 
     if (r.fact_head_weight or r.answer_head_weight) and not hide:  # a hidden instruction names no fact
         collate = HeadTargets(collate)
         objective = QueryHeads(model, cache, r.fact_head_weight, r.answer_head_weight)
-    steps = (r.ablation_steps or r.steps) if hide else r.steps
-    cfg = trainer_config(r, work, name, steps, r.batch, r.lr)
-    log(f"{name}: {steps} steps of {r.batch} instructions{' (hidden from the Q-Former)' if hide else ''}")
-    history = Trainer(objective, InstructionPairs(data, r.seed + (7 if hide else 3), r.describe_share), collate, cfg).fit()
-    last = history[-max(1, steps // 8):]  # the last eighth: one batch's head accuracy is noisy
-    log(f"{name}: lm loss {history[-1]['lm']:.3f}" + "".join(
-        f"; {k} {np.nanmean([h[k] for h in last]):.3f} (last {len(last)} steps)"
-        for k, weight in (("fact_acc", r.fact_head_weight), ("answer_acc", r.answer_head_weight)) if weight and not hide))
+    if hide or not r.stages:
+        runs = [(name, InstructionPairs(data, r.seed + (7 if hide else 3), r.describe_share),
+                 (r.ablation_steps or r.steps) if hide else r.steps)]
+    else:  # each stage from the last one's weights and heads
+        runs = [(f"{name}-stage{n + 1}", StagePairs(data, r.seed + 11 + n, kinds, negation, r.describe_share), steps)
+                for n, (kinds, negation, steps) in enumerate(parse_stages(r.stages))]
+    for stage, pairs, steps in runs:
+        if isinstance(objective, QueryHeads):  # a plain stage's answers are its facts: no second head there
+            objective.answer_weight = 0.0 if getattr(pairs, "neg_share", None) == 0.0 else r.answer_head_weight
+        cfg = trainer_config(r, work, stage, steps, r.batch, r.lr)
+        log(f"{stage}: {steps} steps of {r.batch} instructions{' (hidden from the Q-Former)' if hide else ''}"
+            + (f" ({'+'.join(pairs.kinds)}, {pairs.negation})" if isinstance(pairs, StagePairs) else ""))
+        history = Trainer(objective, pairs, collate, cfg).fit()
+        last = history[-max(1, steps // 8):]  # the last eighth: one batch's head accuracy is noisy
+        log(f"{stage}: lm loss {history[-1]['lm']:.3f}" + "".join(
+            f"; {k} {np.nanmean([h[k] for h in last]):.3f} (last {len(last)} steps)"
+            for k, on in (("fact_acc", r.fact_head_weight), ("answer_acc", getattr(objective, "answer_weight", 0)))
+            if on and not hide))
     return model.eval()
 
 
@@ -370,6 +439,18 @@ def continued(scores: dict) -> list[str]:
                 f"{minutes + scores['minutes']:.1f} minutes in all, each run with its own warm-up and cosine schedule."]
 
 
+def stages_sentence(r: dict) -> str:
+    """The report's words on the stages, if the run had any."""
+    if not r.get("stages"):
+        return ""
+    parts = [f"{steps} steps of {'every kind' if len(kinds) == len(instructions.KINDS) else '+'.join(kinds)} "
+             f"({negation})" for kinds, negation, steps in parse_stages(r["stages"])]
+    return (" In stages, each from the last one's weights with its own warm-up and cosine schedule (negated exist "
+            "phrasings: mix, the templates' share; plain, none; negF, a share F of the exist rows): "
+            + "; ".join(parts) + (". No answer head in plain stages (their answers are their facts)."
+                                  if r.get("answer_head_weight") else "."))
+
+
 def heads_sentence(r: dict) -> str:
     """The report's words on the training-only heads, if any were trained."""
     heads = [f"{what}, weight {r[key]}" for what, key in (("the fact asked", "fact_head_weight"),
@@ -382,7 +463,8 @@ def command(scores: dict, quick: bool) -> str:
     """The command that made the shipped model: every setting that differs from the default, as `--set`."""
     default = asdict(QUICK if quick else InstructRecipe())
     sets = "".join(f" --set {k}={str(v).lower() if isinstance(v, bool) else v}"
-                   for k, v in scores["settings"].items() if v != default.get(k))
+                   for k, v in scores["settings"].items()
+                   if v != default.get(k) and not (k == "steps" and scores["settings"].get("stages")))  # their sum
     start = " --start-from blip2/demo/instruct" if scores.get("continued_from") else ""
     return f"python -m blip2.demo.instruct --out blip2/demo{' --quick' if quick else ''}{start}{sets}"
 
@@ -402,7 +484,7 @@ def report(scores: dict, quick: bool) -> str:
         f"and the language model stay frozen. {r['steps']} steps of {r['batch']} instructions on "
         f"{r['train_images']} training images of seen pairs; six kinds, several phrasings each "
         "(`blip2.demo.instructions`); the unseen wordings are phrasings held out of training."
-        + heads_sentence(r),
+        + stages_sentence(r) + heads_sentence(r),
         *continued(scores),
         "",
         "VQA: exact match (greedy; the question in `Question: {} Answer:`, which the Q-Former reads too); "
@@ -463,6 +545,7 @@ def write_report(out: Path, text: str) -> None:
 def run(r: InstructRecipe, base: Path, out: Path, work: Path, quick: bool = False,
         start_from: Path | None = None) -> dict:
     """The recipe; `start_from` (an instruct checkpoint) continues its tuning instead of starting from BLIP-2."""
+    r = with_stages(r)
     torch.manual_seed(r.seed)
     timer = Timer()
     t = time.perf_counter()
