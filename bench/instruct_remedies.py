@@ -22,17 +22,20 @@ loss and its accuracy, and the first answer token's loss for yes/no answers (cha
 and for directions (chance ln 4 = 1.386), on the training batches.
 
 `curriculum`: the same direct signal, stage by stage, each stage from the last one's weights
-(KINDS[/plain|/mix|/only|/negF]:STEPS; plain: no negated exist phrasings, only: nothing else of exist,
-neg0.2: negated phrasings on 20% of the exist rows;
+(KINDS[/plain|/mix|/only|/negF]:STEPS; plain: no negated exist phrasings and only position's direction
+form, only: nothing else of exist and only position's yes/no form, neg0.2: negated phrasings and the yes/no
+form on 20% of the exist and position rows;
 all: every kind in the recipe's mix). The head learns the fact asked about: a negated exist
 question's presence, not its answer. Printed per eighth of each stage: the losses, the head's
-accuracy and the first answer token's loss per kind (not-exist: the negated phrasings). With
+accuracy and the first answer token's loss per kind (not-exist: the negated phrasings; position-yes/no:
+position's yes/no form, whose fact is the true relation). With
 `--answer-aux W`, a second such head learns the answer itself (the fact flipped for a negated
 question), weight W. `--save` keeps each stage's model and heads (direct_head.pt, loaded by a
 later `--start`, and answer_head.pt).
 
 `score`: the recipe's evaluation of a model (per kind, seen and unseen wordings, new images of seen
-pairs and of held-out pairs, 100 questions each; exist also split into plain and negated phrasings) and the tests' independent drawings (120 per kind).
+pairs and of held-out pairs, 100 questions each; exist also split into plain and negated phrasings,
+position into its direction and yes/no forms) and the tests' independent drawings (120 per kind).
 
 Prints its figures with the load average. Ad-hoc, for the report (blip2/demo/REPORT.md); no outputs
 are kept unless `--save` asks.
@@ -246,9 +249,9 @@ def run_aux(args, work: Path) -> None:
 # about (is the thing there, where is it), gives that binding a gradient of its own; plain existence
 # first. The head learns presence, not the answer, of a negated question (`instructions.fact`): the
 # answer is presence XOR negation, and there neither half alone lowers a loss on the answer
-# (REPORT.md). The heads and their targets are the recipe's (`blip2.demo.instruct.QueryHeads`).
-LOGGED_KINDS = ("colour", "shape", "count", "exist", "not-exist", "position")
-is_negated = instructions.is_negated  # the stages and their parser are the recipe's (`stages`)
+# (REPORT.md); likewise a yes/no position question's fact is the true relation. The heads, their
+# targets, the stages and their parser are the recipe's (`blip2.demo.instruct`).
+LOGGED_KINDS = ("colour", "shape", "count", "exist", "not-exist", "position", "position-yes/no")
 
 
 class KindCollate(HeadTargets):
@@ -357,13 +360,14 @@ def run_score(args, work: Path) -> None:
         for wording in instructions.WORDINGS:
             qs = build_questions(split, 100, wording, 64, 0)
             acc = per_kind(model, tok, qs, True)
-            forms = []  # the exist questions again, plain and negated apart (right / asked)
-            for form, negated in (("plain", False), ("negated", True)):
-                asked = [(i, ins) for i, ins in qs.asked if ins.kind == "exist" and is_negated(ins) == negated]
-                right = per_kind(model, tok, Questions(qs.scenes, qs.images, asked), True)["exist"] * len(asked)
-                forms.append(f"{form} {round(right)}/{len(asked)}")
+            forms = []  # the exist and position questions again, their forms apart (right / asked)
+            for kind, form, indirect in (("exist", "plain", False), ("exist", "negated", True),
+                                         ("position", "direction", False), ("position", "yes/no", True)):
+                asked = [(i, ins) for i, ins in qs.asked if ins.kind == kind and instructions.is_indirect(ins) == indirect]
+                right = per_kind(model, tok, Questions(qs.scenes, qs.images, asked), True)[kind] * len(asked) if asked else 0
+                forms.append(f"{kind} {form} {round(right)}/{len(asked)}")
             print(f"{split}/{wording}: " + "  ".join(f"{k} {v:.1%}" for k, v in acc.items())
-                  + f"  (exist {', '.join(forms)})", flush=True)
+                  + f"  ({', '.join(forms)})", flush=True)
     drawn = test_demo_instruct.measure(folder=folder)
     print("drawn by the tests (120 per kind, seed 5): " + "  ".join(f"{k} {v:.1%}" for k, v in drawn.items()))
     print(f"{time.perf_counter() - t:.0f} s; load {load()}")

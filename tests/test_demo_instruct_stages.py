@@ -1,10 +1,12 @@
-"""The instruct recipe's stages (`stages`): the parser and the negated share, without training."""
+"""The instruct recipe's stages (`stages`): the parser, the negated share and position's forms, without training."""
+
+import random
 
 import numpy as np
 import pytest
 
-from blip2.demo import instructions
-from blip2.demo.instruct import InstructRecipe, StagePairs, parse_stages, with_stages
+from blip2.demo import instructions, world
+from blip2.demo.instruct import HEAD_ANSWERS, HeadTargets, InstructRecipe, StagePairs, parse_stages, with_stages
 from blip2.demo.recipe import draw_images
 
 
@@ -44,3 +46,50 @@ def test_stage_asks_only_its_kinds_and_describe_only_if_listed():
     _, rows = negated_share("mix", ["count", "describe"])
     assert {r["kind"] for r in rows} == {"count", "describe"}
     assert 0.03 < np.mean([r["kind"] == "describe" for r in rows]) < 0.2  # the recipe's describe share (0.1)
+
+
+# Position's forms: the stage's share sets the yes/no form as it sets exist's negated phrasings.
+def test_position_form_is_the_stage_s():
+    directions = set(instructions.RELATIONS)
+    for negation, low, high in (("plain", 0, 0), ("only", 1, 1), ("neg0.2", 0.13, 0.27), ("neg0.5", 0.42, 0.58),
+                                ("mix", 0.25, 0.42)):  # mix: the templates' share, 2 of 6
+        _, rows = negated_share(negation, ["position"])
+        assert {r["kind"] for r in rows} <= {"position", "position-yes/no"}
+        share = np.mean([r["kind"] == "position-yes/no" for r in rows])
+        assert low <= share <= high, (negation, share)
+        for r in rows:  # the fact is the true relation in either form; the answer follows from it
+            assert r["fact"] in directions, r
+            if r["kind"] == "position":
+                assert r["answer"] == r["fact"], r
+            else:
+                assert r["answer"] == ("yes" if instructions.RELATIONS[r["fact"]] in r["prompt"] else "no"), r
+
+
+def test_exist_and_position_share_a_stage_s_form():
+    _, rows = negated_share("plain", ["exist", "position", "colour"])
+    assert {r["kind"] for r in rows} == {"exist", "position", "colour"}  # no negated, no yes/no position
+    _, rows = negated_share("only", ["exist", "position"])
+    assert {r["kind"] for r in rows} == {"not-exist", "position-yes/no"}
+
+
+def test_a_position_question_s_fact_is_the_scene_s_relation():
+    seen = {"direction": 0, "yes": 0, "no": 0}
+    for i in range(200):
+        scene = world.sample_scene("test", i)
+        ins = instructions.instruction(scene, "position", random.Random(i))
+        if ins is None:
+            continue
+        named = [(a, b) for a in scene.shapes for b in scene.shapes for t in instructions.phrasings("position", "seen")
+                 for rel in instructions.RELATIONS.values() if a is not b
+                 and t.format(a=f"{a.colour} {a.shape}", b=f"{b.colour} {b.shape}", rel=rel) == ins.text]
+        assert any(world.relation(a, b) == instructions.fact(ins) for a, b in named), (ins, scene.shapes)
+        assert instructions.is_yes_no_position(ins) == (ins.answer in ("yes", "no")) == instructions.is_indirect(ins)
+        seen["direction" if ins.answer == ins.relation else ins.answer] += 1
+    assert min(seen.values()) > 15, seen
+
+
+def test_heads_learn_the_relation_and_the_yes_no_answer():
+    rows = [{"fact": "left", "answer": "yes"}, {"fact": "above", "answer": "no"}, {"fact": "red", "answer": "red"}]
+    batch = HeadTargets(lambda examples: {})(rows)
+    assert batch["facts"].tolist() == [HEAD_ANSWERS.index("left"), HEAD_ANSWERS.index("above"), -1]
+    assert batch["answers"].tolist() == [HEAD_ANSWERS.index("yes"), HEAD_ANSWERS.index("no"), -1]

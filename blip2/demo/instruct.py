@@ -148,11 +148,23 @@ class InstructionPairs(Dataset):
                 "prompt": ins.prompt, "answer": ins.answer, "fact": instructions.fact(ins)}
 
 
+# The kinds with a form whose answer is not its fact (`instructions.is_indirect`): a stage sets its share.
+INDIRECT_KINDS = ("exist", "position")
+
+
+def row_kind(ins: instructions.Instruction) -> str:
+    """The kind, with the indirect forms apart: "not-exist" (negated), "position-yes/no"."""
+    if instructions.is_negated(ins):
+        return "not-exist"
+    return "position-yes/no" if instructions.is_yes_no_position(ins) else ins.kind
+
+
 class StagePairs(InstructionPairs):
     """A stage's instructions: one of `kinds` per image (describe at the recipe's share if among them),
-    with its kind ("not-exist" for a negated one). `negation` sets the negated exist phrasings:
-    "mix" the templates' share (4 of 9), "plain" none, "only" nothing else, "negF" (e.g. neg0.2) a
-    negated phrasing on a share F of the exist rows, to bring negations in gradually."""
+    with its kind (`row_kind`). `negation` sets the share of the indirect forms, whose answer is not
+    their fact (a negated exist phrasing, position's yes/no form), in the exist and position rows:
+    "mix" the templates' share (exist 4 of 9, position 2 of 6), "plain" none (plain existence, the
+    direction asked), "only" nothing else, "negF" (e.g. neg0.2) a share F, to bring them in gradually."""
 
     def __init__(self, data, seed: int, kinds: list[str], negation: str, describe_share: float) -> None:
         super().__init__(data, seed, describe_share if "describe" in kinds else 0.0)
@@ -161,21 +173,20 @@ class StagePairs(InstructionPairs):
 
     def __getitem__(self, i: int) -> dict:
         kind = "describe" if self.rng.random() < self.describe_share else self.rng.choice(self.kinds)
-        want_negated = kind == "exist" and self.neg_share is not None and self.rng.random() < self.neg_share
+        want_indirect = kind in INDIRECT_KINDS and self.neg_share is not None and self.rng.random() < self.neg_share
         while True:
             ins = instructions.instruction(self.data.scenes[i], kind, self.rng)
-            wrong_form = ins is not None and ins.kind == "exist" and self.neg_share is not None and \
-                instructions.is_negated(ins) != want_negated
+            wrong_form = ins is not None and ins.kind in INDIRECT_KINDS and self.neg_share is not None and \
+                instructions.is_indirect(ins) != want_indirect
             if ins is None or wrong_form:  # another image (position needs two shapes), the kind and form kept
                 i = self.rng.randrange(len(self.data.scenes))
                 continue
             return {"key": f"train/{i}", "pixel_values": to_pixels(self.data.images[i:i + 1])[0],
-                    "prompt": ins.prompt, "answer": ins.answer, "fact": instructions.fact(ins),
-                    "kind": "not-exist" if instructions.is_negated(ins) else ins.kind}
+                    "prompt": ins.prompt, "answer": ins.answer, "fact": instructions.fact(ins), "kind": row_kind(ins)}
 
 
 def is_share(negation: str) -> bool:
-    """"neg0.2": a negated phrasing on 20% of the exist rows."""
+    """"neg0.2": the indirect form (a negated phrasing, position's yes/no) on 20% of the exist and position rows."""
     try:
         return negation.startswith("neg") and 0.0 <= float(negation[3:]) <= 1.0
     except ValueError:
@@ -446,7 +457,8 @@ def stages_sentence(r: dict) -> str:
     parts = [f"{steps} steps of {'every kind' if len(kinds) == len(instructions.KINDS) else '+'.join(kinds)} "
              f"({negation})" for kinds, negation, steps in parse_stages(r["stages"])]
     return (" In stages, each from the last one's weights with its own warm-up and cosine schedule (negated exist "
-            "phrasings: mix, the templates' share; plain, none; negF, a share F of the exist rows): "
+            "phrasings and position's yes/no form: mix, the templates' share; plain, none; negF, a share F of the "
+            "exist and position rows): "
             + "; ".join(parts) + (". No answer head in plain stages (their answers are their facts)."
                                   if r.get("answer_head_weight") else "."))
 

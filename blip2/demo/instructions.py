@@ -9,7 +9,8 @@ in words the model never read. Kinds:
 - count: shapes, or shapes of one kind or colour, zero included
 - exist: yes/no, "is there a red circle?", also negated ("is there no blue shape?",
   "is there not a circle?": yes when there is none)
-- position: where one shape is relative to another (left/right/above/below), or yes/no
+- position: where one shape is relative to another (left/right/above/below), or yes/no ("is the
+  red circle above the blue square?": yes when that is the true relation)
 - describe: "what is in the image?" and the caption instructions: the shapes, left to right
 
 Answers are one word, except describe's (a caption).
@@ -84,6 +85,7 @@ class Instruction:
     kind: str  # one of KINDS
     text: str  # the question or instruction, as a user types it
     answer: str  # what a right answer says (describe: a caption naming every shape)
+    relation: str = ""  # position: the true relation of a to b, in either form (`fact`)
 
     @property
     def prompt(self) -> str:
@@ -112,9 +114,24 @@ def is_negated(ins: Instruction) -> bool:
     return ins.kind == "exist" and any(w in f" {ins.text}" for w in NEGATION_WORDS)
 
 
+def is_yes_no_position(ins: Instruction) -> bool:
+    """A position question in its yes/no form ("is the red circle above the blue square?"): yes
+    when the relation asked is the true one."""
+    return ins.kind == "position" and ins.answer in ("yes", "no")
+
+
+def is_indirect(ins: Instruction) -> bool:
+    """A question whose answer is not its fact but follows from it (`fact`): a negated existence
+    question, or a yes/no position question."""
+    return is_negated(ins) or is_yes_no_position(ins)
+
+
 def fact(ins: Instruction) -> str:
     """The fact asked about: the answer, except that a negated existence question's is whether the
-    thing is there (its answer flipped)."""
+    thing is there (its answer flipped), and a position question's is the true relation in either
+    form (a yes/no one's answer: is it the relation asked)."""
+    if ins.kind == "position" and ins.relation:
+        return ins.relation
     return {"yes": "no", "no": "yes"}[ins.answer] if is_negated(ins) else ins.answer
 
 
@@ -188,9 +205,10 @@ def _position(scene, rng, options) -> Instruction | None:
             template = rng.choice(options)
             names = {"a": f"{a.colour} {a.shape}", "b": f"{b.colour} {b.shape}"}
             if "{rel}" not in template:
-                return Instruction("position", template.format(**names), rel)
+                return Instruction("position", template.format(**names), rel, rel)
             asked = rel if rng.random() < 0.5 else rng.choice([r for r in RELATIONS if r != rel])
-            return Instruction("position", template.format(rel=RELATIONS[asked], **names), "yes" if asked == rel else "no")
+            return Instruction("position", template.format(rel=RELATIONS[asked], **names),
+                               "yes" if asked == rel else "no", rel)
     return None
 
 
