@@ -8,7 +8,7 @@ import json
 import random
 import re
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -117,6 +117,28 @@ def test_a_second_continuation_reports_every_run(tmp_path):
     (tmp_path / "instruct_scores.json").write_text(json.dumps(legacy))
     assert instruct.earlier_run(tmp_path / "instruct") == {"steps": 3000, "minutes": 45.0, "runs": 2}
     assert instruct.continued({"continued_from": None}) == []
+
+
+def test_a_continuation_without_the_ablation_reports_the_earlier_one(tmp_path):
+    """The ablation trains from BLIP-2, not from the run continued, so a continuation that skips it
+    (`ablation=false`) reports the last one trained in its chain, labelled as such, and passes it on."""
+    cells = {"test/seen": {"colour": 0.62, "yes/no": 0.43}}
+    first = {"settings": {"steps": 1500, "ablation_steps": 500}, "minutes": 20.0, "continued_from": None,
+             "vqa": {"instruct": cells, "hidden": cells}}
+    (tmp_path / "instruct_scores.json").write_text(json.dumps(first))
+    second = {"settings": {"steps": 1200, "ablation_steps": 0}, "minutes": 10.0, "vqa": {"instruct": cells},
+              "continued_from": instruct.earlier_run(tmp_path / "instruct")}
+    assert second["continued_from"]["ablation"] == {"steps": 500, "vqa": cells}
+    (tmp_path / "instruct_scores.json").write_text(json.dumps(second))
+    third = instruct.earlier_run(tmp_path / "instruct")
+    assert third["ablation"] == {"steps": 500, "vqa": cells} and third["steps"] == 2700 and third["runs"] == 2
+    assert "ablation" not in instruct.earlier_run(tmp_path / "nowhere" / "instruct")
+    report = instruct.report({**second, "settings": {**dict(asdict(instruct.InstructRecipe()), steps=1200,
+                                                            ablation=False, ablation_steps=0)},
+                              "threads": 2, "load": "1.0", "size_mb": 6.7, "stages_s": {},
+                              "captions": {s: {"blip2": 0.9, "instruct": 0.9} for s in ("test", "heldout")},
+                              "validation_captions": {"blip2": 0.9, "instruct": 0.9}, "captioner": "instruct"}, False)
+    assert "| ablation: 500 steps from BLIP-2" in report and "(an earlier run of this chain) | test | seen | 62.0%" in report
 
 
 @pytest.mark.skipif(not (DEMO_DIR / "model" / "config.json").is_file(), reason="needs the shipped BLIP-2 demo model")

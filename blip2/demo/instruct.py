@@ -506,11 +506,15 @@ def report(scores: dict, quick: bool) -> str:
         "| model | images | wording | " + " | ".join(kinds) + " |",
         "|---|---|---|" + "---|" * len(kinds),
     ]
-    for name, cells in scores["vqa"].items():
+    rows = [(NAMES[name].format(steps=r["steps"] + ((scores.get("continued_from") or {}).get("steps") or 0),
+                                hidden=r["ablation_steps"] or r["steps"]), cells)
+            for name, cells in scores["vqa"].items()]
+    carried = (scores.get("continued_from") or {}).get("ablation")
+    if "hidden" not in scores["vqa"] and carried:  # the ablation starts from BLIP-2, so an earlier run's still holds
+        rows.append((NAMES["hidden"].format(hidden=carried["steps"]) + " (an earlier run of this chain)", carried["vqa"]))
+    for label, cells in rows:
         for cell, acc in cells.items():
             split, wording = cell.split("/")
-            label = NAMES[name].format(steps=r["steps"] + ((scores.get("continued_from") or {}).get("steps") or 0),
-                                       hidden=r["ablation_steps"] or r["steps"])
             lines.append(f"| {label} | {split} | {wording} | "
                          + " | ".join(f"{acc.get(k, float('nan')):.1%}" for k in kinds) + " |")
     cap, val = scores["captions"], scores["validation_captions"]
@@ -540,10 +544,21 @@ def earlier_run(checkpoint: Path) -> dict:
         return {"steps": None, "minutes": None, "runs": 1}
     earlier = json.loads(found.read_text(encoding="utf-8"))
     before = earlier.get("continued_from") or {"steps": 0, "minutes": 0.0, "runs": 0}
-    if before.get("steps") is None or before.get("minutes") is None:
-        return {"steps": None, "minutes": None, "runs": 1 + before.get("runs", 1)}
-    return {"steps": earlier["settings"]["steps"] + before["steps"], "minutes": earlier["minutes"] + before["minutes"],
-            "runs": 1 + before.get("runs", 1)}
+    ablation = ablation_of(earlier)
+    out = {"steps": None, "minutes": None, "runs": 1 + before.get("runs", 1)}
+    if before.get("steps") is not None and before.get("minutes") is not None:
+        out.update(steps=earlier["settings"]["steps"] + before["steps"], minutes=earlier["minutes"] + before["minutes"])
+    return {**out, "ablation": ablation} if ablation else out
+
+
+def ablation_of(scores: dict) -> dict | None:
+    """{"steps", "vqa"} of the ablation the run behind `scores` trained, else the one it carried from the
+    runs it continued (a continuation may skip it: `ablation=false`); None if there was none."""
+    hidden = scores.get("vqa", {}).get("hidden")
+    if hidden:
+        settings = scores["settings"]
+        return {"steps": settings.get("ablation_steps") or settings["steps"], "vqa": hidden}
+    return (scores.get("continued_from") or {}).get("ablation")
 
 
 def write_report(out: Path, text: str) -> None:
