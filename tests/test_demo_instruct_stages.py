@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from blip2.demo import instructions, world
-from blip2.demo.instruct import HEAD_ANSWERS, HeadTargets, InstructRecipe, StagePairs, parse_stages, with_stages
+from blip2.demo.instruct import (HEAD_ANSWERS, HeadTargets, InstructRecipe, StagePairs, head_answers, parse_stages,
+                                 with_stages)
 from blip2.demo.recipe import draw_images
 
 
@@ -93,3 +94,15 @@ def test_heads_learn_the_relation_and_the_yes_no_answer():
     batch = HeadTargets(lambda examples: {})(rows)
     assert batch["facts"].tolist() == [HEAD_ANSWERS.index("left"), HEAD_ANSWERS.index("above"), -1]
     assert batch["answers"].tolist() == [HEAD_ANSWERS.index("yes"), HEAD_ANSWERS.index("no"), -1]
+
+
+def test_head_answers_are_a_setting_checked_before_training():
+    assert head_answers(InstructRecipe()) == HEAD_ANSWERS
+    with_numbers = head_answers(InstructRecipe(head_answers=",".join(HEAD_ANSWERS + world.NUMBERS)))
+    batch = HeadTargets(lambda examples: {}, with_numbers)([{"fact": "two", "answer": "two"}, {"fact": "red", "answer": "red"},
+                                                             {"fact": "yes", "answer": "no"}])
+    assert batch["facts"].tolist() == [with_numbers.index("two"), -1, 0] and batch["answers"].tolist() == [8, -1, 1]
+    assert HeadTargets(lambda examples: {})([{"fact": "two", "answer": "two"}])["facts"].tolist() == [-1]  # default: no count
+    for bad in ("yes", "yes,yes,no", "yes,no,maybe", ""):
+        with pytest.raises(ValueError, match="head_answers"):
+            head_answers(InstructRecipe(head_answers=bad))

@@ -60,6 +60,8 @@ from .recipe import Timer, draw_images, idle_cores, log, trainer_config
 from .tokenizer import PAD_ID
 
 INSTRUCT_DIR_NAME = "instruct"
+# What the training-only heads on the queries tell apart by default (`QueryHeads`; recipe `head_answers`).
+HEAD_ANSWERS = ("yes", "no", "left", "right", "above", "below")
 
 
 @dataclass
@@ -82,8 +84,9 @@ class InstructRecipe:
     ablation: bool = True
     save_dtype: str = "float16"
     # Training-only heads on the queries (not exported): 0 leaves the language-model loss alone.
-    fact_head_weight: float = 0.0  # a 6-way head learns the fact asked (yes/no: is it there; a direction)
+    fact_head_weight: float = 0.0  # a head learns the fact asked (yes/no: is it there; a direction)
     answer_head_weight: float = 0.0  # another learns the answer (a negated question's fact, flipped)
+    head_answers: str = ",".join(HEAD_ANSWERS)  # the words the heads tell apart; rows with none are left out
     # "" trains `steps` on the mix above; else stages, each with its own warm-up and cosine
     # schedule (`parse_stages`), and `steps` becomes their sum.
     stages: str = ""
@@ -210,6 +213,15 @@ def parse_stages(text: str) -> list[tuple[list[str], str, int]]:
     return stages
 
 
+def head_answers(r: InstructRecipe) -> tuple[str, ...]:
+    """The heads' words, checked: each an answer some instruction has (e.g. add the numbers for count)."""
+    words = tuple(w.strip() for w in r.head_answers.split(",") if w.strip())
+    known = {"yes", "no", *instructions.RELATIONS, *world.NUMBERS, *world.COLOURS, *world.SHAPES}
+    if len(words) < 2 or len(set(words)) != len(words) or not set(words) <= known:
+        raise ValueError(f"head_answers={r.head_answers!r}: expected 2 or more distinct answer words from {sorted(known)}")
+    return words
+
+
 def with_stages(r: InstructRecipe) -> InstructRecipe:
     """`r` with `steps` the sum of its stages' (checked), if it has stages."""
     return replace(r, steps=sum(s for _, _, s in parse_stages(r.stages))) if r.stages else r
@@ -242,30 +254,27 @@ def _ids(rows: list[list[int]]) -> tuple[Tensor, Tensor]:
 # does not look the answer up, and the Q-Former gains nothing from binding the question's words to
 # the image until the LM also follows (REPORT.md). Heads on the queries give that binding a
 # gradient of its own. They are training-only: the model that ships has none.
-HEAD_ANSWERS = ("yes", "no", "left", "right", "above", "below")
-
-
 class HeadTargets:
-    """A batch plus, per row, the indices in HEAD_ANSWERS of its fact and its answer (-1: neither, e.g. a colour)."""
+    """A batch plus, per row, the indices in `answers` of its fact and its answer (-1: neither, e.g. a colour)."""
 
-    def __init__(self, collate) -> None:
-        self.collate = collate
+    def __init__(self, collate, answers: tuple[str, ...] = HEAD_ANSWERS) -> None:
+        self.collate, self.answers = collate, answers
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.collate(examples)
         for key, field in (("facts", "fact"), ("answers", "answer")):
-            batch[key] = torch.tensor([HEAD_ANSWERS.index(e[field]) if e[field] in HEAD_ANSWERS else -1
+            batch[key] = torch.tensor([self.answers.index(e[field]) if e[field] in self.answers else -1
                                        for e in examples])
         return batch
 
 
 def head_loss(head: torch.nn.Linear, queries: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """(cross-entropy, accuracy) of a 6-way head on the mean query output (queries: (B, Q, D)), over
-    the rows with a target (targets: (B,) indices into HEAD_ANSWERS, -1: none)."""
+    """(cross-entropy, accuracy) of a head on the mean query output (queries: (B, Q, D)), over the rows
+    with a target (targets: (B,) indices into the head's answers, -1: none)."""
     asked = targets >= 0  # (B,)
     if not asked.any():
         return torch.zeros(()), torch.tensor(float("nan"))
-    logits = head(queries[asked].mean(1))  # (b, 6)
+    logits = head(queries[asked].mean(1))  # (b, answers)
     return F.cross_entropy(logits, targets[asked]), (logits.argmax(-1) == targets[asked]).float().mean()
 
 
@@ -275,11 +284,12 @@ class QueryHeads(Stage2Objective):
     LM, which does not do it; the answer alone gives neither half (is it there, is it negated) a
     lower loss at first, so both."""
 
-    def __init__(self, model, cache: FeatureCache, fact_weight: float, answer_weight: float) -> None:
+    def __init__(self, model, cache: FeatureCache, fact_weight: float, answer_weight: float,
+                 answers: int = len(HEAD_ANSWERS)) -> None:
         super().__init__(model, feature_cache=cache)
         width = model.config.qformer_config.hidden_size
-        self.fact_head = torch.nn.Linear(width, len(HEAD_ANSWERS))
-        self.answer_head = torch.nn.Linear(width, len(HEAD_ANSWERS))
+        self.fact_head = torch.nn.Linear(width, answers)
+        self.answer_head = torch.nn.Linear(width, answers)
         self.fact_weight, self.answer_weight = fact_weight, answer_weight
 
     def forward(self, batch: dict, step: int) -> dict[str, Tensor]:
@@ -298,8 +308,9 @@ def train(r: InstructRecipe, model: InstructBlipForConditionalGeneration, data, 
                                                                   max_len=r.qformer_positions)
     objective = Stage2Objective(model, feature_cache=cache)
     if (r.fact_head_weight or r.answer_head_weight) and not hide:  # a hidden instruction names no fact
-        collate = HeadTargets(collate)
-        objective = QueryHeads(model, cache, r.fact_head_weight, r.answer_head_weight)
+        answers = head_answers(r)
+        collate = HeadTargets(collate, answers)
+        objective = QueryHeads(model, cache, r.fact_head_weight, r.answer_head_weight, len(answers))
     if hide or not r.stages:
         runs = [(name, InstructionPairs(data, r.seed + (7 if hide else 3), r.describe_share),
                  (r.ablation_steps or r.steps) if hide else r.steps)]
@@ -467,8 +478,9 @@ def heads_sentence(r: dict) -> str:
     """The report's words on the training-only heads, if any were trained."""
     heads = [f"{what}, weight {r[key]}" for what, key in (("the fact asked", "fact_head_weight"),
                                                         ("the answer", "answer_head_weight")) if r.get(key)]
-    return (" Beside the language-model loss, a 6-way head on the mean query output (training only, not shipped) "
-            "learned " + "; another ".join(heads) + ".") if heads else ""
+    words = r.get("head_answers", ",".join(HEAD_ANSWERS)).split(",")
+    return (f" Beside the language-model loss, a {len(words)}-way head on the mean query output ({', '.join(words)}; "
+            "training only, not shipped) learned " + "; another ".join(heads) + ".") if heads else ""
 
 
 def command(scores: dict, quick: bool) -> str:
@@ -573,6 +585,7 @@ def run(r: InstructRecipe, base: Path, out: Path, work: Path, quick: bool = Fals
         start_from: Path | None = None) -> dict:
     """The recipe; `start_from` (an instruct checkpoint) continues its tuning instead of starting from BLIP-2."""
     r = with_stages(r)
+    head_answers(r)  # a bad setting stops here, not after the world is drawn
     torch.manual_seed(r.seed)
     timer = Timer()
     t = time.perf_counter()
