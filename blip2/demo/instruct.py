@@ -84,7 +84,7 @@ class InstructRecipe:
     ablation: bool = True
     save_dtype: str = "float16"
     # Training-only heads on the queries (not exported): 0 leaves the language-model loss alone.
-    fact_head_weight: float = 0.0  # a head learns the fact asked (yes/no: is it there; a direction)
+    fact_head_weight: float = 0.0  # a head learns the fact asked (yes/no: is it there; position: the true relation)
     answer_head_weight: float = 0.0  # another learns the answer (a negated question's fact, flipped)
     head_answers: str = ",".join(HEAD_ANSWERS)  # the words the heads tell apart; rows with none are left out
     # "" trains `steps` on the mix above; else stages, each with its own warm-up and cosine
@@ -324,11 +324,13 @@ def train(r: InstructRecipe, model: InstructBlipForConditionalGeneration, data, 
         log(f"{stage}: {steps} steps of {r.batch} instructions{' (hidden from the Q-Former)' if hide else ''}"
             + (f" ({'+'.join(pairs.kinds)}, {pairs.negation})" if isinstance(pairs, StagePairs) else ""))
         history = Trainer(objective, pairs, collate, cfg).fit()
-        last = history[-max(1, steps // 8):]  # the last eighth: one batch's head accuracy is noisy
-        log(f"{stage}: lm loss {history[-1]['lm']:.3f}" + "".join(
-            f"; {k} {np.nanmean([h[k] for h in last]):.3f} (last {len(last)} steps)"
-            for k, on in (("fact_acc", r.fact_head_weight), ("answer_acc", getattr(objective, "answer_weight", 0)))
-            if on and not hide))
+        eighth = max(1, steps // 8)  # means over the first and last eighth: one batch's figures are noisy
+        heads = [k for k, on in (("fact", r.fact_head_weight), ("fact_acc", r.fact_head_weight), ("answer",
+                 getattr(objective, "answer_weight", 0)), ("answer_acc", getattr(objective, "answer_weight", 0)))
+                 if on and not hide]
+        log(f"{stage}: lm loss {history[-1]['lm']:.3f}; first and last {eighth} steps: " + "; ".join(
+            f"{k} {np.nanmean([h[k] for h in history[:eighth]]):.3f} -> {np.nanmean([h[k] for h in history[-eighth:]]):.3f}"
+            for k in ("lm", *heads)))
     return model.eval()
 
 
@@ -476,7 +478,7 @@ def stages_sentence(r: dict) -> str:
 
 def heads_sentence(r: dict) -> str:
     """The report's words on the training-only heads, if any were trained."""
-    heads = [f"{what}, weight {r[key]}" for what, key in (("the fact asked", "fact_head_weight"),
+    heads = [f"{what}, weight {r[key]}" for what, key in (("the fact asked (is the thing there; where is a relative to b)", "fact_head_weight"),
                                                         ("the answer", "answer_head_weight")) if r.get(key)]
     words = r.get("head_answers", ",".join(HEAD_ANSWERS)).split(",")
     return (f" Beside the language-model loss, a {len(words)}-way head on the mean query output ({', '.join(words)}; "
