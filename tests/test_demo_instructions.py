@@ -170,3 +170,12 @@ def test_toy_recipe_writes_an_instructblip_checkpoint(tmp_path):
     with torch.inference_mode():
         assert model.generate(**inputs, max_new_tokens=3).shape[0] == 1
     shutil.rmtree(tmp_path / "work", ignore_errors=True)
+
+
+def test_no_opening_of_the_seen_phrasings_decides_the_answer_type():
+    """Questions that open like yes/no ones ("can you", "do you", "tell me") also ask for a word, and
+    the reverse, so a model cannot learn the answer's type from the first words alone."""
+    yes_no = [t for t in instructions.phrasings("exist", "seen")]
+    words = [t for k in ("colour", "shape", "count") for t in instructions.phrasings(k, "seen")]
+    for opening in ("can you", "do you", "tell me"):
+        assert any(t.startswith(opening) for t in yes_no) and any(t.startswith(opening) for t in words), opening

@@ -166,7 +166,7 @@ class StagePairs(InstructionPairs):
     """A stage's instructions: one of `kinds` per image (describe at the recipe's share if among them),
     with its kind (`row_kind`). `negation` sets the share of the indirect forms, whose answer is not
     their fact (a negated exist phrasing, position's yes/no form), in the exist and position rows:
-    "mix" the templates' share (exist 4 of 9, position 2 of 6), "plain" none (plain existence, the
+    "mix" the templates' share (exist 4 of 10, position 2 of 6), "plain" none (plain existence, the
     direction asked), "only" nothing else, "negF" (e.g. neg0.2) a share F, to bring them in gradually."""
 
     def __init__(self, data, seed: int, kinds: list[str], negation: str, describe_share: float) -> None:

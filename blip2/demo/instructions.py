@@ -34,27 +34,28 @@ PHRASINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "colour": (
         ("what colour is the {shape}?", "what color is the {shape}?", "which colour does the {shape} have?",
          "what is the colour of the {shape}?", "tell me the colour of the {shape}.", "the {shape} is which colour?",
-         "name the color of the {shape}.", "what colour has the {shape} got?"),
+         "name the color of the {shape}.", "what colour has the {shape} got?", "do you know the colour of the {shape}?"),
         ("which color is the {shape} in the picture?", "can you tell me what colour the {shape} is?",
          "what is the color of the {shape} in the image?"),
     ),
     "shape": (
         ("what shape is the {colour} one?", "what is the {colour} shape?", "which shape is {colour}?",
          "what kind of shape is {colour}?", "name the {colour} shape.", "the {colour} object is which shape?",
-         "what is the {colour} object?", "which shape has the colour {colour}?"),
+         "what is the {colour} object?", "which shape has the colour {colour}?", "can you name the {colour} shape?"),
         ("what is the shape of the {colour} thing?", "what shape is drawn in {colour}?",
          "which of the shapes is {colour}?"),
     ),
     "count": (
         ("how many shapes are there?", "how many objects are in the picture?", "how many {shape}s are there?",
          "how many {colour} shapes are there?", "count the shapes.", "what is the number of {shape}s?",
-         "how many {shape}s do you see?", "how many {colour} objects are there?"),
+         "how many {shape}s do you see?", "how many {colour} objects are there?",
+         "do you know how many {shape}s there are?"),
         ("how many things are in the image?", "count the {shape}s.", "how many {colour} shapes can you see?"),
     ),
     "exist": (
         ("is there {np}?", "do you see {np}?", "is there {np} in the image?", "does the picture contain {np}?",
          "can you see {np}?", "is there no {bare}?", "is there not {np}?", "is {np} missing?",
-         "is there no {bare} in the picture?"),
+         "is there no {bare} in the picture?", "tell me if there is {np}."),
         ("does the image show {np}?", "is {np} present?", "is it true that there is no {bare}?",
          "is {np} absent?"),
     ),
@@ -71,6 +72,9 @@ PHRASINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("what is shown in this picture?", "describe what you see.", "what is drawn here?"),
     ),
 }
+# Some seen phrasings open as questions of the other answer type ("do you know the colour of ...?", "tell me if
+# there is ..."): once yes/no is trained hard, a model that reads the answer's type off the opening says yes to
+# "can you tell me what colour the circle is?" (REPORT.md), so no opening may decide it.
 # Phrasings that are instructions rather than questions: the language model reads them as they are.
 CAPTION_INSTRUCTIONS = frozenset({"", CAPTION_PROMPT, "describe the image.", "describe what you see."})
 # Negated existence phrasings: their answer is yes when the thing is NOT there.
