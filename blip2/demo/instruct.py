@@ -476,10 +476,13 @@ def stages_sentence(r: dict) -> str:
                                   if r.get("answer_head_weight") else "."))
 
 
+HEAD_WORDS = {"fact_head_weight": "the fact asked (is the thing there; where is a relative to b)",
+              "answer_head_weight": "the answer"}
+
+
 def heads_sentence(r: dict) -> str:
     """The report's words on the training-only heads, if any were trained."""
-    heads = [f"{what}, weight {r[key]}" for what, key in (("the fact asked (is the thing there; where is a relative to b)", "fact_head_weight"),
-                                                        ("the answer", "answer_head_weight")) if r.get(key)]
+    heads = [f"{what}, weight {r[key]}" for key, what in HEAD_WORDS.items() if r.get(key)]
     words = r.get("head_answers", ",".join(HEAD_ANSWERS)).split(",")
     return (f" Beside the language-model loss, a {len(words)}-way head on the mean query output ({', '.join(words)}; "
             "training only, not shipped) learned " + "; another ".join(heads) + ".") if heads else ""
