@@ -179,3 +179,26 @@ def test_no_opening_of_the_seen_phrasings_decides_the_answer_type():
     words = [t for k in ("colour", "shape", "count") for t in instructions.phrasings(k, "seen")]
     for opening in ("can you", "do you", "tell me"):
         assert any(t.startswith(opening) for t in yes_no) and any(t.startswith(opening) for t in words), opening
+
+
+def test_a_count_of_one_kind_has_the_existence_fact_inside_it():
+    """"How many circles?" asks "is there a circle?" too: its fact is yes unless the count is zero;
+    a count of every shape has no such question inside it and keeps its answer as its fact."""
+    facts = {"one kind": set(), "every shape": set()}
+    for i, scene in enumerate(scenes()):
+        rng = random.Random(1000 + i)
+        for wording in instructions.WORDINGS:
+            ins = instructions.instruction(scene, "count", rng, wording)
+            named = re.search(r"how many (\w+) (?:shapes|objects)|(\w+)s (?:are|do|there)|the (\w+)s\.|number of (\w+)s",
+                              ins.text)
+            word = next((g for g in named.groups() if g), "") if named else ""
+            one_kind = word in world.SHAPES or word in world.COLOURS
+            assert ins.one_kind == one_kind, ins
+            if one_kind:
+                n = sum(word in (c, s) for c, s in scene.pairs)
+                assert ins.answer == world.NUMBERS[n] and instructions.fact(ins) == ("yes" if n else "no"), (ins, scene.pairs)
+                facts["one kind"].add(instructions.fact(ins))
+            else:
+                assert instructions.fact(ins) == ins.answer == world.NUMBERS[len(scene.shapes)]
+                facts["every shape"].add(ins.answer)
+    assert facts["one kind"] == {"yes", "no"} and len(facts["every shape"]) >= 2

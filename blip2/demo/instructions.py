@@ -90,6 +90,7 @@ class Instruction:
     text: str  # the question or instruction, as a user types it
     answer: str  # what a right answer says (describe: a caption naming every shape)
     relation: str = ""  # position: the true relation of a to b, in either form (`fact`)
+    one_kind: bool = False  # count: of one shape kind or one colour, not of every shape (`fact`)
 
     @property
     def prompt(self) -> str:
@@ -132,10 +133,13 @@ def is_indirect(ins: Instruction) -> bool:
 
 def fact(ins: Instruction) -> str:
     """The fact asked about: the answer, except that a negated existence question's is whether the
-    thing is there (its answer flipped), and a position question's is the true relation in either
-    form (a yes/no one's answer: is it the relation asked)."""
+    thing is there (its answer flipped), a position question's is the true relation in either
+    form (a yes/no one's answer: is it the relation asked), and a count of one kind's is whether
+    any is there (the existence question inside it: "how many circles?" asks "is there a circle?")."""
     if ins.kind == "position" and ins.relation:
         return ins.relation
+    if ins.one_kind:
+        return "no" if ins.answer == "zero" else "yes"
     return {"yes": "no", "no": "yes"}[ins.answer] if is_negated(ins) else ins.answer
 
 
@@ -161,11 +165,11 @@ def _count(scene, rng, options) -> Instruction:
         # Half the time a kind the scene shows, else any kind (zero is an answer too).
         shape = rng.choice(scene.shapes).shape if rng.random() < 0.6 else rng.choice(world.SHAPES)
         n = sum(s.shape == shape for s in scene.shapes)
-        return Instruction("count", template.format(shape=shape), world.NUMBERS[n])
+        return Instruction("count", template.format(shape=shape), world.NUMBERS[n], one_kind=True)
     if "{colour}" in template:
         colour = rng.choice(scene.shapes).colour if rng.random() < 0.6 else rng.choice(list(world.COLOURS))
         n = sum(s.colour == colour for s in scene.shapes)
-        return Instruction("count", template.format(colour=colour), world.NUMBERS[n])
+        return Instruction("count", template.format(colour=colour), world.NUMBERS[n], one_kind=True)
     return Instruction("count", template, world.NUMBERS[len(scene.shapes)])
 
 
