@@ -90,6 +90,8 @@ class InstructRecipe:
     # "" trains `steps` on the mix above; else stages, each with its own warm-up and cosine
     # schedule (`parse_stages`), and `steps` becomes their sum.
     stages: str = ""
+    # A run that continues a model made before `from_blip2` copied the plurals' rows: copy them first.
+    plurals_from_singulars: bool = False
 
 
 QUICK = InstructRecipe(train_images=256, steps=20, batch=16, eval_per_kind=8, eval_scenes=16)
@@ -106,10 +108,28 @@ def instruct_config(base: Blip2ForConditionalGeneration, positions: int) -> Inst
 
 
 @torch.no_grad()
+def plurals_from_singulars(model: InstructBlipForConditionalGeneration, tok) -> list[str]:
+    """Set the Q-Former's word rows of the shapes' plurals ("circles") to their singulars' rows; the
+    plurals copied. Stage 1 read only captions, which never use a plural, so those rows are still
+    random, and "how many circles are there?" could not say which shape it counts (the model said
+    "one" to all of them). InstructBLIP's Q-Former starts from BERT, which has read both forms."""
+    table = model.qformer.embeddings.word.weight  # (vocab, D)
+    copied = []
+    for shape in world.SHAPES:
+        one = tok.encode(" " + shape, add_special_tokens=False).ids
+        many = tok.encode(f" {shape}s", add_special_tokens=False).ids
+        if len(one) == 1 and len(many) == 1:  # whole words in this vocabulary; else there is no row to copy
+            table[many[0]] = table[one[0]]
+            copied.append(f"{shape}s")
+    return copied
+
+
+@torch.no_grad()
 def from_blip2(base: Blip2ForConditionalGeneration, retrieval: Blip2ForImageTextRetrieval,
-               positions: int) -> InstructBlipForConditionalGeneration:
+               positions: int, tok) -> InstructBlipForConditionalGeneration:
     """InstructBLIP from the BLIP-2 model (everything it has) and the stage-1 model's text side
-    (what reads the instruction). Position rows beyond stage 1's repeat its last one."""
+    (what reads the instruction). Position rows beyond stage 1's repeat its last one; the shapes'
+    plurals start from their singulars (`plurals_from_singulars`)."""
     model = InstructBlipForConditionalGeneration(instruct_config(base, positions))
     model.generation_config = copy.deepcopy(base.generation_config)
     have = base.state_dict()
@@ -124,6 +144,7 @@ def from_blip2(base: Blip2ForConditionalGeneration, retrieval: Blip2ForImageText
             source = torch.cat([source, source[-1:].expand(value.shape[0] - rows, -1)])
         state[key] = source.float()
     model.load_state_dict(state)
+    plurals_from_singulars(model, tok)
     return model.eval()
 
 
@@ -605,14 +626,16 @@ def run(r: InstructRecipe, base: Path, out: Path, work: Path, quick: bool = Fals
 
     models = {}
     t = time.perf_counter()
-    start = from_blip2(blip2, retrieval, r.qformer_positions) if start_from is None else \
+    start = from_blip2(blip2, retrieval, r.qformer_positions, tok) if start_from is None else \
         InstructBlipForConditionalGeneration.from_pretrained(start_from, torch_dtype=torch.float32)
+    if start_from is not None and r.plurals_from_singulars:
+        print(f"copied the Q-Former's rows of {', '.join(plurals_from_singulars(start, tok))} from their singulars")
     start.config.name_or_path = ""  # the shipped config names no folder of this machine
     models["instruct"] = train(r, start, data, tok, cache, work, "instruct")
     timer.stage("instruction tuning", t)
     if r.ablation:
         t = time.perf_counter()
-        models["hidden"] = train(r, from_blip2(blip2, retrieval, r.qformer_positions), data, tok, cache, work,
+        models["hidden"] = train(r, from_blip2(blip2, retrieval, r.qformer_positions, tok), data, tok, cache, work,
                                  "hidden", hide=True)
         timer.stage("ablation (instruction hidden from the Q-Former)", t)
 
