@@ -497,7 +497,8 @@ def stages_sentence(r: dict) -> str:
                                   if r.get("answer_head_weight") else "."))
 
 
-HEAD_WORDS = {"fact_head_weight": "the fact asked (is the thing there; where is a relative to b)",
+HEAD_WORDS = {"fact_head_weight":
+              "the fact asked (is the thing there, in a count of one kind too; where is a relative to b)",
               "answer_head_weight": "the answer"}
 
 
