@@ -310,7 +310,7 @@ def curriculum(r: InstructRecipe, stages: str, weight: float, model: InstructBli
         objective.head.load_state_dict(torch.load(head))
     if head is not None and (head.parent / "answer_head.pt").is_file() and answer_weight:
         objective.answer_head.load_state_dict(torch.load(head.parent / "answer_head.pt"))
-    for n, (kinds, negation, steps) in enumerate(parse_stages(stages)):
+    for n, (kinds, negation, steps, _) in enumerate(parse_stages(stages)):
         name = f"stage{n + 1}-{'all' if len(kinds) == len(instructions.KINDS) else '+'.join(kinds)}-{negation}"
         cfg = trainer_config(r, work, name, steps, r.batch, r.lr)
         history = Trainer(objective, StagePairs(data, r.seed + 11 + n, kinds, negation, r.describe_share),

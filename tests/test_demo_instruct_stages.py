@@ -12,14 +12,15 @@ from blip2.demo.recipe import draw_images
 
 
 def test_parse_stages_reads_kinds_negation_and_steps():
-    stages = parse_stages("exist+exist+colour/plain:800,exist/neg0.2:400,all:600")
-    assert stages == [(["exist", "exist", "colour"], "plain", 800), (["exist"], "neg0.2", 400),
-                      (list(instructions.KINDS), "mix", 600)]
+    stages = parse_stages("exist+exist+colour/plain:800,exist/neg0.2:400@0.0003,all:600")
+    assert stages == [(["exist", "exist", "colour"], "plain", 800, None), (["exist"], "neg0.2", 400, 0.0003),
+                      (list(instructions.KINDS), "mix", 600, None)]
     assert with_stages(InstructRecipe(stages="exist/plain:800,all:600")).steps == 1400
     assert with_stages(InstructRecipe()).steps == InstructRecipe().steps  # no stages: steps as set
 
 
-@pytest.mark.parametrize("bad", ["exits:10", "exist/neg1.5:10", "exist/negx:10", "exist/sometimes:10", "exist", "exist:0"])
+@pytest.mark.parametrize("bad", ["exits:10", "exist/neg1.5:10", "exist/negx:10", "exist/sometimes:10", "exist", "exist:0",
+                                 "exist:10@", "exist:10@fast", "exist:10@0", "exist:10@-1e-3"])
 def test_parse_stages_names_the_bad_stage(bad):
     with pytest.raises(ValueError, match="stage"):
         parse_stages("all:5," + bad)

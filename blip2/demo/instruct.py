@@ -37,6 +37,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -217,20 +218,41 @@ def is_share(negation: str) -> bool:
         return False
 
 
-def parse_stages(text: str) -> list[tuple[list[str], str, int]]:
-    """"exist/plain:800,exist/neg0.2:400,all:600" -> [(kinds, negation, steps), ...]: KINDS joined
-    by "+" ("all": every kind, the recipe's mix), /plain|/mix|/only|/negF (default mix), :STEPS."""
+class Stage(NamedTuple):
+    kinds: list[str]
+    negation: str
+    steps: int
+    lr: float | None = None  # None: the recipe's `lr`
+
+
+def stage_lr(text: str) -> float:
+    """"0.001" -> 0.001; anything that is not a number above 0 raises ValueError."""
+    lr = float(text)
+    if not lr > 0:
+        raise ValueError(text)
+    return lr
+
+
+def parse_stages(text: str) -> list[Stage]:
+    """"exist/plain:800,exist/neg0.2:400,all:600@0.001" -> [Stage(kinds, negation, steps, lr), ...]:
+    KINDS joined by "+" ("all": every kind, the recipe's mix), /plain|/mix|/only|/negF (default mix),
+    :STEPS, and @LR for a learning rate of the stage's own (default the recipe's `lr`)."""
     stages = []
     for part in filter(None, text.split(",")):
         what, _, steps = part.partition(":")
+        steps, at, lr_text = steps.partition("@")
         kinds, _, negation = what.partition("/")
         kinds = list(instructions.KINDS) if kinds == "all" else kinds.split("+")
         unknown = [k for k in kinds if k not in instructions.KINDS] + \
             ([negation] if negation not in ("", "plain", "mix", "only") and not is_share(negation) else [])
+        try:
+            lr = stage_lr(lr_text) if at else None
+        except ValueError:
+            lr, unknown = None, [*unknown, lr_text or "@"]
         if unknown or not steps.isdigit() or int(steps) < 1:
-            raise ValueError(f"stage {part!r}: expected KINDS[/plain|/mix|/only|/negF]:STEPS with kinds "
+            raise ValueError(f"stage {part!r}: expected KINDS[/plain|/mix|/only|/negF]:STEPS[@LR] with kinds "
                              f"from {instructions.KINDS} or all")
-        stages.append((kinds, negation or "mix", int(steps)))
+        stages.append(Stage(kinds, negation or "mix", int(steps), lr))
     return stages
 
 
@@ -245,7 +267,7 @@ def head_answers(r: InstructRecipe) -> tuple[str, ...]:
 
 def with_stages(r: InstructRecipe) -> InstructRecipe:
     """`r` with `steps` the sum of its stages' (checked), if it has stages."""
-    return replace(r, steps=sum(s for _, _, s in parse_stages(r.stages))) if r.stages else r
+    return replace(r, steps=sum(stage.steps for stage in parse_stages(r.stages))) if r.stages else r
 
 
 class InstructionText:
@@ -334,15 +356,16 @@ def train(r: InstructRecipe, model: InstructBlipForConditionalGeneration, data, 
         objective = QueryHeads(model, cache, r.fact_head_weight, r.answer_head_weight, len(answers))
     if hide or not r.stages:
         runs = [(name, InstructionPairs(data, r.seed + (7 if hide else 3), r.describe_share),
-                 (r.ablation_steps or r.steps) if hide else r.steps)]
+                 (r.ablation_steps or r.steps) if hide else r.steps, r.lr)]
     else:  # each stage from the last one's weights and heads
-        runs = [(f"{name}-stage{n + 1}", StagePairs(data, r.seed + 11 + n, kinds, negation, r.describe_share), steps)
-                for n, (kinds, negation, steps) in enumerate(parse_stages(r.stages))]
-    for stage, pairs, steps in runs:
+        runs = [(f"{name}-stage{n + 1}", StagePairs(data, r.seed + 11 + n, kinds, negation, r.describe_share), steps,
+                 lr or r.lr) for n, (kinds, negation, steps, lr) in enumerate(parse_stages(r.stages))]
+    for stage, pairs, steps, lr in runs:
         if isinstance(objective, QueryHeads):  # a plain stage's answers are its facts: no second head there
             objective.answer_weight = 0.0 if getattr(pairs, "neg_share", None) == 0.0 else r.answer_head_weight
-        cfg = trainer_config(r, work, stage, steps, r.batch, r.lr)
-        log(f"{stage}: {steps} steps of {r.batch} instructions{' (hidden from the Q-Former)' if hide else ''}"
+        cfg = trainer_config(r, work, stage, steps, r.batch, lr)
+        hidden = " (hidden from the Q-Former)" if hide else ""
+        log(f"{stage}: {steps} steps of {r.batch} instructions at lr {lr:g}{hidden}"
             + (f" ({'+'.join(pairs.kinds)}, {pairs.negation})" if isinstance(pairs, StagePairs) else ""))
         history = Trainer(objective, pairs, collate, cfg).fit()
         eighth = max(1, steps // 8)  # means over the first and last eighth: one batch's figures are noisy
@@ -489,7 +512,7 @@ def stages_sentence(r: dict) -> str:
     if not r.get("stages"):
         return ""
     parts = [f"{steps} steps of {'every kind' if len(kinds) == len(instructions.KINDS) else '+'.join(kinds)} "
-             f"({negation})" for kinds, negation, steps in parse_stages(r["stages"])]
+             f"({negation}{f', lr {lr:g}' if lr else ''})" for kinds, negation, steps, lr in parse_stages(r["stages"])]
     return (" In stages, each from the last one's weights with its own warm-up and cosine schedule (negated exist "
             "phrasings and position's yes/no form: mix, the templates' share; plain, none; negF, a share F of the "
             "exist and position rows): "
