@@ -16,7 +16,8 @@ def test_parse_stages_reads_kinds_negation_and_steps():
     assert stages == [(["exist", "exist", "colour"], "plain", 800, None), (["exist"], "neg0.2", 400, 0.0003),
                       (list(instructions.KINDS), "mix", 600, None)]
     assert with_stages(InstructRecipe(stages="exist/plain:800,all:600")).steps == 1400
-    assert with_stages(InstructRecipe()).steps == InstructRecipe().steps  # no stages: steps as set
+    assert with_stages(InstructRecipe(stages="")).steps == InstructRecipe().steps  # no stages: steps as set
+    assert with_stages(InstructRecipe()).steps == 7400  # the default schedule (`STAGES`)
 
 
 @pytest.mark.parametrize("bad", ["exits:10", "exist/neg1.5:10", "exist/negx:10", "exist/sometimes:10", "exist", "exist:0",
