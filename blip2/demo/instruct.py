@@ -667,7 +667,7 @@ def run(r: InstructRecipe, base: Path, out: Path, work: Path, quick: bool = Fals
     start = from_blip2(blip2, retrieval, r.qformer_positions, tok) if start_from is None else \
         InstructBlipForConditionalGeneration.from_pretrained(start_from, torch_dtype=torch.float32)
     if start_from is not None and r.plurals_from_singulars:
-        print(f"copied the Q-Former's rows of {', '.join(plurals_from_singulars(start, tok))} from their singulars")
+        log(f"copied the Q-Former's rows of {', '.join(plurals_from_singulars(start, tok))} from their singulars")
     start.config.name_or_path = ""  # the shipped config names no folder of this machine
     models["instruct"] = train(r, start, data, tok, cache, work, "instruct")
     timer.stage("instruction tuning", t)
