@@ -4,11 +4,10 @@ import random
 
 import numpy as np
 import pytest
-import torch
 
 from blip2.demo import instructions, world
 from blip2.demo.instruct import (HEAD_ANSWERS, HeadTargets, InstructRecipe, StagePairs, head_answers, parse_stages,
-                                 place_loss, with_stages)
+                                 with_stages)
 from blip2.demo.recipe import draw_images
 
 
@@ -76,18 +75,6 @@ def test_exist_and_position_share_a_stage_s_form():
     assert {r["kind"] for r in rows} == {"not-exist", "position-yes/no"}
 
 
-def test_position_rows_lean_to_three_shapes():
-    """Only with three shapes does the second shape's name matter, so a stage draws two-shape position rows again
-    at TWO_SHAPE_REDRAW (0.5): three-shape rows go from about half of them to about two thirds."""
-    data = draw_images(InstructRecipe(image_size=32), "train", 60)
-    rows = [StagePairs(data, 2, ["position"], "mix", 0.0)[i % 60] for i in range(600)]
-    three = np.mean([len(data.scenes[int(r["key"].split("/")[1])].shapes) == 3 for r in rows])
-    two = sum(len(s.shapes) == 2 for s in data.scenes)
-    natural = (len(data.scenes) - two - sum(len(s.shapes) == 1 for s in data.scenes)) / (len(data.scenes) - sum(
-        len(s.shapes) == 1 for s in data.scenes))
-    assert three > natural + 0.1, (three, natural)
-
-
 def test_a_position_question_s_fact_is_the_scene_s_relation():
     seen = {"direction": 0, "yes": 0, "no": 0}
     for i in range(200):
@@ -104,46 +91,11 @@ def test_a_position_question_s_fact_is_the_scene_s_relation():
     assert min(seen.values()) > 15, seen
 
 
-def test_position_asks_about_a_shape_whose_naming_matters():
-    """With three shapes, b is chosen so that a's relation to the third differs, where any pair allows it: a
-    model that answers a's relation to whichever other shape is then wrong."""
-    matters, could = 0, 0
-    for i in range(300):
-        scene = world.sample_scene("train", i)
-        if len(scene.shapes) < 3:
-            continue
-        ins = instructions.instruction(scene, "position", random.Random(i), "unseen")
-        name = {f"{s.colour} {s.shape}": s for s in scene.shapes}
-        a, b = sorted((s for n, s in name.items() if f"the {n} " in ins.text + " " or f"the {n}?" in ins.text),
-                      key=lambda s: ins.text.index(f"{s.colour} {s.shape}"))
-        if ins.text.startswith("in which direction"):
-            a, b = b, a
-        assert world.relation(a, b) == instructions.fact(ins)
-        could += any(instructions.reference_matters(scene, x, y) for x in scene.shapes for y in scene.shapes
-                     if x is not y and world.relation(x, y))
-        matters += instructions.reference_matters(scene, a, b)
-    assert matters == could > 50
-
 def test_heads_learn_the_relation_and_the_yes_no_answer():
     rows = [{"fact": "left", "answer": "yes"}, {"fact": "above", "answer": "no"}, {"fact": "red", "answer": "red"}]
     batch = HeadTargets(lambda examples: {})(rows)
     assert batch["facts"].tolist() == [HEAD_ANSWERS.index("left"), HEAD_ANSWERS.index("above"), -1]
     assert batch["answers"].tolist() == [HEAD_ANSWERS.index("yes"), HEAD_ANSWERS.index("no"), -1]
-
-
-def test_the_place_head_learns_where_both_named_shapes_are():
-    rows = [{"fact": "left", "answer": "left", "places": (0.2, 0.5, 0.7, 0.4)}, {"fact": "red", "answer": "red", "places": ()}]
-    places = HeadTargets(lambda examples: {})(rows)["places"]
-    assert places[0].tolist() == pytest.approx([0.2, 0.5, 0.7, 0.4]) and places[1].isnan().all()
-    head = torch.nn.Linear(8, 4)
-    queries = torch.randn(2, 3, 8)
-    want = torch.nn.functional.mse_loss(head(queries[:1].mean(1)), places[:1])
-    assert torch.allclose(place_loss(head, queries, places), want)  # the colour row adds nothing
-    assert place_loss(head, queries, places[1:].expand(2, 4)) == 0  # no row names two shapes
-    scene = next(s for i in range(100) if len((s := world.sample_scene("train", i)).shapes) == 3)
-    ins = instructions.instruction(scene, "position", random.Random(0))
-    a, b = (next(s for s in scene.shapes if s.x / world.CANVAS == x) for x in ins.places[::2])
-    assert world.relation(a, b) == ins.relation and ins.places[1::2] == (a.y / world.CANVAS, b.y / world.CANVAS)
 
 
 def test_head_answers_are_a_setting_checked_before_training():

@@ -100,7 +100,6 @@ class InstructRecipe:
     # Training-only heads on the queries (not exported): 0 leaves the language-model loss alone.
     fact_head_weight: float = 1.0  # a head learns the fact asked (yes/no: is it there; position: the true relation)
     answer_head_weight: float = 1.0  # another learns the answer (a negated question's fact, flipped)
-    place_head_weight: float = 0.0  # a third where a position question's two shapes are (`place_loss`)
     head_answers: str = ",".join(HEAD_ANSWERS)  # the words the heads tell apart; rows with none are left out
     # "" trains `steps` on the mix above; else stages, each with its own warm-up and cosine
     # schedule (`parse_stages`), and `steps` becomes their sum.
@@ -185,13 +184,8 @@ class InstructionPairs(Dataset):
         if ins is None:  # e.g. one shape, no position question: a kind every scene allows
             ins = instructions.instruction(scene, self.rng.choice(["count", "exist"]), self.rng)
         return {"key": f"train/{i}", "pixel_values": to_pixels(self.data.images[i:i + 1])[0],
-                "prompt": ins.prompt, "answer": ins.answer, "fact": instructions.fact(ins),
-                "places": ins.places}
+                "prompt": ins.prompt, "answer": ins.answer, "fact": instructions.fact(ins)}
 
-
-# A stage's position rows on two-shape images are drawn again this often (`StagePairs`): the model
-# learnt a's relation to whichever other shape (REPORT.md), and only three shapes tell that apart.
-TWO_SHAPE_REDRAW = 0.5
 
 # The kinds with a form whose answer is not its fact (`instructions.is_indirect`): a stage sets its share.
 INDIRECT_KINDS = ("exist", "position")
@@ -223,15 +217,11 @@ class StagePairs(InstructionPairs):
             ins = instructions.instruction(self.data.scenes[i], kind, self.rng)
             wrong_form = ins is not None and ins.kind in INDIRECT_KINDS and self.neg_share is not None and \
                 instructions.is_indirect(ins) != want_indirect
-            # Another image (position needs two shapes), the kind and form kept; a position row on two
-            # shapes is drawn again at TWO_SHAPE_REDRAW: only with three does naming the second shape matter.
-            two_shapes = ins is not None and ins.kind == "position" and len(self.data.scenes[i].shapes) == 2
-            if ins is None or wrong_form or (two_shapes and self.rng.random() < TWO_SHAPE_REDRAW):
+            if ins is None or wrong_form:  # another image (position needs two shapes), the kind and form kept
                 i = self.rng.randrange(len(self.data.scenes))
                 continue
             return {"key": f"train/{i}", "pixel_values": to_pixels(self.data.images[i:i + 1])[0],
-                    "prompt": ins.prompt, "answer": ins.answer, "fact": instructions.fact(ins), "kind": row_kind(ins),
-                    "places": ins.places}
+                    "prompt": ins.prompt, "answer": ins.answer, "fact": instructions.fact(ins), "kind": row_kind(ins)}
 
 
 def is_share(negation: str) -> bool:
@@ -332,8 +322,6 @@ class HeadTargets:
         for key, field in (("facts", "fact"), ("answers", "answer")):
             batch[key] = torch.tensor([self.answers.index(e[field]) if e[field] in self.answers else -1
                                        for e in examples])
-        nowhere = (float("nan"),) * 4  # a row that names no two shapes' places
-        batch["places"] = torch.tensor([e.get("places") or nowhere for e in examples])  # (B, 4)
         return batch
 
 
@@ -347,39 +335,26 @@ def head_loss(head: torch.nn.Linear, queries: Tensor, targets: Tensor) -> tuple[
     return F.cross_entropy(logits, targets[asked]), (logits.argmax(-1) == targets[asked]).float().mean()
 
 
-def place_loss(head: torch.nn.Linear, queries: Tensor, places: Tensor) -> Tensor:
-    """Mean squared error of the named shapes' centres read off the mean query output (queries: (B, Q, D);
-    places: (B, 4), fractions of the canvas, NaN for rows that name no two shapes)."""
-    asked = ~places.isnan().any(-1)  # (B,)
-    if not asked.any():
-        return torch.zeros(())
-    return F.mse_loss(head(queries[asked].mean(1)), places[asked])
-
-
 class QueryHeads(Stage2Objective):
     """The language-model loss plus `fact_weight` x a fact head's loss and `answer_weight` x an
     answer head's loss (`head_loss`). The fact alone leaves the XOR with a negation to the frozen
     LM, which does not do it; the answer alone gives neither half (is it there, is it negated) a
-    lower loss at first, so both. `place_weight` x a third head's `place_loss`: where the two shapes
-    a position question names are, so the Q-Former must find the second one too."""
+    lower loss at first, so both."""
 
     def __init__(self, model, cache: FeatureCache, fact_weight: float, answer_weight: float,
-                 answers: int = len(HEAD_ANSWERS), place_weight: float = 0.0) -> None:
+                 answers: int = len(HEAD_ANSWERS)) -> None:
         super().__init__(model, feature_cache=cache)
         width = model.config.qformer_config.hidden_size
         self.fact_head = torch.nn.Linear(width, answers)
         self.answer_head = torch.nn.Linear(width, answers)
-        self.place_head = torch.nn.Linear(width, 4)  # a's and b's centres (x, y)
-        self.fact_weight, self.answer_weight, self.place_weight = fact_weight, answer_weight, place_weight
+        self.fact_weight, self.answer_weight = fact_weight, answer_weight
 
     def forward(self, batch: dict, step: int) -> dict[str, Tensor]:
         lm, queries = self.language_loss(batch)
         fact, fact_acc = head_loss(self.fact_head, queries, batch["facts"])
         answer, answer_acc = head_loss(self.answer_head, queries, batch["answers"])
-        place = place_loss(self.place_head, queries, batch["places"]) if self.place_weight else torch.zeros(())
         return {"lm": lm, "fact": fact.detach(), "fact_acc": fact_acc, "answer": answer.detach(),
-                "answer_acc": answer_acc, "place": place.detach(),
-                "loss": lm + self.fact_weight * fact + self.answer_weight * answer + self.place_weight * place}
+                "answer_acc": answer_acc, "loss": lm + self.fact_weight * fact + self.answer_weight * answer}
 
 
 def train(r: InstructRecipe, model: InstructBlipForConditionalGeneration, data, tok, cache: FeatureCache,
@@ -392,8 +367,7 @@ def train(r: InstructRecipe, model: InstructBlipForConditionalGeneration, data, 
     if (r.fact_head_weight or r.answer_head_weight) and not hide:  # a hidden instruction names no fact
         answers = head_answers(r)
         collate = HeadTargets(collate, answers)
-        objective = QueryHeads(model, cache, r.fact_head_weight, r.answer_head_weight, len(answers),
-                               r.place_head_weight)
+        objective = QueryHeads(model, cache, r.fact_head_weight, r.answer_head_weight, len(answers))
     if hide or not r.stages:
         runs = [(name, InstructionPairs(data, r.seed + (7 if hide else 3), r.describe_share),
                  (r.ablation_steps or r.steps) if hide else r.steps, r.lr)]
@@ -410,8 +384,7 @@ def train(r: InstructRecipe, model: InstructBlipForConditionalGeneration, data, 
         history = Trainer(objective, pairs, collate, cfg).fit()
         eighth = max(1, steps // 8)  # means over the first and last eighth: one batch's figures are noisy
         heads = [k for k, on in (("fact", r.fact_head_weight), ("fact_acc", r.fact_head_weight), ("answer",
-                 getattr(objective, "answer_weight", 0)), ("answer_acc", getattr(objective, "answer_weight", 0)),
-                 ("place", r.place_head_weight))
+                 getattr(objective, "answer_weight", 0)), ("answer_acc", getattr(objective, "answer_weight", 0)))
                  if on and not hide]
         log(f"{stage}: lm loss {history[-1]['lm']:.3f}; first and last {eighth} steps: " + "; ".join(
             f"{k} {np.nanmean([h[k] for h in history[:eighth]]):.3f} -> {np.nanmean([h[k] for h in history[-eighth:]]):.3f}"

@@ -91,7 +91,6 @@ class Instruction:
     answer: str  # what a right answer says (describe: a caption naming every shape)
     relation: str = ""  # position: the true relation of a to b, in either form (`fact`)
     one_kind: bool = False  # count: of one shape kind or one colour, not of every shape (`fact`)
-    places: tuple[float, ...] = ()  # position: a's and b's centres (x, y), fractions of the canvas
 
     @property
     def prompt(self) -> str:
@@ -204,32 +203,21 @@ def _exist(scene, rng, options) -> Instruction:
     return Instruction("exist", text, "yes" if yes else "no")
 
 
-def reference_matters(scene: world.Scene, a: world.Shape, b: world.Shape) -> bool:
-    """Whether a's relation to b differs from its relation to some other shape of the scene: then
-    only a model that reads which shape the question measures from answers it right."""
-    rel = world.relation(a, b)
-    return any(world.relation(a, c) != rel for c in scene.shapes if c is not a and c is not b)
-
-
 def _position(scene, rng, options) -> Instruction | None:
-    """Where a is relative to b. With three shapes, a pair whose naming matters (`reference_matters`)
-    where the scene has one: a model that answers a's relation to whichever other shape (REPORT.md)
-    is wrong on these."""
     targets = world._targets(scene, rng)
-    pairs = [(a, b, rel) for a in targets for b in targets if a is not b and (rel := world.relation(a, b))]
-    if not pairs:
-        return None
-    # Held-out pairs first, as for every kind; then a pair whose naming matters.
-    a, b, rel = min(pairs, key=lambda p: (p[0].pair not in world.HELD_OUT and p[1].pair not in world.HELD_OUT,
-                                          not reference_matters(scene, p[0], p[1])))
-    template = rng.choice(options)
-    names = {"a": f"{a.colour} {a.shape}", "b": f"{b.colour} {b.shape}"}
-    places = tuple(v / world.CANVAS for v in (a.x, a.y, b.x, b.y))
-    if "{rel}" not in template:
-        return Instruction("position", template.format(**names), rel, rel, places=places)
-    asked = rel if rng.random() < 0.5 else rng.choice([r for r in RELATIONS if r != rel])
-    return Instruction("position", template.format(rel=RELATIONS[asked], **names),
-                       "yes" if asked == rel else "no", rel, places=places)
+    for a in targets:
+        for b in targets:
+            rel = world.relation(a, b) if a is not b else None
+            if rel is None:
+                continue
+            template = rng.choice(options)
+            names = {"a": f"{a.colour} {a.shape}", "b": f"{b.colour} {b.shape}"}
+            if "{rel}" not in template:
+                return Instruction("position", template.format(**names), rel, rel)
+            asked = rel if rng.random() < 0.5 else rng.choice([r for r in RELATIONS if r != rel])
+            return Instruction("position", template.format(rel=RELATIONS[asked], **names),
+                               "yes" if asked == rel else "no", rel)
+    return None
 
 
 def _describe(scene, rng, options) -> Instruction:
