@@ -8,7 +8,8 @@ shape a and two others b and c whose relations to a differ, and asks "where is t
 answers are the same, how often each is right, and how often the answer about b is a's relation to the
 middle of b and c (what a model that reads only a can answer) or to the picture's centre. On
 two-shape images it then asks three phrasings, one that names b first ("in which direction from the
-{b} is the {a}?"): a model that reads which shape is a gets them all right.
+{b} is the {a}?"): a model that reads which shape is a gets them all right. Last, where the
+Q-Former's last cross-attention looks on the three-shape images (`instruct.look_loss` trains it).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from blip2.demo import DEMO_DIR, evaluate, instruct, instructions, world
 from blip2.instructblip import InstructBlipForConditionalGeneration
 
 
-def triples(split: str, count: int, seed: int = 11) -> tuple[list, list]:
-    """(images, [(a, b, c)]): three-shape scenes, with a's relations to b and to c both clear and different."""
-    rng, images, rows, i = random.Random(seed), [], [], 0
+def triples(split: str, count: int, seed: int = 11) -> tuple[list, list, list]:
+    """(images, [(a, b, c)], scenes): three-shape scenes, a's relations to b and to c both clear and different."""
+    rng, images, rows, scenes, i = random.Random(seed), [], [], [], 0
     while len(rows) < count:
         ex = world.example(split, i, seed)
         i += 1
@@ -39,7 +40,8 @@ def triples(split: str, count: int, seed: int = 11) -> tuple[list, list]:
         if len(shapes) == 3 and options:
             images.append(evaluate.resized(ex.image, 64))
             rows.append(rng.choice(options))
-    return images, rows
+            scenes.append(ex.scene)
+    return images, rows, scenes
 
 
 def relation_to(a: world.Shape, x: float, y: float) -> str | None:
@@ -47,7 +49,7 @@ def relation_to(a: world.Shape, x: float, y: float) -> str | None:
 
 
 def breakdown(model, tok, split: str, count: int) -> dict:
-    images, rows = triples(split, count)
+    images, rows, _ = triples(split, count)
     pixels = instruct.to_pixels(np.stack(images))
     ask = lambda a, b: instructions.QUESTION_TEMPLATE.format(  # noqa: E731
         f"where is the {a.colour} {a.shape} relative to the {b.colour} {b.shape}?")
@@ -87,6 +89,27 @@ def roles(model, tok, split: str, count: int, seed: int = 5) -> dict:
     return out
 
 
+@torch.no_grad()
+def attention(model, tok, split: str, count: int) -> dict:
+    """Share of the Q-Former's last cross-attention (mean over heads) on a's and on b's patches
+    (`instruct.patch_masks`), for the queries the look loss trains (1-4 at a, 5-8 at b) and for all 16."""
+    images, rows, scenes = triples(split, count)
+    prompts = [instructions.QUESTION_TEMPLATE.format(f"where is the {a.colour} {a.shape} relative to the "
+                                                     f"{b.colour} {b.shape}?") for a, b, _ in rows]
+    ids, mask = instruct._right_padded(tok, prompts)
+    image = model.vision_model(pixel_values=instruct.to_pixels(np.stack(images))).last_hidden_state  # (B, N, Dv)
+    out = model.query_features(image, need_weights=True, qformer_input_ids=ids, qformer_attention_mask=mask)
+    weights = out.cross_attentions[-1].float().mean(1)  # (B, Q, N)
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    looks = torch.from_numpy(np.stack([instruct.patch_masks(scene, (scene.shapes.index(a), scene.shapes.index(b)), grid)
+                                       for scene, (a, b, _) in zip(scenes, rows)]))  # (B, 2, N)
+    share = lambda queries, k: float((weights[:, queries] * looks[:, k, None]).sum(-1).mean())  # noqa: E731
+    groups = {"queries 1-4": instruct.LOOK_QUERIES[0], "queries 5-8": instruct.LOOK_QUERIES[1], "all": slice(None)}
+    return {f"{name} on {'ab'[k]}": round(share(queries, k), 2) for name, queries in groups.items() for k in (0, 1)} | {
+        "a uniform look on a": round(float(looks[:, 0].sum(-1).mean() / looks.shape[-1]), 2),
+        "a uniform look on b": round(float(looks[:, 1].sum(-1).mean() / looks.shape[-1]), 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEMO_DIR / instruct.INSTRUCT_DIR_NAME))
@@ -99,7 +122,8 @@ def main() -> None:
     model = InstructBlipForConditionalGeneration.from_pretrained(args.model, torch_dtype=torch.float32).eval()
     print(json.dumps({"model": os.path.basename(os.path.normpath(args.model)), "split": args.split,
                       "load": os.getloadavg(), "three shapes": breakdown(model, tok, args.split, args.scenes),
-                      "two shapes": roles(model, tok, args.split, args.scenes)}, indent=1))
+                      "two shapes": roles(model, tok, args.split, args.scenes),
+                      "last cross-attention": attention(model, tok, args.split, args.scenes)}, indent=1))
 
 
 if __name__ == "__main__":

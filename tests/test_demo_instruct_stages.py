@@ -4,10 +4,11 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from blip2.demo import instructions, world
-from blip2.demo.instruct import (HEAD_ANSWERS, HeadTargets, InstructRecipe, StagePairs, head_answers, parse_stages,
-                                 with_stages)
+from blip2.demo.instruct import (HEAD_ANSWERS, LOOK_QUERIES, HeadTargets, InstructRecipe, StagePairs, head_answers,
+                                 look_loss, parse_stages, patch_masks, with_stages)
 from blip2.demo.recipe import draw_images
 
 
@@ -96,6 +97,46 @@ def test_heads_learn_the_relation_and_the_yes_no_answer():
     batch = HeadTargets(lambda examples: {})(rows)
     assert batch["facts"].tolist() == [HEAD_ANSWERS.index("left"), HEAD_ANSWERS.index("above"), -1]
     assert batch["answers"].tolist() == [HEAD_ANSWERS.index("yes"), HEAD_ANSWERS.index("no"), -1]
+
+
+def test_patch_masks_mark_the_patches_each_named_shape_covers():
+    for i in range(40):
+        scene = world.sample_scene("train", i)
+        drawn = world.object_map(scene)
+        masks = patch_masks(scene, tuple(range(len(scene.shapes))), grid=4)  # (shapes, 17)
+        assert masks.shape == (len(scene.shapes), 17) and (masks[:, 0] == 0).all()  # never the class token
+        for k, row in enumerate(masks):
+            cover = (drawn == k + 1).reshape(4, 16, 4, 16).mean((1, 3)).reshape(-1)
+            assert row[1:][cover.argmax()] == 1 and (row[1:][cover == 0] == 0).all()
+            assert (row[1:][cover >= 0.1] == 1).all()
+
+
+def test_look_loss_is_low_when_the_queries_look_at_the_named_shapes():
+    looks = torch.zeros(3, 2, 17)
+    looks[0, 0, 5], looks[0, 1, 12] = 1, 1  # row 0 names a (token 5) and b (token 12); row 2 names none
+    looks[1, 0, 2:4], looks[1, 1, 8] = 1, 1
+    right = torch.full((3, 2, 16, 17), 1e-9)
+    for row, (a, b) in enumerate(((5, 12), (2, 8), (0, 0))):
+        right[row, :, LOOK_QUERIES[0], a] = 1
+        right[row, :, LOOK_QUERIES[1], b] = 1
+    assert look_loss(right, looks) < 1e-3
+    uniform = torch.full((3, 2, 16, 17), 1 / 17, requires_grad=True)
+    loss = look_loss(uniform, looks)
+    want = -(torch.tensor([1 / 17, 1 / 17, 2 / 17, 1 / 17]).log().mean())
+    assert torch.allclose(loss, want)
+    loss.backward()
+    assert uniform.grad[2].abs().sum() == 0 and uniform.grad[0].abs().sum() > 0  # the unnamed row gives no gradient
+    assert look_loss(uniform, torch.zeros(3, 2, 17)) == 0
+
+
+def test_position_rows_carry_both_named_shapes_patches():
+    data = draw_images(InstructRecipe(image_size=32), "train", 40)
+    rows = [StagePairs(data, 1, ["position", "colour"], "mix", 0.0, grid=4)[i] for i in range(40)]
+    batch = HeadTargets(lambda examples: {})(rows)
+    for row, looks in zip(rows, batch["looks"]):
+        named = row["looks"] is not None
+        assert named == (row["kind"] in ("position", "position-yes/no"))
+        assert (looks.sum(-1) > 0).all() if named else looks.sum() == 0
 
 
 def test_head_answers_are_a_setting_checked_before_training():

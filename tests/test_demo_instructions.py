@@ -87,7 +87,7 @@ def test_answer_words_are_words_of_the_language_model():
 
 
 TOY = replace(instruct.QUICK, train_images=32, steps=2, batch=8, eval_per_kind=2, eval_scenes=4,
-              fact_head_weight=0.5, answer_head_weight=0.25)
+              fact_head_weight=0.5, answer_head_weight=0.25, look_weight=0.5)
 
 
 def test_heads_read_only_rows_with_a_yes_no_or_direction_target():
@@ -154,7 +154,8 @@ def test_toy_recipe_writes_an_instructblip_checkpoint(tmp_path):
     assert set(scores["vqa"]["instruct"]["test/seen"]) == set(instructions.KINDS)
     report = (out / "REPORT.md").read_text()
     assert report.startswith("# the BLIP-2 part\n") and report.count(instruct.MARKER) == 1
-    assert "--set fact_head_weight=0.5 --set answer_head_weight=0.25" in report  # the command, as run
+    assert "--set fact_head_weight=0.5 --set answer_head_weight=0.25 --set look_weight=0.5" in report  # as run
+    assert "A loss on the last cross-attention (weight 0.5)" in report
     instruct.write_report(out, instruct.report(scores, True))  # a rerun replaces its section
     assert (out / "REPORT.md").read_text() == report
 

@@ -18,7 +18,9 @@ does this recipe, after `python -m blip2.demo.recipe` has made the BLIP-2 demo m
    Training-only heads on the queries add a direct signal for yes/no, count and position
    (`fact_head_weight`, `answer_head_weight`; `QueryHeads`), and the kinds come in stages
    (`STAGES`): yes/no and position leave chance only when plain questions of the kind fill most
-   batches first.
+   batches first. A loss on the Q-Former's last cross-attention (`look_weight`, `look_loss`) makes
+   some queries look at the shape a position question measures from: without it the model compared
+   the shape asked about with the rest of the picture, whichever shape was named.
 3. Once more with the instruction hidden from the Q-Former (the LM still reads it; 500 steps from
    BLIP-2): the ablation, which is BLIP-2's way.
 4. Ship the model (float16, with InstructBlipProcessor's files) in `--out`/instruct, load it back
@@ -100,6 +102,7 @@ class InstructRecipe:
     # Training-only heads on the queries (not exported): 0 leaves the language-model loss alone.
     fact_head_weight: float = 1.0  # a head learns the fact asked (yes/no: is it there; position: the true relation)
     answer_head_weight: float = 1.0  # another learns the answer (a negated question's fact, flipped)
+    look_weight: float = 0.0  # some queries look at a position question's two shapes (`look_loss`)
     head_answers: str = ",".join(HEAD_ANSWERS)  # the words the heads tell apart; rows with none are left out
     # "" trains `steps` on the mix above; else stages, each with its own warm-up and cosine
     # schedule (`parse_stages`), and `steps` becomes their sum.
@@ -164,12 +167,28 @@ def from_blip2(base: Blip2ForConditionalGeneration, retrieval: Blip2ForImageText
 
 
 # ---------------------------------------------------------------- 2. the data
-class InstructionPairs(Dataset):
-    """Training images with one instruction each, drawn afresh every time (kind, phrasing, target)."""
+def patch_masks(scene: world.Scene, named: tuple[int, ...], grid: int, size: int = 64) -> np.ndarray:
+    """(len(named), 1 + grid * grid) float32: 1 on the image encoder's tokens whose patch shows the named shape
+    (a tenth of the patch or more; its best patch at least), 0 elsewhere and on the class token (first)."""
+    drawn = world.object_map(scene, size)  # (size, size): 0 background, k + 1 shape k
+    cell = size // grid
+    out = np.zeros((len(named), 1 + grid * grid), np.float32)
+    for row, k in enumerate(named):
+        cover = (drawn[:grid * cell, :grid * cell] == k + 1).reshape(grid, cell, grid, cell).mean((1, 3)).reshape(-1)
+        out[row, 1:] = cover >= min(0.1, cover.max()) if cover.max() > 0 else 0
+    return out
 
-    def __init__(self, data, seed: int, describe_share: float) -> None:
-        self.data, self.describe_share = data, describe_share
+
+class InstructionPairs(Dataset):
+    """Training images with one instruction each, drawn afresh every time (kind, phrasing, target).
+    `grid`: the image encoder's patches per side, for the named shapes' patches (`patch_masks`)."""
+
+    def __init__(self, data, seed: int, describe_share: float, grid: int = 4) -> None:
+        self.data, self.describe_share, self.grid = data, describe_share, grid
         self.rng = random.Random(seed)
+
+    def looks(self, i: int, ins: instructions.Instruction) -> np.ndarray | None:
+        return patch_masks(self.data.scenes[i], ins.named, self.grid) if ins.named else None
 
     def __len__(self) -> int:
         return len(self.data.scenes)
@@ -184,7 +203,7 @@ class InstructionPairs(Dataset):
         if ins is None:  # e.g. one shape, no position question: a kind every scene allows
             ins = instructions.instruction(scene, self.rng.choice(["count", "exist"]), self.rng)
         return {"key": f"train/{i}", "pixel_values": to_pixels(self.data.images[i:i + 1])[0],
-                "prompt": ins.prompt, "answer": ins.answer, "fact": instructions.fact(ins)}
+                "prompt": ins.prompt, "answer": ins.answer, "fact": instructions.fact(ins), "looks": self.looks(i, ins)}
 
 
 # The kinds with a form whose answer is not its fact (`instructions.is_indirect`): a stage sets its share.
@@ -205,8 +224,8 @@ class StagePairs(InstructionPairs):
     "mix" the templates' share (exist 4 of 10, position 2 of 6), "plain" none (plain existence, the
     direction asked), "only" nothing else, "negF" (e.g. neg0.2) a share F, to bring them in gradually."""
 
-    def __init__(self, data, seed: int, kinds: list[str], negation: str, describe_share: float) -> None:
-        super().__init__(data, seed, describe_share if "describe" in kinds else 0.0)
+    def __init__(self, data, seed: int, kinds: list[str], negation: str, describe_share: float, grid: int = 4) -> None:
+        super().__init__(data, seed, describe_share if "describe" in kinds else 0.0, grid)
         self.kinds, self.negation = [k for k in kinds if k != "describe"], negation
         self.neg_share = {"plain": 0.0, "only": 1.0}.get(negation, float(negation[3:]) if negation.startswith("neg") else None)
 
@@ -221,7 +240,8 @@ class StagePairs(InstructionPairs):
                 i = self.rng.randrange(len(self.data.scenes))
                 continue
             return {"key": f"train/{i}", "pixel_values": to_pixels(self.data.images[i:i + 1])[0],
-                    "prompt": ins.prompt, "answer": ins.answer, "fact": instructions.fact(ins), "kind": row_kind(ins)}
+                    "prompt": ins.prompt, "answer": ins.answer, "fact": instructions.fact(ins), "kind": row_kind(ins),
+                    "looks": self.looks(i, ins)}
 
 
 def is_share(negation: str) -> bool:
@@ -322,6 +342,10 @@ class HeadTargets:
         for key, field in (("facts", "fact"), ("answers", "answer")):
             batch[key] = torch.tensor([self.answers.index(e[field]) if e[field] in self.answers else -1
                                        for e in examples])
+        shaped = next((e["looks"] for e in examples if e.get("looks") is not None), None)
+        if shaped is not None:  # (B, 2, N): a's and b's tokens; zeros where a row names no two shapes
+            batch["looks"] = torch.from_numpy(np.stack([np.zeros_like(shaped) if e.get("looks") is None else e["looks"]
+                                                        for e in examples]))
         return batch
 
 
@@ -335,6 +359,25 @@ def head_loss(head: torch.nn.Linear, queries: Tensor, targets: Tensor) -> tuple[
     return F.cross_entropy(logits, targets[asked]), (logits.argmax(-1) == targets[asked]).float().mean()
 
 
+# The queries whose last cross-attention the look loss points at a's patches, and at b's (`look_loss`). The
+# last: there every query of the shipped model looks at a (61% of its attention, b 2%); the first
+# one, before the Q-Former has read which named shape is which, looks at both alike.
+LOOK_QUERIES = (slice(0, 4), slice(4, 8))
+
+
+def look_loss(cross: Tensor, looks: Tensor) -> Tensor:
+    """Minus the log of the attention share (mean over heads) the first LOOK_QUERIES give a's patches, and
+    the second b's: cross (B, H, Q, N), the last cross-attention's weights; looks (B, 2, N) from
+    `patch_masks`, zero rows where no two shapes are named. The model answered a's relation to the
+    other shapes' middle, whichever b was named (REPORT.md): this makes some queries find b."""
+    asked = looks.sum(-1).gt(0).all(-1)  # (B,)
+    if not asked.any():
+        return torch.zeros(())
+    weights = cross[asked].float().mean(1)  # (b, Q, N)
+    share = [(weights[:, group] * target[:, None]).sum(-1) for group, target in zip(LOOK_QUERIES, looks[asked].unbind(1))]
+    return -torch.stack(share).clamp_min(1e-6).log().mean()
+
+
 class QueryHeads(Stage2Objective):
     """The language-model loss plus `fact_weight` x a fact head's loss and `answer_weight` x an
     answer head's loss (`head_loss`). The fact alone leaves the XOR with a negation to the frozen
@@ -342,19 +385,23 @@ class QueryHeads(Stage2Objective):
     lower loss at first, so both."""
 
     def __init__(self, model, cache: FeatureCache, fact_weight: float, answer_weight: float,
-                 answers: int = len(HEAD_ANSWERS)) -> None:
+                 answers: int = len(HEAD_ANSWERS), look_weight: float = 0.0) -> None:
         super().__init__(model, feature_cache=cache)
         width = model.config.qformer_config.hidden_size
         self.fact_head = torch.nn.Linear(width, answers)
         self.answer_head = torch.nn.Linear(width, answers)
-        self.fact_weight, self.answer_weight = fact_weight, answer_weight
+        self.fact_weight, self.answer_weight, self.look_weight = fact_weight, answer_weight, look_weight
 
     def forward(self, batch: dict, step: int) -> dict[str, Tensor]:
-        lm, queries = self.language_loss(batch)
+        out = self.query_output(batch, need_weights=bool(self.look_weight))
+        lm, queries = self.language_loss(batch, out)
         fact, fact_acc = head_loss(self.fact_head, queries, batch["facts"])
         answer, answer_acc = head_loss(self.answer_head, queries, batch["answers"])
+        look = look_loss(out.cross_attentions[-1], batch["looks"]) if self.look_weight and "looks" in batch \
+            else torch.zeros(())
         return {"lm": lm, "fact": fact.detach(), "fact_acc": fact_acc, "answer": answer.detach(),
-                "answer_acc": answer_acc, "loss": lm + self.fact_weight * fact + self.answer_weight * answer}
+                "answer_acc": answer_acc, "look": look.detach(),
+                "loss": lm + self.fact_weight * fact + self.answer_weight * answer + self.look_weight * look}
 
 
 def train(r: InstructRecipe, model: InstructBlipForConditionalGeneration, data, tok, cache: FeatureCache,
@@ -364,16 +411,18 @@ def train(r: InstructRecipe, model: InstructBlipForConditionalGeneration, data, 
     collate = (HiddenInstruction if hide else InstructionCollate)(lm, tokenize, pad_id=PAD_ID,
                                                                   max_len=r.qformer_positions)
     objective = Stage2Objective(model, feature_cache=cache)
-    if (r.fact_head_weight or r.answer_head_weight) and not hide:  # a hidden instruction names no fact
+    if (r.fact_head_weight or r.answer_head_weight or r.look_weight) and not hide:  # a hidden instruction names no fact
         answers = head_answers(r)
         collate = HeadTargets(collate, answers)
-        objective = QueryHeads(model, cache, r.fact_head_weight, r.answer_head_weight, len(answers))
+        objective = QueryHeads(model, cache, r.fact_head_weight, r.answer_head_weight, len(answers), r.look_weight)
+    vision = model.config.vision_config
+    grid = vision.image_size // vision.patch_size
     if hide or not r.stages:
-        runs = [(name, InstructionPairs(data, r.seed + (7 if hide else 3), r.describe_share),
+        runs = [(name, InstructionPairs(data, r.seed + (7 if hide else 3), r.describe_share, grid),
                  (r.ablation_steps or r.steps) if hide else r.steps, r.lr)]
     else:  # each stage from the last one's weights and heads
-        runs = [(f"{name}-stage{n + 1}", StagePairs(data, r.seed + 11 + n, kinds, negation, r.describe_share), steps,
-                 lr or r.lr) for n, (kinds, negation, steps, lr) in enumerate(parse_stages(r.stages))]
+        runs = [(f"{name}-stage{n + 1}", StagePairs(data, r.seed + 11 + n, kinds, negation, r.describe_share, grid),
+                 steps, lr or r.lr) for n, (kinds, negation, steps, lr) in enumerate(parse_stages(r.stages))]
     for stage, pairs, steps, lr in runs:
         if isinstance(objective, QueryHeads):  # a plain stage's answers are its facts: no second head there
             objective.answer_weight = 0.0 if getattr(pairs, "neg_share", None) == 0.0 else r.answer_head_weight
@@ -384,7 +433,8 @@ def train(r: InstructRecipe, model: InstructBlipForConditionalGeneration, data, 
         history = Trainer(objective, pairs, collate, cfg).fit()
         eighth = max(1, steps // 8)  # means over the first and last eighth: one batch's figures are noisy
         heads = [k for k, on in (("fact", r.fact_head_weight), ("fact_acc", r.fact_head_weight), ("answer",
-                 getattr(objective, "answer_weight", 0)), ("answer_acc", getattr(objective, "answer_weight", 0)))
+                 getattr(objective, "answer_weight", 0)), ("answer_acc", getattr(objective, "answer_weight", 0)),
+                 ("look", r.look_weight))
                  if on and not hide]
         log(f"{stage}: lm loss {history[-1]['lm']:.3f}; first and last {eighth} steps: " + "; ".join(
             f"{k} {np.nanmean([h[k] for h in history[:eighth]]):.3f} -> {np.nanmean([h[k] for h in history[-eighth:]]):.3f}"
@@ -543,8 +593,10 @@ def heads_sentence(r: dict) -> str:
     """The report's words on the training-only heads, if any were trained."""
     heads = [f"{what}, weight {r[key]}" for key, what in HEAD_WORDS.items() if r.get(key)]
     words = r.get("head_answers", ",".join(HEAD_ANSWERS)).split(",")
+    look = (f" A loss on the last cross-attention (weight {r['look_weight']}) pointed queries 1-4 at the shape a position "
+            "question asks about (a) and queries 5-8 at the one it measures from (b) (`look_loss`).") if r.get("look_weight") else ""
     return (f" Beside the language-model loss, a {len(words)}-way head on the mean query output ({', '.join(words)}; "
-            "training only, not shipped) learned " + "; another ".join(heads) + ".") if heads else ""
+            "training only, not shipped) learned " + "; another ".join(heads) + "." if heads else "") + look
 
 
 def command(scores: dict, quick: bool) -> str:

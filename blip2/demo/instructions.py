@@ -91,6 +91,7 @@ class Instruction:
     answer: str  # what a right answer says (describe: a caption naming every shape)
     relation: str = ""  # position: the true relation of a to b, in either form (`fact`)
     one_kind: bool = False  # count: of one shape kind or one colour, not of every shape (`fact`)
+    named: tuple[int, ...] = ()  # position: where a and b are in the scene's shapes
 
     @property
     def prompt(self) -> str:
@@ -212,11 +213,12 @@ def _position(scene, rng, options) -> Instruction | None:
                 continue
             template = rng.choice(options)
             names = {"a": f"{a.colour} {a.shape}", "b": f"{b.colour} {b.shape}"}
+            named = (scene.shapes.index(a), scene.shapes.index(b))
             if "{rel}" not in template:
-                return Instruction("position", template.format(**names), rel, rel)
+                return Instruction("position", template.format(**names), rel, rel, named=named)
             asked = rel if rng.random() < 0.5 else rng.choice([r for r in RELATIONS if r != rel])
             return Instruction("position", template.format(rel=RELATIONS[asked], **names),
-                               "yes" if asked == rel else "no", rel)
+                               "yes" if asked == rel else "no", rel, named=named)
     return None
 
 

@@ -51,14 +51,19 @@ class Stage2Objective(nn.Module):
         loss, _ = self.language_loss(batch)
         return {"lm": loss, "loss": loss}
 
-    def language_loss(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """(the language model's loss on the text, the query outputs (B, Q, D)): what a subclass adding
-        a loss of its own on the queries starts from."""
+    def query_output(self, batch: dict, need_weights: bool = False):
+        """The Q-Former's output on the batch's images (a QFormerOutput; its attention weights if asked)."""
         m = self.model
         image = image_features(m.vision_model, batch["pixel_values"], batch.get("keys"), self.cache)  # (B, N, Dv)
         # InstructBLIP: the Q-Former also reads the instruction (the prompt), and outputs over it too.
         instruction = {k: batch[k] for k in ("qformer_input_ids", "qformer_attention_mask") if k in batch}
-        out = m.query_features(image.to(m.query_tokens.dtype), **instruction).last_hidden_state
+        return m.query_features(image.to(m.query_tokens.dtype), need_weights=need_weights, **instruction)
+
+    def language_loss(self, batch: dict, query_output=None) -> tuple[Tensor, Tensor]:
+        """(the language model's loss on the text, the query outputs (B, Q, D)): what a subclass adding
+        a loss of its own on the queries starts from; it may pass the `query_output` it computed."""
+        m = self.model
+        out = (self.query_output(batch) if query_output is None else query_output).last_hidden_state
         queries = out[:, : m.config.num_query_tokens]  # (B, Q, D)
         soft_prompt = m.language_projection(queries)  # (B, Q, D_lm)
         embeds, mask = m.merge(soft_prompt, batch["input_ids"], batch["attention_mask"])
