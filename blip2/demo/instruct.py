@@ -102,7 +102,9 @@ class InstructRecipe:
     # Training-only heads on the queries (not exported): 0 leaves the language-model loss alone.
     fact_head_weight: float = 1.0  # a head learns the fact asked (yes/no: is it there; position: the true relation)
     answer_head_weight: float = 1.0  # another learns the answer (a negated question's fact, flipped)
-    look_weight: float = 0.0  # some queries look at a position question's two shapes (`look_loss`)
+    # Some queries look at a position question's two shapes (`look_loss`): it made the shipped chain read the
+    # second shape; in the one-run schedule, where position has not left chance, it did not help (REPORT.md).
+    look_weight: float = 0.0
     head_answers: str = ",".join(HEAD_ANSWERS)  # the words the heads tell apart; rows with none are left out
     # "" trains `steps` on the mix above; else stages, each with its own warm-up and cosine
     # schedule (`parse_stages`), and `steps` becomes their sum.
