@@ -183,14 +183,14 @@ def patch_masks(scene: world.Scene, named: tuple[int, ...], grid: int, size: int
 
 class InstructionPairs(Dataset):
     """Training images with one instruction each, drawn afresh every time (kind, phrasing, target).
-    `grid`: the image encoder's patches per side, for the named shapes' patches (`patch_masks`)."""
+    `grid`: the image encoder's patches per side, for the named shapes' patches (`patch_masks`); 0: none."""
 
     def __init__(self, data, seed: int, describe_share: float, grid: int = 4) -> None:
         self.data, self.describe_share, self.grid = data, describe_share, grid
         self.rng = random.Random(seed)
 
     def looks(self, i: int, ins: instructions.Instruction) -> np.ndarray | None:
-        return patch_masks(self.data.scenes[i], ins.named, self.grid) if ins.named else None
+        return patch_masks(self.data.scenes[i], ins.named, self.grid) if ins.named and self.grid else None
 
     def __len__(self) -> int:
         return len(self.data.scenes)
@@ -418,7 +418,7 @@ def train(r: InstructRecipe, model: InstructBlipForConditionalGeneration, data, 
         collate = HeadTargets(collate, answers)
         objective = QueryHeads(model, cache, r.fact_head_weight, r.answer_head_weight, len(answers), r.look_weight)
     vision = model.config.vision_config
-    grid = vision.image_size // vision.patch_size
+    grid = vision.image_size // vision.patch_size if r.look_weight and not hide else 0  # no look loss: no masks drawn
     if hide or not r.stages:
         runs = [(name, InstructionPairs(data, r.seed + (7 if hide else 3), r.describe_share, grid),
                  (r.ablation_steps or r.steps) if hide else r.steps, r.lr)]
