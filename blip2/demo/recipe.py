@@ -478,7 +478,8 @@ def report(r: Recipe, scores: dict, chosen: str, validation: dict[str, float], r
             lines.append(f"| {names[model_name]} | {split} | {s['caption']:.1%} | {vqa} |")
     lines += [
         "",
-        f"Retrieval (the stage-1 Q-Former trained with ITC, ITM and ITG, shipped as `retrieval/`), {retrieval['n']} "
+        "Retrieval (the stage-1 Q-Former trained with ITC, ITM and ITG, written to `retrieval/`; "
+        f"`python -m blip2.demo.retrieval_tune` tunes it further), {retrieval['n']} "
         "held-out images with distinct captions: ",
         "",
         "| ITC text-to-image R@1 | ITC image-to-text R@1 | ITM accuracy (true pair vs. one attribute changed) |",
