@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import pytest
 import torch
 
 from blip2 import Blip2ForConditionalGeneration
@@ -54,3 +55,19 @@ def test_toy_recipe_writes_checkpoints_and_a_report(tmp_path):
     with torch.inference_mode():
         itm = retrieval(**text_inputs, use_image_text_matching_head=True).logits_per_image
     assert itm.shape == (1, 2)
+
+
+def test_set_overrides_are_read_as_their_fields_types_and_bad_ones_are_named(tmp_path):
+    from blip2.demo import instruct, retrieval_tune
+
+    r = recipe.apply_sets(recipe.QUICK, ["stage1_steps=7", "stage1_lr=0.001", "ablation=false", "save_dtype=float32"])
+    assert (r.stage1_steps, r.stage1_lr, r.ablation, r.save_dtype) == (7, 0.001, False, "float32")
+    for main in (recipe.main, instruct.main, retrieval_tune.main):  # all three commands, before any work
+        with pytest.raises(SystemExit, match="NAME one of"):
+            main(["--out", str(tmp_path / "out"), "--quick", "--set", "no_such_field=1"])
+        with pytest.raises(SystemExit, match="seed takes a whole number"):
+            main(["--out", str(tmp_path / "out"), "--quick", "--set", "seed=zero"])
+    with pytest.raises(SystemExit, match="ablation is true or false"):
+        recipe.main(["--out", str(tmp_path / "out"), "--quick", "--set", "ablation=yes"])
+    with pytest.raises(SystemExit, match="expected NAME=VALUE"):
+        instruct.main(["--out", str(tmp_path / "out"), "--quick", "--set", "ablation"])

@@ -64,9 +64,14 @@ def test_a_failed_export_leaves_the_old_model_whole(out, monkeypatch):
 
 
 def test_bad_input_is_named(out, tmp_path):
-    with pytest.raises(FileNotFoundError, match="empty"):
+    with pytest.raises(SystemExit, match="empty holds no retrieval model"):
         retrieval_tune.main(["--out", str(out), "--quick", "--start-from", str(tmp_path / "empty")])
-    with pytest.raises(SystemExit, match="steps"):
+    captioner = tmp_path / "captioner"  # a BLIP-2 captioning checkpoint is not a retrieval model
+    shutil.copytree(DEMO_DIR / "model", captioner)
+    with pytest.raises(SystemExit, match="retrieval_tune: "):
+        retrieval_tune.main(["--out", str(out), "--quick", "--start-from", str(captioner)])
+    with pytest.raises(SystemExit, match="steps takes a whole number"):
         retrieval_tune.main(["--out", str(out), "--quick", "--set", "steps=many"])
     with pytest.raises(SystemExit, match="NAME one of"):
         retrieval_tune.main(["--out", str(out), "--quick", "--set", "stepz=3"])
+    assert not (out / "retrieval_scores.json").exists()

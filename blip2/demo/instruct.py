@@ -62,7 +62,7 @@ from ..train.loop import Trainer
 from ..train.stage2 import Stage2Objective
 from . import evaluate, instructions, world
 from .pretrain import to_pixels
-from .recipe import Timer, draw_images, idle_cores, log, trainer_config
+from .recipe import Timer, apply_sets, draw_images, idle_cores, log, trainer_config
 from .tokenizer import PAD_ID
 
 INSTRUCT_DIR_NAME = "instruct"
@@ -781,11 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a recipe field")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads or idle_cores())
-    r = QUICK if args.quick else InstructRecipe()
-    for item in args.set:
-        name, value = item.split("=", 1)
-        kind = type(getattr(r, name))
-        r = replace(r, **{name: value == "true" if kind is bool else kind(value)})
+    r = apply_sets(QUICK if args.quick else InstructRecipe(), args.set)
     from . import DEMO_DIR
 
     base = args.base or DEMO_DIR

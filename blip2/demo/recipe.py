@@ -28,7 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -586,6 +586,25 @@ def run(r: Recipe, out: Path, work: Path, quick: bool = False) -> str:
     return text
 
 
+def apply_sets(r, items: list[str]):
+    """The recipe dataclass `r` with each `--set NAME=VALUE` applied, the value read as the field's type
+    (a bool as true or false); an unknown name or a value of another type stops with a message."""
+    names = sorted(f.name for f in fields(r))
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in names:
+            raise SystemExit(f"--set {item!r}: expected NAME=VALUE, NAME one of {', '.join(names)}")
+        kind = type(getattr(r, name))
+        if kind is bool and value not in ("true", "false"):
+            raise SystemExit(f"--set {item!r}: {name} is true or false")
+        try:
+            r = replace(r, **{name: value == "true" if kind is bool else kind(value)})
+        except ValueError:
+            what = {int: "a whole number", float: "a number"}.get(kind, kind.__name__)
+            raise SystemExit(f"--set {item!r}: {name} takes {what}") from None
+    return r
+
+
 def idle_cores() -> int:
     """Cores nobody else is using: on a shared machine, threads beyond them wait on each other."""
     cores = os.cpu_count() or 1
@@ -606,10 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a Recipe field")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads or idle_cores())
-    r = replace(QUICK if args.quick else Recipe(), seed=args.seed)
-    for item in args.set:
-        name, value = item.split("=", 1)
-        r = replace(r, **{name: type(getattr(r, name))(value) if not isinstance(getattr(r, name), bool) else value == "true"})
+    r = apply_sets(replace(QUICK if args.quick else Recipe(), seed=args.seed), args.set)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)

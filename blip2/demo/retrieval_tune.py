@@ -16,7 +16,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +27,8 @@ from ..train.data import Stage1Collate
 from ..train.loop import Trainer
 from ..train.stage1 import Blip2ForQFormerPretraining, Stage1Objective, Stage1Weights
 from . import evaluate
-from .recipe import Recipe, WorldPairs, draw_images, fill_feature_cache, idle_cores, log, tokenize_with, trainer_config
+from .recipe import (Recipe, WorldPairs, apply_sets, draw_images, fill_feature_cache, idle_cores, log, tokenize_with,
+                     trainer_config)
 from .tokenizer import DEC_ID, PAD_ID
 
 START, END = ("<!-- retrieval tuning: written by python -m blip2.demo.retrieval_tune -->",
@@ -183,20 +184,6 @@ def earlier_runs(start: Path) -> dict | None:
     return {"runs": before["runs"] + 1, "steps": before["steps"] + earlier["settings"]["steps"]}
 
 
-def parse_sets(pairs: list[str], r: TuneRecipe) -> TuneRecipe:
-    kinds = {f.name: f.type for f in fields(TuneRecipe)}
-    changes = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or name not in kinds:
-            raise SystemExit(f"--set {pair!r}: expected NAME=VALUE with NAME one of {sorted(kinds)}")
-        try:
-            changes[name] = {"int": int, "float": float, "str": str}[kinds[name]](value)
-        except ValueError:
-            raise SystemExit(f"--set {pair!r}: {name} takes a {kinds[name]}") from None
-    return replace(r, **changes)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m blip2.demo.retrieval_tune", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="where retrieval/, retrieval_scores.json and REPORT.md go")
@@ -206,12 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the idle cores)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a setting")
     args = parser.parse_args(argv)
-    r = parse_sets(args.set, QUICK if args.quick else TuneRecipe())
+    r = apply_sets(QUICK if args.quick else TuneRecipe(), args.set)
     threads = args.threads or idle_cores()
     torch.set_num_threads(threads)
     start = args.start_from or args.out / "retrieval"
     with tempfile.TemporaryDirectory() as scratch:
-        result = run(r, args.out, start, args.work or Path(scratch), threads)
+        try:
+            result = run(r, args.out, start, args.work or Path(scratch), threads)
+        except (FileNotFoundError, ValueError) as e:  # no model there, or not a retrieval model: a message, no trace
+            raise SystemExit(f"retrieval_tune: {e}") from None
     print(json.dumps({k: result[k] for k in ("before", "after", "minutes")}, indent=1))
     return 0
 
