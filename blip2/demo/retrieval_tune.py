@@ -27,6 +27,7 @@ from ..train.data import Stage1Collate
 from ..train.loop import Trainer
 from ..train.stage1 import Blip2ForQFormerPretraining, Stage1Objective, Stage1Weights
 from . import evaluate
+from .instruct import MARKER
 from .recipe import (Recipe, WorldPairs, apply_sets, draw_images, fill_feature_cache, idle_cores, log, tokenize_with,
                      trainer_config)
 from .tokenizer import DEC_ID, PAD_ID
@@ -76,13 +77,13 @@ def export(model: Blip2ForQFormerPretraining, start: Path, folder: Path, dtype: 
     retrieval.load_state_dict({k: v for k, v in model.state_dict().items() if k in retrieval.state_dict()})
     retrieval.config.name_or_path = ""
     fresh = Path(tempfile.mkdtemp(prefix=".retrieval-", dir=folder.parent))
+    old = folder.with_name(folder.name + ".old")
     try:
         fresh.chmod(0o755)  # mkdtemp's 0700 would hide the shipped model from other users
         for item in start.iterdir():
             if item.is_file() and not item.name.startswith(("model", "config")):
                 shutil.copy2(item, fresh / item.name)
         retrieval.to(getattr(torch, dtype)).save_pretrained(fresh)
-        old = folder.with_name(folder.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         if folder.exists():
             folder.rename(old)
@@ -90,6 +91,8 @@ def export(model: Blip2ForQFormerPretraining, start: Path, folder: Path, dtype: 
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(fresh, ignore_errors=True)
+        if old.exists() and not folder.exists():  # moved aside, the new one not in: put it back
+            old.rename(folder)
         raise
 
 
@@ -130,8 +133,6 @@ def write_report(out: Path, text: str) -> None:
     if START in old and END in old:
         new = old.split(START)[0] + text + old.split(END, 1)[1]
     else:
-        from .instruct import MARKER
-
         head, sep, tail = old.partition(MARKER)
         new = (head.rstrip("\n") + "\n\n" if head.strip() else "") + text + "\n\n" + sep + tail
     atomic_write_text(path, new.rstrip("\n") + "\n")
