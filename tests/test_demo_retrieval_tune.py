@@ -63,6 +63,22 @@ def test_a_failed_export_leaves_the_old_model_whole(out, monkeypatch):
     assert not list(out.glob(".retrieval-*")) and not (out / "retrieval_scores.json").exists()
 
 
+def test_a_failed_swap_puts_the_old_model_back(out, monkeypatch):
+    files = {p.name: p.read_bytes() for p in (out / "retrieval").iterdir()}
+    rename = Path.rename
+
+    def refuse_the_new_one(self, target):
+        if self.name.startswith(".retrieval-"):
+            raise OSError("rename refused")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", refuse_the_new_one)
+    with pytest.raises(OSError, match="rename refused"):
+        retrieval_tune.main(["--out", str(out), "--quick", "--threads", "1"])
+    assert {p.name: p.read_bytes() for p in (out / "retrieval").iterdir()} == files
+    assert not list(out.glob(".retrieval-*")) and not (out / "retrieval.old").exists()
+
+
 def test_bad_input_is_named(out, tmp_path):
     with pytest.raises(SystemExit, match="empty holds no retrieval model"):
         retrieval_tune.main(["--out", str(out), "--quick", "--start-from", str(tmp_path / "empty")])
