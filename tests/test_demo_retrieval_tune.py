@@ -49,34 +49,35 @@ def test_tuning_writes_a_model_scores_and_one_report_section(out, tmp_path):
     assert not list(out.glob(".retrieval-*")) and not (out / "retrieval.old").exists()
 
 
-def test_a_failed_export_leaves_the_old_model_whole(out, monkeypatch):
-    files = {p.name: p.read_bytes() for p in (out / "retrieval").iterdir()}
-
+def half_written(monkeypatch) -> str:
     def broken(self, folder, **kwargs):
         (Path(folder) / "model.safetensors").write_bytes(b"half")
         raise OSError("disk full")
 
     monkeypatch.setattr(Blip2ForImageTextRetrieval, "save_pretrained", broken)
-    with pytest.raises(OSError, match="disk full"):
-        retrieval_tune.main(["--out", str(out), "--quick", "--threads", "1"])
-    assert {p.name: p.read_bytes() for p in (out / "retrieval").iterdir()} == files
-    assert not list(out.glob(".retrieval-*")) and not (out / "retrieval_scores.json").exists()
+    return "disk full"
 
 
-def test_a_failed_swap_puts_the_old_model_back(out, monkeypatch):
-    files = {p.name: p.read_bytes() for p in (out / "retrieval").iterdir()}
+def swap_refused(monkeypatch) -> str:
     rename = Path.rename
 
     def refuse_the_new_one(self, target):
-        if self.name.startswith(".retrieval-"):
+        if self.name.startswith(".retrieval-"):  # after the old folder was moved aside
             raise OSError("rename refused")
         return rename(self, target)
 
     monkeypatch.setattr(Path, "rename", refuse_the_new_one)
-    with pytest.raises(OSError, match="rename refused"):
+    return "rename refused"
+
+
+@pytest.mark.parametrize("fail", [half_written, swap_refused])
+def test_a_failed_export_leaves_the_old_model_in_place(out, monkeypatch, fail):
+    files = {p.name: p.read_bytes() for p in (out / "retrieval").iterdir()}
+    with pytest.raises(OSError, match=fail(monkeypatch)):
         retrieval_tune.main(["--out", str(out), "--quick", "--threads", "1"])
     assert {p.name: p.read_bytes() for p in (out / "retrieval").iterdir()} == files
     assert not list(out.glob(".retrieval-*")) and not (out / "retrieval.old").exists()
+    assert not (out / "retrieval_scores.json").exists()
 
 
 def test_bad_input_is_named(out, tmp_path):
